@@ -1,0 +1,259 @@
+"""Token-exact rendering of a trajectory with the tokenizer's chat template.
+
+    r = render(traj, tokenizer)
+    r.input_ids                 # list[int]
+    r.message_spans[i]          # [start, end) tokens of message i (header + body + footer)
+    r.body_spans[i]             # [start, end) tokens of message i's body (its rendered text)
+    r.assistant_mask            # True on assistant body tokens and their end-of-turn token
+    r.quote_span(step, quote)   # [start, end) tokens covering a verbatim substring of the step
+
+Each message is rendered as header + body + footer, found by diffing the chat template over
+message prefixes, and the pieces are tokenised separately and concatenated. This is what the
+model sees at generation time (header ids, then generated ids), and it lets an assistant
+message that carries its generated `token_ids` be used verbatim, with no re-tokenisation drift.
+
+When the template has no tool support (SmolLM2's has none), tools go into the system message in
+Hermes/Qwen style (`prompts/tools_system.j2`), assistant calls are written as
+`<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` and tool results as a user turn
+wrapped in `<tool_response>`.
+
+    opsd render data/sample_openai.jsonl --id weather-ok
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import jinja2
+
+import prompts
+from opsd.types import Trajectory
+
+
+def _tojson(x) -> str:
+    return json.dumps(x, ensure_ascii=False)
+
+
+@lru_cache(maxsize=None)
+def _tools_template() -> jinja2.Template:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    env.filters["tojson"] = _tojson
+    return env.from_string(prompts.read("tools_system.j2"))
+
+
+def call_text(call: dict) -> str:
+    """One tool call in Hermes form. Arguments that are not valid JSON are kept verbatim."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args_s = _tojson(json.loads(args))
+        except json.JSONDecodeError:
+            args_s = args
+    else:
+        args_s = _tojson(args)
+    return f'<tool_call>\n{{"name": {_tojson(fn.get("name", ""))}, "arguments": {args_s}}}\n</tool_call>'
+
+
+def message_text(msg: dict) -> str:
+    """The rendered text of one message body: what critics quote and `quote_span` maps.
+
+    An assistant message carrying generated `token_ids` is its raw `content` verbatim.
+    """
+    if msg.get("role") == "assistant" and "token_ids" in msg:
+        return msg.get("content") or ""
+    parts = [msg["content"]] if msg.get("content") else []
+    parts += [call_text(c) for c in msg.get("tool_calls") or []]
+    return "\n".join(parts)
+
+
+def tools_system_text(tools: list[dict], system: str | None = None) -> str:
+    """System message text that lists the tools in Hermes/Qwen style."""
+    return _tools_template().render(tools=tools, system=system or "").rstrip("\n")
+
+
+def template_supports_tools(tokenizer) -> bool:
+    tpl = tokenizer.chat_template
+    return isinstance(tpl, str) and "tools" in tpl
+
+
+@dataclass
+class Rendered:
+    """Result of `render`: token ids plus per-message spans. Spans are half-open [start, end)."""
+
+    input_ids: list[int]
+    message_spans: list[tuple[int, int]]
+    body_spans: list[tuple[int, int]]
+    assistant_mask: list[bool]
+    preamble_span: tuple[int, int]  # tokens not belonging to any message (e.g. injected system)
+    tokenizer: object = field(repr=False)
+    _offsets: dict = field(default_factory=dict, repr=False)
+
+    def text(self, start: int = 0, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.input_ids[start:end], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def body_text(self, step: int) -> str:
+        return self.text(*self.body_spans[step])
+
+    def _char_offsets(self, step: int) -> list[tuple[int, int]]:
+        """Per body token [start, end) char range in `body_text(step)`; partial-UTF-8 tokens are empty."""
+        if step not in self._offsets:
+            s, e = self.body_spans[step]
+            ids = self.input_ids[s:e]
+            offs, prev = [], 0
+            for k in range(1, len(ids) + 1):
+                t = self.tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                committed = len(t.rstrip("\ufffd")) if k < len(ids) else len(t)
+                committed = max(committed, prev)
+                offs.append((prev, committed))
+                prev = committed
+            self._offsets[step] = offs
+        return self._offsets[step]
+
+    def quote_span(self, step: int, quote: str, occurrence: int = 0) -> tuple[int, int]:
+        """Token span of the `occurrence`-th verbatim `quote` in message `step`, widened to whole tokens."""
+        if not 0 <= step < len(self.body_spans):
+            raise IndexError(f"step {step} out of range: trajectory has {len(self.body_spans)} messages")
+        if not quote:
+            raise ValueError("quote must be non-empty")
+        text = self.body_text(step)
+        a = -1
+        for _ in range(occurrence + 1):
+            a = text.find(quote, a + 1)
+            if a < 0:
+                raise ValueError(f"quote {quote[:60]!r} (occurrence {occurrence}) not found in message {step}")
+        b = a + len(quote)
+        hit = [k for k, (cs, ce) in enumerate(self._char_offsets(step))
+               if (cs < b and ce > a) or (cs == ce and a <= cs < b)]
+        base = self.body_spans[step][0]
+        return base + hit[0], base + hit[-1] + 1
+
+
+def to_template_messages(traj: Trajectory, tokenizer, native_tools: bool | None = None):
+    """Messages as the chat template should see them, and for each one the trajectory index (None = added)."""
+    native = template_supports_tools(tokenizer) if native_tools is None else native_tools
+    chat, index = [], []
+    msgs = traj.messages
+    if traj.tools and not native and (not msgs or msgs[0]["role"] not in ("system", "developer")):
+        chat.append({"role": "system", "content": tools_system_text(traj.tools)})
+        index.append(None)
+    for i, m in enumerate(msgs):
+        role = "system" if m["role"] == "developer" else m["role"]
+        if native:
+            out = {k: v for k, v in m.items() if k != "token_ids"}
+            if m.get("tool_calls") and "token_ids" not in m:
+                out["tool_calls"] = [_native_call(c) for c in m["tool_calls"]]
+            out["content"] = m.get("content") or ""
+            out["role"] = role
+        elif role == "system":
+            out = {"role": "system", "content": tools_system_text(traj.tools, m["content"]) if traj.tools and i == 0
+                   else m["content"]}
+        elif role == "tool":
+            out = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+        else:
+            out = {"role": role, "content": message_text(m)}
+        chat.append(out)
+        index.append(i)
+    return chat, index, native
+
+
+def _native_call(c: dict) -> dict:
+    fn = dict(c["function"])
+    try:
+        fn["arguments"] = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]
+    except json.JSONDecodeError:
+        pass
+    return {**c, "function": fn}
+
+
+def _apply(tokenizer, chat, tools, native, gen=False) -> str:
+    kw = {"tools": tools} if native and tools else {}
+    if not chat:
+        return ""
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen, **kw)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def render(traj: Trajectory, tokenizer, *, add_generation_prompt: bool = False,
+           native_tools: bool | None = None) -> Rendered:
+    """Render `traj` to ids with exact per-message spans (see module docstring)."""
+    chat, index, native = to_template_messages(traj, tokenizer, native_tools)
+    tools = traj.tools if native else None
+    ids: list[int] = []
+    n = len(traj.messages)
+    message_spans, body_spans = [(0, 0)] * n, [(0, 0)] * n
+    mask: list[bool] = []
+    preamble_end = 0
+    special = set(tokenizer.all_special_ids)
+    prev_text = ""
+    for k, cm in enumerate(chat):
+        full = _apply(tokenizer, chat[:k + 1], tools, native)
+        if not full.startswith(prev_text):
+            raise ValueError("chat template is not prefix-stable: rendering message "
+                             f"{k} changed the text of earlier messages; opsd cannot map spans")
+        seg = full[len(prev_text):]
+        i = index[k]
+        src = traj.messages[i] if i is not None else None
+        body = cm["content"] if not (native and src and src.get("tool_calls")) else None
+        if src is not None and src["role"] == "assistant":
+            gen = _apply(tokenizer, chat[:k], tools, native, gen=True)
+            header = gen[len(prev_text):] if gen.startswith(prev_text) and seg.startswith(gen[len(prev_text):]) else ""
+            if body is None:  # native tool calls: the body is everything after the header
+                body = seg[len(header):]
+        else:
+            header = None
+        if body is None:
+            body = ""
+        if header is not None and seg[len(header):].startswith(body):
+            at = len(header)
+        else:
+            at = seg.rfind(body) if body else len(seg)
+            if at < 0:
+                raise ValueError(f"chat template altered the text of message {i}; cannot locate its body")
+        head_ids = _encode(tokenizer, seg[:at])
+        if src is not None and src["role"] == "assistant" and "token_ids" in src:
+            body_ids = list(src["token_ids"])
+        else:
+            body_ids = _encode(tokenizer, body)
+        foot_ids = _encode(tokenizer, seg[at + len(body):])
+        start = len(ids)
+        ids += head_ids + body_ids + foot_ids
+        is_asst = src is not None and src["role"] == "assistant"
+        mask += [False] * len(head_ids) + [is_asst] * len(body_ids)
+        mask += [is_asst and j == 0 and t in special for j, t in enumerate(foot_ids)]
+        if i is None:
+            preamble_end = len(ids)
+        else:
+            message_spans[i] = (start, len(ids))
+            body_spans[i] = (start + len(head_ids), start + len(head_ids) + len(body_ids))
+        prev_text = full
+    if add_generation_prompt:
+        gen = _apply(tokenizer, chat, tools, native, gen=True)
+        ids += _encode(tokenizer, gen[len(prev_text):])
+        mask += [False] * (len(ids) - len(mask))
+    return Rendered(ids, message_spans, body_spans, mask, (0, preamble_end), tokenizer)
+
+
+def prompt_ids(messages: list[dict], tools: list[dict], tokenizer, prefill: str = "") -> list[int]:
+    """Ids of a prompt ending in a fresh assistant header (plus `prefill` text), for generation."""
+    r = render(Trajectory(id="prompt", messages=messages, tools=tools), tokenizer, add_generation_prompt=True)
+    return r.input_ids + _encode(tokenizer, prefill)
+
+
+def format_rendered(r: Rendered, traj: Trajectory) -> str:
+    """Human-readable dump with message boundaries, for `opsd render`."""
+    out = []
+    if r.preamble_span[1] > 0:
+        out.append(f"──── preamble  tokens [0, {r.preamble_span[1]})\n{r.text(*r.preamble_span)}")
+    for i, m in enumerate(traj.messages):
+        s, e = r.message_spans[i]
+        bs, be = r.body_spans[i]
+        src = "  (generated token_ids)" if "token_ids" in m else ""
+        out.append(f"──── [{i}] {m['role']}  tokens [{s}, {e}) body [{bs}, {be}){src}\n{r.text(s, e)}")
+    out.append(f"──── total {len(r.input_ids)} tokens, {sum(r.assistant_mask)} assistant tokens")
+    return "\n".join(out)
