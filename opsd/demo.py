@@ -22,7 +22,7 @@ def run(args) -> int:
     from opsd.render import format_rendered, render
     from opsd.trajectories import LoadSummary, iter_trajectories
 
-    files = sorted(p for p in Path(args.data).glob("sample_*.jsonl"))
+    files = [Path(args.data) / f for f in ("sample_openai.jsonl", "sample_messages.jsonl", "sample_sharegpt.jsonl")]
     summary = LoadSummary()
     trajs = list(iter_trajectories(files, summary=summary))
     print(f"[1/3] validated {summary.valid} trajectories in {len(files)} files: {dict(summary.per_format)}")

@@ -98,16 +98,20 @@ class Rendered:
         return self.text(*self.body_spans[step])
 
     def _char_offsets(self, step: int) -> list[tuple[int, int]]:
-        """Per body token [start, end) char range in `body_text(step)`; partial-UTF-8 tokens are empty."""
+        """Per body token, the [start, end) chars of `body_text(step)` it contributes to.
+
+        A token that ends with an incomplete UTF-8 sequence also covers the char it starts, so
+        ranges of neighbouring tokens may overlap by one char (byte-level BPE splits characters).
+        """
         if step not in self._offsets:
             s, e = self.body_spans[step]
             ids = self.input_ids[s:e]
             offs, prev = [], 0
             for k in range(1, len(ids) + 1):
                 t = self.tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                committed = len(t.rstrip("\ufffd")) if k < len(ids) else len(t)
-                committed = max(committed, prev)
-                offs.append((prev, committed))
+                pending = k < len(ids) and t.endswith("\ufffd")
+                committed = max(len(t.rstrip("\ufffd")) if pending else len(t), prev)
+                offs.append((prev, committed + (1 if pending else 0)))
                 prev = committed
             self._offsets[step] = offs
         return self._offsets[step]
@@ -126,7 +130,7 @@ class Rendered:
                 raise ValueError(f"quote {quote[:60]!r} (occurrence {occurrence}) not found in message {step}")
         b = a + len(quote)
         hit = [k for k, (cs, ce) in enumerate(self._char_offsets(step))
-               if (cs < b and ce > a) or (cs == ce and a <= cs < b)]
+               if cs < b and ce > a]
         base = self.body_spans[step][0]
         return base + hit[0], base + hit[-1] + 1
 

@@ -129,9 +129,9 @@ def _sharegpt_to_openai(obj: dict) -> dict:
     for turn in obj["conversations"]:
         role, value = _SHAREGPT_ROLES[turn["from"]], turn["value"]
         if role == "system" and tools is None:
-            m = _TOOLS_RE.search(value)
-            if m:
-                raw = m.group(1)
+            blocks = [b for b in _TOOLS_RE.findall(value) if b.strip()]  # skip prose like "<tools></tools> tags"
+            if blocks:
+                raw = blocks[-1]
                 try:
                     parsed = json.loads(raw if raw.lstrip().startswith("[") else "[" + ",".join(raw.split("\n")) + "]")
                     tools = parsed
