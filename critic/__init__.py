@@ -1,0 +1,109 @@
+"""Critics: find the erroneous step of a trajectory, quote the error verbatim, write a hint.
+
+    from critic import make_critic, run_critiques, format_summary
+    critic = make_critic("schema+reference")
+    print(format_summary(run_critiques(trajectories, critic, "critiques.jsonl")))
+
+Protocol (`Critic`): `name`, `config()` (JSON, no secrets), `info` = {"name", "config_hash"},
+`max_hint_tokens`, `async critique(traj) -> opsd.types.Critique`, `async aclose()`.
+Critics available:
+
+- `schema`: each tool call against the trajectory's tool schemas (`critic.schema`);
+- `reference`: the first assistant step against `meta.ground_truth`, with BFCL possible-answer
+  semantics (`critic.reference`);
+- `llm`: any OpenAI-compatible endpoint (`critic.llm`);
+- `schema+reference`: schema first; the reference critic only when the schema critic says ok
+  (and the trajectory has ground truth).
+
+Every critique is validated before it is written (`critic.validate`); an invalid one becomes
+verdict `failed` with the reason. `opsd` core never imports this package; only the CLI command
+`opsd critique` (`opsd/commands/critique.py`) composes the two.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES, BaseCritic, CriticFatalError, RuleCritic
+from critic.reference import ReferenceCritic
+from critic.schema import SchemaCritic
+from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint  # noqa: F401
+from opsd.types import Critique, Trajectory
+
+CRITICS = ("schema", "reference", "llm", "schema+reference")
+
+
+@runtime_checkable
+class Critic(Protocol):
+    name: str
+    max_hint_tokens: int
+
+    def config(self) -> dict: ...
+
+    @property
+    def info(self) -> dict: ...
+
+    async def critique(self, traj: Trajectory) -> Critique: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ChainCritic(BaseCritic):
+    """`first` decides unless it says ok; then `second` decides (e.g. schema, then reference).
+
+    When `second` cannot apply to a trajectory (`second.applies(traj)` is False, e.g. no ground
+    truth for the reference critic), the `ok` of `first` stands.
+    """
+
+    def __init__(self, first: BaseCritic, second: BaseCritic):
+        super().__init__(max_hint_tokens=min(first.max_hint_tokens, second.max_hint_tokens))
+        self.first, self.second = first, second
+        self.name = f"{first.name}+{second.name}"
+
+    def config(self) -> dict:
+        return {"first": self.first.info, "second": self.second.info}
+
+    async def critique(self, traj: Trajectory) -> Critique:
+        c = await self.first.critique(traj)
+        if c.verdict == "ok" and getattr(self.second, "applies", lambda t: True)(traj):
+            c = await self.second.critique(traj)
+        c.critic = self.info
+        return c
+
+    async def aclose(self) -> None:
+        await self.first.aclose()
+        await self.second.aclose()
+
+
+def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, llm_config=None) -> BaseCritic:
+    """Build a critic by name (one of `CRITICS`). `llm_config` (critic.llm.LLMConfig) is needed for "llm"."""
+    if name == "schema":
+        return SchemaCritic(max_hint_tokens=max_hint_tokens)
+    if name == "reference":
+        return ReferenceCritic(max_hint_tokens=max_hint_tokens)
+    if name == "schema+reference":
+        return ChainCritic(SchemaCritic(max_hint_tokens=max_hint_tokens), ReferenceCritic(max_hint_tokens=max_hint_tokens))
+    if name == "llm":
+        from critic.llm import LLMCritic
+
+        if llm_config is None:
+            raise ValueError("the llm critic needs an LLMConfig (base_url, model, ...)")
+        return LLMCritic(llm_config)
+    raise ValueError(f"unknown critic {name!r}; choose from {', '.join(CRITICS)}")
+
+
+def __getattr__(name: str):  # lazy: importing openai costs ~0.5 s
+    if name in ("LLMCritic", "LLMConfig"):
+        from critic import llm
+
+        return getattr(llm, name)
+    if name in ("run_critiques", "run_critiques_async", "format_summary", "RunSummary"):
+        from critic import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'critic' has no attribute {name!r}")
+
+
+__all__ = ["Critic", "BaseCritic", "RuleCritic", "ChainCritic", "SchemaCritic", "ReferenceCritic", "LLMCritic",
+           "LLMConfig", "CriticFatalError", "make_critic", "check_critique", "lint_hint", "run_critiques",
+           "run_critiques_async", "format_summary", "RunSummary", "CRITICS", "SCHEMA_CATEGORIES",
+           "REFERENCE_CATEGORIES"]

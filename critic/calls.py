@@ -1,0 +1,246 @@
+"""Tool calls as they appear in a step's rendered text, with source positions.
+
+Critics quote the text the model produced (`opsd.render.message_text`), so they must know where
+each call, name, key and value sits in that text. This module parses the Hermes-style
+`<tool_call>...</tool_call>` blocks of a step with a small position-tracking JSON parser:
+
+    blocks = extract_calls(text)
+    b = blocks[0]
+    b.name, b.name_span           # function name and its [start, end) in `text` (no quotes)
+    b.args.fields["city"]          # Field(key_span, value: Node) with absolute positions
+    unique_quote(text, *span)      # the span, widened until it occurs exactly once in `text`
+
+The text is the ground truth: for a rollout message (raw generated text) the parsed
+`tool_calls` may be missing, so critics never rely on them. Nothing here executes anything.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from json.decoder import scanstring
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_WS = " \t\n\r"
+_NUMBER_RE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+class JsonPosError(ValueError):
+    """Invalid JSON at absolute position `pos` of the step text."""
+
+    def __init__(self, msg: str, pos: int):
+        self.msg, self.pos = msg, pos
+        super().__init__(f"{msg} (char {pos})")
+
+
+@dataclass
+class Node:
+    """A parsed JSON value with its [start, end) span in the step text.
+
+    Objects keep `fields` (key -> Field) in source order; arrays keep `items`.
+    """
+
+    value: Any
+    start: int
+    end: int
+    fields: dict[str, "Field"] = field(default_factory=dict)
+    items: list["Node"] = field(default_factory=list)
+
+    @property
+    def is_object(self) -> bool:
+        return isinstance(self.value, dict)
+
+    @property
+    def close_brace(self) -> int:
+        """Position of the closing `}`/`]` of an object/array."""
+        return self.end - 1
+
+
+@dataclass
+class Field:
+    key: str
+    key_span: tuple[int, int]  # includes the key's quotes
+    value: Node
+
+
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i] in _WS:
+        i += 1
+    return i
+
+
+def parse_value(s: str, i: int) -> Node:
+    """Parse one JSON value starting at `i` (after whitespace). Raises JsonPosError."""
+    i = _skip_ws(s, i)
+    if i >= len(s):
+        raise JsonPosError("expecting a value, text ended", i)
+    c = s[i]
+    if c == "{":
+        node = Node({}, i, i)
+        j = _skip_ws(s, i + 1)
+        if j < len(s) and s[j] == "}":
+            node.end = j + 1
+            return node
+        while True:
+            j = _skip_ws(s, j)
+            if j >= len(s) or s[j] != '"':
+                raise JsonPosError("expecting a property name in double quotes", j)
+            key, kend = _string(s, j)
+            k = _skip_ws(s, kend)
+            if k >= len(s) or s[k] != ":":
+                raise JsonPosError("expecting ':' after a property name", k)
+            val = parse_value(s, k + 1)
+            node.fields[key] = Field(key, (j, kend), val)
+            node.value[key] = val.value
+            j = _skip_ws(s, val.end)
+            if j < len(s) and s[j] == ",":
+                j += 1
+                continue
+            if j < len(s) and s[j] == "}":
+                node.end = j + 1
+                return node
+            raise JsonPosError("expecting ',' or '}' in an object", j)
+    if c == "[":
+        node = Node([], i, i)
+        j = _skip_ws(s, i + 1)
+        if j < len(s) and s[j] == "]":
+            node.end = j + 1
+            return node
+        while True:
+            val = parse_value(s, j)
+            node.items.append(val)
+            node.value.append(val.value)
+            j = _skip_ws(s, val.end)
+            if j < len(s) and s[j] == ",":
+                j += 1
+                continue
+            if j < len(s) and s[j] == "]":
+                node.end = j + 1
+                return node
+            raise JsonPosError("expecting ',' or ']' in an array", j)
+    if c == '"':
+        v, end = _string(s, i)
+        return Node(v, i, end)
+    m = _NUMBER_RE.match(s, i)
+    if m and m.end() > i:
+        txt = m.group(0)
+        v = float(txt) if any(ch in txt for ch in ".eE") else int(txt)
+        return Node(v, i, m.end())
+    for lit, v in _LITERALS.items():
+        if s.startswith(lit, i):
+            return Node(v, i, i + len(lit))
+    raise JsonPosError("expecting a JSON value", i)
+
+
+def _string(s: str, i: int) -> tuple[str, int]:
+    try:
+        return scanstring(s, i + 1, True)
+    except json.JSONDecodeError as e:
+        raise JsonPosError(e.msg.lower(), e.pos) from None
+
+
+@dataclass
+class CallBlock:
+    """One `<tool_call>` block of a step. Positions are absolute in the step text.
+
+    `error` is set (with `error_pos`) when the block is not a complete, valid
+    `{"name": ..., "arguments": {...}}` object; `closed` is False when `</tool_call>` never came
+    (e.g. generation stopped at max tokens).
+    """
+
+    index: int
+    start: int  # position of "<tool_call>"
+    end: int  # end of "</tool_call>" (or of the text when not closed)
+    closed: bool
+    root: Node | None = None
+    name: str | None = None
+    name_span: tuple[int, int] | None = None  # without the quotes
+    args: Node | None = None
+    error: str | None = None
+    error_pos: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def extract_calls(text: str) -> list[CallBlock]:
+    """All `<tool_call>` blocks in `text`, in order, parsed with positions (never raises)."""
+    blocks: list[CallBlock] = []
+    pos = 0
+    while True:
+        a = text.find(OPEN, pos)
+        if a < 0:
+            return blocks
+        body = a + len(OPEN)
+        b = text.find(CLOSE, body)
+        nxt = text.find(OPEN, body)
+        closed = b >= 0 and (nxt < 0 or b < nxt)
+        inner_end = b if closed else (nxt if nxt >= 0 else len(text))
+        blk = CallBlock(len(blocks), a, b + len(CLOSE) if closed else inner_end, closed)
+        _parse_block(text, body, inner_end, blk)
+        blocks.append(blk)
+        pos = blk.end
+
+
+def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
+    inner = text[:end]  # parse within the block; positions stay absolute
+    try:
+        root = parse_value(inner, start)
+        j = _skip_ws(inner, root.end)
+        if j != end:
+            raise JsonPosError("extra text after the call object", j)
+    except JsonPosError as e:
+        blk.error, blk.error_pos = e.msg, min(e.pos, end)
+        return
+    blk.root = root
+    if not root.is_object:
+        blk.error, blk.error_pos = "the call is not a JSON object", root.start
+        return
+    name = root.fields.get("name")
+    if name is None or not isinstance(name.value.value, str):
+        blk.error, blk.error_pos = "the call has no string 'name'", (name.value.start if name else root.close_brace)
+        return
+    blk.name = name.value.value
+    blk.name_span = (name.value.start + 1, name.value.end - 1)
+    args = root.fields.get("arguments") or root.fields.get("parameters")
+    blk.args = args.value if args is not None else Node({}, root.close_brace, root.close_brace)
+
+
+def unique_quote(text: str, start: int, end: int) -> str:
+    """`text[start:end]`, widened (left first, then right) until it occurs exactly once in `text`.
+
+    `Rendered.quote_span` maps the first occurrence, so a unique quote is unambiguous.
+    """
+    if end <= start:
+        raise ValueError(f"empty quote span [{start}, {end})")
+    while True:
+        q = text[start:end]
+        first = text.find(q)
+        if first == start and text.find(q, start + 1) < 0:
+            return q
+        if start > 0:
+            start -= 1
+        elif end < len(text):
+            end += 1
+        else:
+            return q
+
+
+def json_error_span(text: str, pos: int, block_end: int) -> tuple[int, int]:
+    """Span around a JSON error at `pos`: from the last non-space char before it to the next token."""
+    a = pos - 1
+    while a > 0 and text[a] in _WS:
+        a -= 1
+    a = max(a, 0)
+    b = min(max(pos + 1, a + 1), len(text))
+    if text.startswith(CLOSE, pos):
+        b = pos + len(CLOSE)
+    return a, min(max(b, a + 1), max(block_end, a + 1))
+
+
+def render_value(v: Any) -> str:
+    """A value the way it appears in a call (JSON), for hints."""
+    return json.dumps(v, ensure_ascii=False)

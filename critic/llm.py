@@ -1,0 +1,335 @@
+"""LLM critic: asks any OpenAI-compatible chat-completions endpoint to locate the error.
+
+    export OPENAI_API_KEY=...        # or --api-key-env NAME; never printed, logged or written
+    opsd critique --in logs.jsonl --out critiques.jsonl --critic llm \
+        --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --concurrency 16
+
+Per trajectory:
+1. Render the Jinja2 prompt (default `prompts/critic/locate_error.j2`, or `--prompt FILE`;
+   StrictUndefined, and a template naming an undocumented variable is rejected when the critic
+   is built, before any request). Every message is labelled `[N]` with its 0-based index in
+   `messages`; the reply's `step` is that N. Variables: see `PROMPT_VARIABLES`.
+2. Request with `response_format` = json_schema (`prompts/critic/reply.schema.json`). A server
+   that rejects it (HTTP 400/422) is asked again without it, and from then on JSON is
+   extracted from the text (a ```json fence or the first decodable `{...}`).
+3. Transport errors are retried with tenacity (`max_attempts` in total): 429 (waits the
+   Retry-After header when given), 5xx, timeouts, connection errors and malformed bodies,
+   with exponential backoff plus jitter capped at `max_wait`. 401/403/404 abort the run
+   (`CriticFatalError`): they are configuration errors, not per-trajectory failures.
+4. The reply is validated against the JSON schema, then as a critique (`critic.validate`: step
+   in range and an assistant message, quote verbatim in it, hint short and not repeating the
+   quote). An invalid reply is re-asked with the reason, at most `max_reasks` times; then the
+   critique is recorded as `failed` with the reason.
+Token usage of every request (re-asks included) is summed into `Critique.usage`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import jsonschema
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+import prompts
+from critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES, BaseCritic, CriticFatalError
+from critic.validate import DEFAULT_MAX_HINT_TOKENS, problem
+from opsd.render import message_text
+from opsd.types import Critique, Trajectory, content_hash
+
+log = logging.getLogger(__name__)
+
+PROMPT_VARIABLES = ("trajectory", "messages", "tools", "tools_json", "task", "ground_truth", "categories",
+                    "max_hint_words")
+REASK = ("Your previous reply was not usable: {reason}\n"
+         "Reply again with ONE JSON object with the keys verdict, step, quote, hint, category, and nothing else.")
+
+
+class PromptError(ValueError):
+    """The prompt template cannot be used (syntax error or undocumented variable)."""
+
+
+class TransportError(RuntimeError):
+    """A request that still failed after all retries."""
+
+
+@dataclass
+class LLMConfig:
+    """Settings of the LLM critic. The API key is NOT here: it is read from `api_key_env`."""
+
+    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp ...)
+    model: str = ""  # model name sent in each request
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key
+    prompt: str | None = None  # custom Jinja2 template file; None = prompts/critic/locate_error.j2
+    timeout: float = 60.0  # seconds per request
+    max_attempts: int = 5  # transport attempts per request (1 = no retry)
+    backoff: float = 1.0  # first backoff wait in seconds (doubles, plus jitter)
+    max_wait: float = 30.0  # cap on one wait, Retry-After included
+    max_reasks: int = 2  # re-asks of an invalid reply
+    temperature: float = 0.0  # sampling temperature
+    max_tokens: int = 512  # completion budget per reply
+    structured: bool = True  # ask for response_format json_schema (falls back if rejected)
+    max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS  # hint length limit (validation)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("the LLM critic needs a model name (--model)")
+        if not re.match(r"^https?://", self.base_url or ""):
+            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env or ""):
+            raise ValueError(f"api_key_env must be an environment variable name, got {self.api_key_env!r}")
+        for name in ("timeout", "backoff", "max_wait"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_attempts < 1 or self.max_reasks < 0 or self.max_tokens < 1:
+            raise ValueError("max_attempts must be >= 1, max_reasks >= 0 and max_tokens >= 1")
+        if self.prompt is not None and not Path(self.prompt).is_file():
+            raise ValueError(f"prompt template {self.prompt!r} is not a file")
+
+
+def _tojson(x, indent=None) -> str:
+    return json.dumps(x, ensure_ascii=False, indent=indent)
+
+
+def load_prompt(path: str | None = None) -> tuple[jinja2.Template, str]:
+    """(template, source) of the critic prompt; raises PromptError for undocumented variables."""
+    src = Path(path).read_text("utf-8") if path else prompts.read("critic/locate_error.j2")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env.filters["tojson"] = _tojson
+    where = path or "prompts/critic/locate_error.j2"
+    try:
+        ast = env.parse(src)
+    except jinja2.TemplateSyntaxError as e:
+        raise PromptError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
+    unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - set(PROMPT_VARIABLES))
+    if unknown:
+        raise PromptError(f"{where}: undefined template variable(s) {', '.join(unknown)}; "
+                          f"available: {', '.join(PROMPT_VARIABLES)}")
+    return env.from_string(src), src
+
+
+@lru_cache(maxsize=None)
+def reply_schema() -> dict:
+    schema = json.loads(prompts.read("critic/reply.schema.json"))
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    return schema
+
+
+def prompt_variables(traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> dict:
+    """The documented template variables for `traj` (see `prompts/critic/locate_error.j2`)."""
+    msgs = [{"index": i, "role": m.get("role", ""), "text": message_text(m) if m.get("role") == "assistant"
+             else str(m.get("content") or "")} for i, m in enumerate(traj.messages)]
+    task = traj.meta.get("task") or next((m["text"] for m in msgs if m["role"] == "user"), "")
+    return {
+        "trajectory": "\n\n".join(f"[{m['index']}] {m['role']}:\n{m['text']}" for m in msgs),
+        "messages": msgs,
+        "tools": traj.tools,
+        "tools_json": _tojson(traj.tools, indent=1),
+        "task": str(task),
+        "ground_truth": traj.meta.get("ground_truth"),
+        "categories": list(SCHEMA_CATEGORIES + REFERENCE_CATEGORIES),
+        "max_hint_words": max(4, int(max_hint_tokens / 1.4)),
+    }
+
+
+def extract_json(text: str) -> dict:
+    """The reply object from free text: the whole text, a ```json fence, or the first decodable {...}."""
+    text = (text or "").strip()
+    cands = [text] + re.findall(r"```(?:json)?\s*(.*?)```", text, re.S)
+    for c in cands:
+        try:
+            obj = json.loads(c)
+            if isinstance(obj, dict):
+                return obj
+        except json.JSONDecodeError:
+            pass
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = dec.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    raise ValueError("the reply contains no JSON object")
+
+
+def parse_reply(text: str) -> dict:
+    """Extract and schema-validate a reply; raises ValueError with a short reason."""
+    obj = extract_json(text)
+    err = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(reply_schema())(reply_schema())
+                                           .iter_errors(obj))
+    if err is not None:
+        where = "$" + err.json_path[1:]
+        raise ValueError(f"the JSON does not match the reply schema at {where}: {err.message}")
+    return obj
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    resp = getattr(exc, "response", None)
+    if resp is None:
+        return None
+    h = resp.headers
+    try:
+        if h.get("retry-after-ms"):
+            return float(h["retry-after-ms"]) / 1000
+        if h.get("retry-after"):
+            return float(h["retry-after"])
+    except ValueError:
+        return None  # an HTTP date: use the exponential backoff instead
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                        openai.APIConnectionError, openai.APIResponseValidationError, asyncio.TimeoutError,
+                        _Malformed)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
+
+
+class _Malformed(RuntimeError):
+    """A 2xx response without a usable body."""
+
+
+class LLMCritic(BaseCritic):
+    """Critic backed by an OpenAI-compatible chat endpoint (see module docstring)."""
+
+    name = "llm"
+
+    def __init__(self, config: LLMConfig):
+        super().__init__(max_hint_tokens=config.max_hint_tokens)
+        self.cfg = config
+        self.template, self._template_src = load_prompt(config.prompt)
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise CriticFatalError(f"no API key: set the environment variable {config.api_key_env} "
+                                   "(any non-empty value for a server without authentication)")
+        self._key = key
+        self._client = openai.AsyncOpenAI(base_url=config.base_url, api_key=key, max_retries=0,
+                                          timeout=config.timeout)
+        self._structured = config.structured
+        reply_schema()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LLMCritic(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+
+    def config(self) -> dict:
+        c = asdict(self.cfg)
+        for k in ("api_key_env", "timeout", "max_attempts", "backoff", "max_wait"):  # transport only
+            c.pop(k)
+        c["prompt"] = content_hash(self._template_src)
+        c["reply_schema"] = content_hash(reply_schema())
+        return c
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def render_prompt(self, traj: Trajectory) -> str:
+        return self.template.render(**prompt_variables(traj, max_hint_tokens=self.max_hint_tokens))
+
+    async def critique(self, traj: Trajectory) -> Critique:
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "requests": 0}
+        try:
+            prompt = self.render_prompt(traj)
+        except jinja2.TemplateError as e:
+            return self._failed(traj, f"prompt template error: {e}", usage)
+        messages = [{"role": "user", "content": prompt}]
+        reason = ""
+        for round_ in range(self.cfg.max_reasks + 1):
+            try:
+                text = await self._complete(messages, usage)
+            except CriticFatalError:
+                raise
+            except TransportError as e:
+                return self._failed(traj, str(e), usage)
+            try:
+                reply = parse_reply(text)
+                c = Critique(traj.id, reply["verdict"], step=reply["step"], quote=reply["quote"], hint=reply["hint"],
+                             category=reply["category"], critic=self.info, usage=usage,
+                             trajectory_hash=traj.content_hash())
+                reason = problem(c, traj, max_hint_tokens=self.max_hint_tokens)
+            except ValueError as e:
+                reason = str(e)
+            if not reason:
+                return c
+            log.debug("trajectory %s: invalid reply (round %d): %s", traj.id, round_, reason)
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": REASK.format(reason=reason)}]
+        return self._failed(traj, f"no valid reply after {self.cfg.max_reasks} re-ask(s): {reason}", usage)
+
+    def _failed(self, traj: Trajectory, reason: str, usage: dict) -> Critique:
+        c = self.failed(traj, self.redact(reason))
+        c.usage = usage
+        return c
+
+    async def _complete(self, messages: list[dict], usage: dict) -> str:
+        kw = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
+              "max_tokens": self.cfg.max_tokens}
+        if self._structured:
+            kw["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "critique", "schema": reply_schema(), "strict": False}}
+        try:
+            return await self._request(kw, usage)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            if "response_format" not in kw:
+                raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}")) from None
+            log.info("server rejected response_format (HTTP %s); extracting JSON from text from now on", e.status_code)
+            self._structured = False
+            kw.pop("response_format")
+        try:
+            return await self._request(kw, usage)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}")) from None
+
+    def _wait(self, state) -> float:
+        exc = state.outcome.exception()
+        ra = _retry_after(exc) if exc is not None else None
+        if ra is not None:
+            return min(max(ra, 0.0), self.cfg.max_wait)
+        return wait_exponential_jitter(initial=self.cfg.backoff, max=self.cfg.max_wait,
+                                       jitter=self.cfg.backoff)(state)
+
+    async def _request(self, kw: dict, usage: dict) -> str:
+        """One completion with bounded retries; returns the message text."""
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_attempts), wait=self._wait,
+                                 retry=retry_if_exception(_retryable), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    usage["requests"] += 1
+                    try:
+                        resp = await asyncio.wait_for(self._client.chat.completions.create(**kw),
+                                                      self.cfg.timeout + 5)
+                    except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                        raise CriticFatalError(self.redact(
+                            f"{self.cfg.base_url} answered HTTP {e.status_code} ({type(e).__name__}): check the "
+                            f"API key in ${self.cfg.api_key_env}, the model name {self.cfg.model!r} and the URL"))
+                    return self._text(resp, usage)
+        except (CriticFatalError, openai.BadRequestError, openai.UnprocessableEntityError):
+            raise
+        except Exception as e:  # retries exhausted or not retryable
+            msg = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
+            raise TransportError(self.redact(f"request failed after {usage['requests']} attempt(s): {msg}"[:500])) from None
+        raise TransportError("request failed")  # unreachable: tenacity reraises
+
+    @staticmethod
+    def _text(resp, usage: dict) -> str:
+        u = getattr(resp, "usage", None)
+        if u is not None:
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                usage[k] += int(getattr(u, k, 0) or 0)
+        choices = getattr(resp, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise _Malformed("response has no choices[0].message")
+        return choices[0].message.content or ""

@@ -1,0 +1,108 @@
+"""Validation ("lint") of critiques before they are written.
+
+Every critique goes through `check_critique`; a critique that breaks a rule comes back as
+verdict `failed` with the reason (nothing is dropped, nothing raises). Rules for `error`:
+
+- `step` is an int index of an existing message whose role is `assistant`;
+- `quote` is non-empty and occurs verbatim in `opsd.render.message_text(messages[step])`;
+- `hint` is non-empty and at most `max_hint_tokens` tokens (approximate count, see
+  `approx_tokens`);
+- the hint does not contain the quoted erroneous text: the quote's core (surrounding
+  whitespace and JSON punctuation stripped) must not appear in the hint as a whole word,
+  case-insensitively. A hint that repeats the wrong token makes the model copy it
+  (FINDINGS.md: +0.55 on the error token instead of -1.14).
+
+`ok` critiques must not carry a step/quote; `failed` ones must say why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from opsd.render import message_text
+from opsd.types import Critique, Trajectory
+
+DEFAULT_MAX_HINT_TOKENS = 64
+_CORE_STRIP = " \t\r\n\"'`{}[]():,;<>"
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def approx_tokens(text: str) -> int:
+    """Approximate BPE token count: words count ~1.3 tokens, punctuation marks 1 each."""
+    words = punct = 0
+    for t in _TOKEN_RE.findall(text):
+        if t[0].isalnum() or t[0] == "_":
+            words += 1 + len(t) // 8  # long identifiers split into several tokens
+        else:
+            punct += 1
+    return int(words * 1.3 + punct + 0.999)
+
+
+def quote_core(quote: str) -> str:
+    """The quote without surrounding whitespace, quotes and JSON punctuation ('"rate"' -> 'rate')."""
+    return quote.strip(_CORE_STRIP)
+
+
+def hint_repeats_quote(hint: str, quote: str) -> bool:
+    """True if the quote's core appears in the hint as a whole word (case-insensitive)."""
+    core = quote_core(quote).casefold()
+    if not core:
+        return False
+    h = hint.casefold()
+    # whole-word match: the core is not glued to further word characters on either side
+    pat = (r"(?<!\w)" if core[0].isalnum() or core[0] == "_" else "") + re.escape(core) + \
+          (r"(?!\w)" if core[-1].isalnum() or core[-1] == "_" else "")
+    return re.search(pat, h) is not None
+
+
+def lint_hint(hint: str | None, quote: str | None, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> str | None:
+    """Reason the hint is unusable, or None if it is fine."""
+    if not isinstance(hint, str) or not hint.strip():
+        return "hint is empty"
+    n = approx_tokens(hint)
+    if n > max_hint_tokens:
+        return f"hint is too long: about {n} tokens > limit {max_hint_tokens}"
+    if quote and hint_repeats_quote(hint, quote):
+        return f"hint repeats the erroneous text {quote_core(quote)!r} (a model copies it)"
+    return None
+
+
+def problem(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> str | None:
+    """The first rule `c` breaks for `traj`, or None if it is valid."""
+    if c.verdict == "failed":
+        return None if c.error else "failed critique has no error reason"
+    if c.verdict == "ok":
+        if c.step is not None or c.quote:
+            return "an 'ok' critique must not point to a step or quote"
+        return None
+    step = c.step
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"step must be an integer message index, got {step!r}"
+    n = len(traj.messages)
+    if not 0 <= step < n:
+        return f"step {step} is out of range: the trajectory has {n} messages (0..{n - 1})"
+    role = traj.messages[step].get("role")
+    if role != "assistant":
+        return f"step {step} is a {role!r} message, not an assistant message"
+    if not isinstance(c.quote, str) or not c.quote:
+        return "quote is empty"
+    text = message_text(traj.messages[step])
+    if c.quote not in text:
+        return f"quote {c.quote[:80]!r} does not occur verbatim in message {step}"
+    if c.category is not None and not isinstance(c.category, str):
+        return f"category must be a string, got {type(c.category).__name__}"
+    return lint_hint(c.hint, c.quote, max_hint_tokens=max_hint_tokens)
+
+
+def check_critique(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> Critique:
+    """`c` if it is valid, else a `failed` copy carrying the reason (and what was proposed)."""
+    reason = problem(c, traj, max_hint_tokens=max_hint_tokens)
+    if reason is None:
+        return c
+    return dataclasses.replace(c, verdict="failed", error=f"invalid critique: {reason}")
+
+
+def failed(traj: Trajectory, critic: dict, reason: str, usage: dict | None = None) -> Critique:
+    """A `failed` critique for `traj` with `reason`."""
+    return Critique(trajectory_id=traj.id, verdict="failed", critic=critic, usage=usage or {}, error=reason,
+                    trajectory_hash=traj.content_hash())
