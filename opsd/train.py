@@ -1,0 +1,415 @@
+"""`opsd train`: targeted on-policy self-distillation on critiqued trajectories (explicit accelerate loop).
+
+    opsd train --model smollm2-135m-instruct --trajectories data/sample_openai.jsonl \\
+        --critiques data/sample_critiques.jsonl --out runs/demo --max-steps 8 --lr 5e-5
+    accelerate launch --num_processes 2 --cpu -m opsd.train ...          # DDP (gloo on CPU)
+
+Stages (`main` reads top to bottom):
+1. load the student (optionally LoRA, gradient checkpointing) and the teacher (`opsd.teachers`);
+2. build hinted examples from the `error` critiques whose trajectory hash matches (`opsd.hinting`),
+   measure every example's hint effect, filter on `--min-hint-effect`, optionally precompute
+   top-k teacher targets; the result is saved as OUT/examples.jsonl with the counts in OUT/data.json;
+3. loop: teacher targets on the hinted sequences (no grad) -> student loss on the span only ->
+   optimizer step, with metrics, checkpoints and a NaN/inf stop;
+4. save OUT/model (full weights, or the LoRA adapter), loadable by `opsd.models.load`.
+
+The loss of one optimizer step is the mean per-token divergence over every span token of the
+global batch (all processes and micro-batches), so N processes give the same update as one
+process with an N-times larger batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from opsd import losses
+from opsd.hinting import build_examples
+from opsd.records import read_jsonl
+from opsd.scoring import SpanBatch, SpanLM, collate
+from opsd.teachers import Teacher, make_teacher, measure
+from opsd.train_config import Config, add_config_arguments, config_from_args
+from opsd.types import Critique
+
+log = logging.getLogger("opsd.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss or gradient norm is NaN/inf; no update or checkpoint is written."""
+
+
+# ---------------------------------------------------------------- stage 1: models
+
+def setup_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    trackers = [t.strip() for t in cfg.report_to.split(",") if t.strip()] or None
+    acc = Accelerator(cpu=cfg.cpu, mixed_precision=mp, log_with=trackers, project_dir=cfg.out)
+    set_seed(cfg.seed)
+    return acc
+
+
+def load_student(cfg: Config, device):
+    """The student in fp32 (mixed precision comes from accelerate), with LoRA and checkpointing if asked."""
+    from opsd import models
+
+    lm, tok = models.load(cfg.model, device=str(device), dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                           target_modules=targets, task_type="CAUSAL_LM"))
+    lm.train()
+    return lm, tok
+
+
+def load_teacher(cfg: Config, lm, tok, accelerator) -> Teacher:
+    external = None
+    if cfg.teacher == "external":
+        from opsd import models
+        from opsd.teachers import check_same_vocab
+
+        external, ext_tok = models.load(cfg.teacher_model, device=str(accelerator.device))
+        check_same_vocab(lm, external, tok, ext_tok)
+    return make_teacher(cfg.teacher, lm, lora=cfg.lora_r > 0, ema_decay=cfg.ema_decay, external_lm=external,
+                        autocast=accelerator.autocast)
+
+
+# ---------------------------------------------------------------- stage 2: examples
+
+def build_dataset(cfg: Config, tok, lm, teacher: Teacher, accelerator) -> tuple[list[dict], dict]:
+    """Hinted examples with their hint effect (and top-k targets), filtered; plus the counts."""
+    from accelerate.utils import gather_object
+
+    from opsd.trajectories import load_trajectories
+
+    trajs = load_trajectories(cfg.trajectories)
+    critiques = [Critique.from_dict(d) for d in read_jsonl(cfg.critiques)]
+    examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,
+                                      inline_tags=(cfg.inline_open, cfg.inline_close))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = examples[rank::world]  # each process measures its share, then everyone gets all of them
+    top_k = cfg.top_k if cfg.precompute_targets else 0
+    scores = measure(teacher, lm, mine, batch_size=cfg.batch_size, top_k=top_k, temperature=cfg.temperature,
+                     pad_id=tok.pad_token_id or 0)
+    shares = gather_object([[(rank + world * j, s) for j, s in enumerate(scores)]]) if world > 1 else [list(enumerate(scores))]
+    by_index = dict(pair for share in shares for pair in share)
+    records, filtered = [], 0
+    for i, ex in enumerate(examples):
+        rec = {**ex.to_dict(), **by_index[i]}
+        if not rec["hint_effect"] < -cfg.min_hint_effect:  # keep only hints that lower the error tokens enough
+            filtered += 1
+            continue
+        records.append(rec)
+    effects = [by_index[i]["hint_effect"] for i in range(len(examples))]
+    report = {"critiques": len(critiques), "built": len(examples), "filtered_hint_effect": filtered,
+              "kept": len(records), "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"},
+              "hint_effect_mean": sum(effects) / len(effects) if effects else None,
+              "hint_lowers": sum(e < 0 for e in effects)}
+    return records, report
+
+
+def load_records(path: Path) -> list[dict]:
+    return list(read_jsonl(path))
+
+
+# ---------------------------------------------------------------- stage 3: the loop
+
+@dataclass
+class MicroBatch:
+    student: SpanBatch
+    teacher: SpanBatch
+    topk_ids: torch.Tensor | None  # (N, k) precomputed teacher targets
+    topk_logprobs: torch.Tensor | None  # (N, k)
+
+    @property
+    def span_tokens(self) -> int:
+        return len(self.student.targets)
+
+
+def make_micro_batch(records: list[dict], pad_id: int) -> MicroBatch:
+    student = collate([r["student_ids"] for r in records], [tuple(r["student_span"]) for r in records], pad_id=pad_id)
+    teacher = collate([r["teacher_ids"] for r in records], [tuple(r["teacher_span"]) for r in records], pad_id=pad_id)
+    ids = lps = None
+    if "teacher_topk_ids" in records[0]:
+        ids = torch.tensor([row for r in records for row in r["teacher_topk_ids"]])  # (N, k)
+        lps = torch.tensor([row for r in records for row in r["teacher_topk_logprobs"]])  # (N, k)
+    return MicroBatch(student, teacher, ids, lps)
+
+
+def step_batches(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+    """Example indices for one optimizer step: this process's micro-batches, and the whole global batch.
+
+    The data is one endless stream of seeded permutations (epoch e uses seed + e), and step s
+    takes the next global batch of `batch_size * world * grad_accum` examples. It depends on
+    nothing but (seed, step), which makes resume exact and N processes equal one bigger batch.
+    """
+    b = cfg.batch_size
+    g = b * world * cfg.grad_accum
+    perms: dict[int, list[int]] = {}
+
+    def at(q: int) -> int:
+        e = q // n_examples
+        if e not in perms:
+            perms[e] = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
+        return perms[e][q % n_examples]
+
+    window = [at(q) for q in range(step * g, (step + 1) * g)]
+    mine = [window[(i * world + rank) * b:(i * world + rank + 1) * b] for i in range(cfg.grad_accum)]
+    return mine, window
+
+
+def teacher_targets(teacher: Teacher | None, mb: MicroBatch) -> torch.Tensor | None:
+    """Teacher logits (N, V) on the hinted sequences, or None when top-k targets were precomputed."""
+    if mb.topk_ids is not None:
+        return None
+    return teacher.logits(mb.teacher)
+
+
+def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, cfg: Config, device):
+    """Σ per-token divergence over the batch's span tokens (not yet normalised), and detached stats."""
+    s = mb.student
+    logits_NV = span_lm(s.input_ids.to(device), s.attention_mask.to(device), s.batch_idx.to(device), s.pos.to(device))
+    if teacher_logits is None:
+        div_N = losses.token_divergence_topk(logits_NV, mb.topk_ids.to(device), mb.topk_logprobs.to(device),
+                                             kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
+        t_lp_N = None
+    else:
+        div_N = losses.token_divergence(logits_NV, teacher_logits, kind=cfg.loss, beta=cfg.beta,
+                                        temperature=cfg.temperature)
+        t_lp_N = losses.token_logprobs(teacher_logits, s.targets.to(device))
+    with torch.no_grad():
+        s_lp_N = losses.token_logprobs(logits_NV.detach(), s.targets.to(device))
+        stats = {"div": div_N.detach().sum(), "student_lp": s_lp_N.sum(),
+                 "hint_effect": (t_lp_N - s_lp_N).sum() if t_lp_N is not None else torch.tensor(float("nan"))}
+    return div_N.sum(), stats
+
+
+def lr_lambda(cfg: Config, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.schedule]
+    return f
+
+
+def total_steps(cfg: Config, n_examples: int, world: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * world * cfg.grad_accum)))
+
+
+# ---------------------------------------------------------------- checkpoints and output
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint is complete once it has its final name
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model(cfg: Config, lm, tok, out: Path) -> Path:
+    """OUT/model: the LoRA adapter (base recorded portably) or the full weights, plus the tokenizer."""
+    from opsd import models
+
+    dest = out / "model"
+    lm.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    if cfg.lora_r:
+        ac = dest / "adapter_config.json"
+        meta = json.loads(ac.read_text())
+        base = models.resolve(cfg.model)
+        meta["base_model_name_or_path"] = models.DEFAULT_MODEL if str(cfg.model).lower() in models.ALIASES else (
+            str(Path(base).resolve()) if isinstance(base, Path) else str(base))
+        ac.write_text(json.dumps(meta, indent=2))
+    return dest
+
+
+class Metrics:
+    """metrics.jsonl (main process) plus accelerate trackers when configured."""
+
+    def __init__(self, accelerator, path: Path, cfg: Config):
+        self.acc, self.path = accelerator, path
+        if cfg.report_to:
+            accelerator.init_trackers("opsd", config={k: v for k, v in asdict(cfg).items()})
+
+    def log(self, step: int, values: dict) -> None:
+        if self.acc.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        self.acc.log(values, step=step)
+
+
+# ---------------------------------------------------------------- main
+
+def main(cfg: Config, *, on_step=None) -> Path:
+    """Train and return OUT/model. `on_step(step, metrics)` is called after every optimizer step."""
+    out = Path(cfg.out)
+    accelerator = setup_accelerator(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+
+    # 1. models
+    lm, tok = load_student(cfg, accelerator.device)
+    teacher = load_teacher(cfg, lm, tok, accelerator)
+    pad_id = tok.pad_token_id or 0
+
+    # 2. examples (a resumed run reuses the examples it was built with)
+    if resume_from is not None and (out / "examples.jsonl").exists():
+        records = load_records(out / "examples.jsonl")
+        report = json.loads((out / "data.json").read_text())
+    else:
+        records, report = build_dataset(cfg, tok, lm, teacher, accelerator)
+        if accelerator.is_main_process:
+            (out / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (out / "data.json").write_text(json.dumps(report, indent=2))
+    log.info("examples: %s", json.dumps(report))
+    if not records:
+        raise RuntimeError(f"no usable examples ({json.dumps(report)}); check the critiques, or lower --min-hint-effect")
+    if cfg.precompute_targets:
+        teacher = None  # targets live in the examples; an external teacher's weights can go
+    world = accelerator.num_processes
+    steps = total_steps(cfg, len(records), world)
+
+    # 3. optimizer, schedule, distribution, resume
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    span_lm, optimizer = accelerator.prepare(SpanLM(lm), optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
+    if teacher is not None and teacher.name == "ema":
+        accelerator.register_for_checkpointing(teacher.lm)
+    start = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        start = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s at step %d", resume_from, start)
+    metrics = Metrics(accelerator, out / "metrics.jsonl", cfg)
+    if start == 0:
+        metrics.log(0, {f"data/{k}": v for k, v in report.items() if not isinstance(v, dict)}
+                    | {f"data/skipped_{k}": v for k, v in report["skipped"].items()})
+    last_good = resume_from
+
+    # 4. the loop: teacher targets -> student loss -> step
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_local_main_process),
+               desc="opsd train", dynamic_ncols=True)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        mine, window = step_batches(len(records), step, cfg, accelerator.process_index, world)
+        n_tokens = sum(records[i]["student_span"][1] - records[i]["student_span"][0] for i in window)
+        sums = Counter()
+        for k, idx in enumerate(mine):
+            mb = make_micro_batch([records[i] for i in idx], pad_id)
+            targets = teacher_targets(teacher, mb)
+            sync = k == len(mine) - 1
+            with (accelerator.no_sync(span_lm) if not sync else _nullcontext()):
+                div_sum, stats = student_loss(span_lm, mb, targets, cfg, accelerator.device)
+                # DDP averages gradients over processes, so scale by world / global span tokens:
+                accelerator.backward(div_sum * world / n_tokens)
+            sums.update({k_: v.item() for k_, v in stats.items()})
+        totals = accelerator.reduce(torch.tensor([sums["div"], sums["student_lp"], sums["hint_effect"]],
+                                                 device=accelerator.device, dtype=torch.float64), reduction="sum")
+        grad_norm = accelerator.clip_grad_norm_(span_lm.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        loss = totals[0].item() / n_tokens
+        if not math.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+            bar.close()
+            raise NonFiniteLossError(
+                f"non-finite loss {loss} (grad norm {None if grad_norm is None else grad_norm.item()}) at step {step + 1}; "
+                f"stopped without updating. Last good checkpoint: {last_good or 'none (no checkpoint written yet)'}; "
+                "lower --lr or check the examples, then rerun with --resume")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            teacher.update(lm)
+        done = step + 1
+        values = {"train/loss": loss, "train/span_tokens": n_tokens, "train/error_logprob": totals[1].item() / n_tokens,
+                  "teacher/hint_effect": totals[2].item() / n_tokens, "train/lr": scheduler.get_last_lr()[0],
+                  "train/epoch": done * len(window) / len(records), "train/step_time_s": time.perf_counter() - t0}
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm.item()
+        if done % cfg.log_every == 0 or done == steps:
+            metrics.log(done, values)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", hint=f"{values['teacher/hint_effect']:.3f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            last_good = save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(done, values)
+    bar.close()
+
+    # 5. save
+    accelerator.wait_for_everyone()
+    dest = out / "model"
+    if accelerator.is_main_process:
+        dest = save_model(cfg, accelerator.unwrap_model(span_lm).lm, tok, out)
+    if cfg.save_every:  # a final checkpoint lets a later run with more --max-steps continue
+        save_checkpoint(accelerator, out, steps, cfg.keep_checkpoints)
+    accelerator.end_training()
+    return dest
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    for name in ("trajectories", "critiques", "out"):
+        if not getattr(cfg, name):
+            print(f"opsd train: --{name} is required (flag or YAML key)")
+            return 2
+    try:
+        dest = main(cfg)
+    except NonFiniteLossError as e:
+        print(f"opsd train: {e}")
+        return 1
+    print(f"model saved to {dest}")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m opsd.train ...` / `accelerate launch -m opsd.train ...`
+    import argparse
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _parser = argparse.ArgumentParser(prog="opsd train", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
