@@ -36,6 +36,11 @@ from typing import Callable
 OK_REPLY = json.dumps({"verdict": "ok", "step": None, "quote": None, "hint": None, "category": None})
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the stdlib default (5) resets connections under concurrency 32
+
+
 @dataclass
 class Reply:
     content: str
@@ -78,7 +83,7 @@ class FakeServer:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
+        self._httpd = _Server((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -191,7 +191,7 @@ def _retry_after(exc: BaseException) -> float | None:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                         openai.APIConnectionError, openai.APIResponseValidationError, asyncio.TimeoutError,
-                        _Malformed)):
+                        json.JSONDecodeError, _Malformed)):  # JSONDecodeError: a 2xx body that is not JSON
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
 
@@ -234,7 +234,8 @@ class LLMCritic(BaseCritic):
         await self._client.close()
 
     def redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        # keys shorter than 6 chars are not secrets worth masking (and would mangle every message)
+        return text.replace(self._key, "***") if len(self._key) >= 6 else text
 
     def render_prompt(self, traj: Trajectory) -> str:
         return self.template.render(**prompt_variables(traj, max_hint_tokens=self.max_hint_tokens))
@@ -297,7 +298,7 @@ class LLMCritic(BaseCritic):
         ra = _retry_after(exc) if exc is not None else None
         if ra is not None:
             return min(max(ra, 0.0), self.cfg.max_wait)
-        return wait_exponential_jitter(initial=self.cfg.backoff, max=self.cfg.max_wait,
+        return wait_exponential_jitter(multiplier=self.cfg.backoff, max=self.cfg.max_wait,
                                        jitter=self.cfg.backoff)(state)
 
     async def _request(self, kw: dict, usage: dict) -> str:

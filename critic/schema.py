@@ -255,16 +255,17 @@ class SchemaCritic(RuleCritic):
             fn = tools[blk.name]
             props = (fn.get("parameters") or {}).get("properties") or {}
             valid = list(props)
-            for key, f in blk.args.fields.items():
-                if _mentions(err, key):  # the error names this argument
-                    return [Issue(f.key_span[0], "tool_error", f.key_span,
-                                  [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""}])]
+            for key, f in blk.args.fields.items():  # a value the error names
                 if isinstance(f.value.value, (str, int, float)) and not isinstance(f.value.value, bool) \
                         and _mentions(err, str(f.value.value)):
                     desc = str((props.get(key) or {}).get("description") or "")[:120]
                     return [Issue(f.value.start, "tool_error", (f.value.start, f.value.end),
                                   [{"function": blk.name, "parameter": key, "valid_parameters": valid, "description": desc},
                                    {"function": blk.name, "parameter": key, "valid_parameters": valid, "description": ""}])]
+            for key, f in blk.args.fields.items():  # an undeclared key the error names
+                if key not in props and _mentions(err, key):
+                    return [Issue(f.key_span[0], "tool_error", f.key_span,
+                                  [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""}])]
             span = (blk.args.start, blk.args.end) if blk.args.end > blk.args.start else blk.name_span
             return [Issue(span[0], "tool_error", span,
                           [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""}])]

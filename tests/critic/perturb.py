@@ -93,7 +93,11 @@ def perturb(task, kind: str, rng: random.Random) -> list[tuple[str, dict]]:
 
 def to_trajectory(task, calls: list[tuple[str, dict]], *, raw: bool, tid: str) -> Trajectory:
     """A one-step trajectory answering `task` with `calls` (raw generated-text form or structured form)."""
-    if raw:
+    if raw and not calls:
+        step = {"role": "assistant", "content": "I cannot do that with the given functions.", "token_ids": [0]}
+    elif not calls:
+        step = {"role": "assistant", "content": "I cannot do that with the given functions."}
+    elif raw:
         text = "\n".join("<tool_call>\n" + json.dumps({"name": n, "arguments": a}) + "\n</tool_call>" for n, a in calls)
         step = {"role": "assistant", "content": text, "token_ids": [0]}
     else:

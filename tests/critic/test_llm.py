@@ -1,0 +1,165 @@
+"""LLM critic over real HTTP against the local fake server: faults recover or end as `failed`."""
+import asyncio
+import json
+import time
+
+import pytest
+
+from critic.base import CriticFatalError
+from critic.fake_server import Hang, Raw, Reply, Status
+from critic.llm import PromptError, extract_json, prompt_variables
+from critic.runner import run_critiques
+
+GOOD = json.dumps({"verdict": "error", "step": 2, "quote": '"kelvin"', "hint": "Use celsius or fahrenheit.",
+                   "category": "enum_violation"})
+
+
+def _run(critic, traj):
+    async def go():
+        try:
+            return await critic.critique(traj)
+        finally:
+            await critic.aclose()
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def enum_traj(samples):
+    return samples["weather-enum"]
+
+
+def test_valid_reply_structured_output_and_usage(server, llm_critic, enum_traj):
+    srv = server([Reply(GOOD, usage={"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120})])
+    c = _run(llm_critic(srv), enum_traj)
+    assert (c.verdict, c.step, c.quote, c.category) == ("error", 2, '"kelvin"', "enum_violation")
+    assert c.usage["total_tokens"] == 120 and c.usage["requests"] == 1
+    body = srv.requests[0]
+    assert body["response_format"]["type"] == "json_schema" and body["model"] == "fake-critic"
+    prompt = body["messages"][0]["content"]
+    for i, m in enumerate(enum_traj.messages):
+        assert f"[{i}] {m['role']}:" in prompt
+
+
+def test_429_with_retry_after_is_waited_and_recovers(server, llm_critic, enum_traj):
+    srv = server([Status(429, headers={"Retry-After": "0.4"}), Reply(GOOD)])
+    t0 = time.monotonic()
+    c = _run(llm_critic(srv, backoff=0.01), enum_traj)
+    assert c.verdict == "error" and len(srv.requests) == 2
+    assert time.monotonic() - t0 >= 0.4  # honoured Retry-After, not the 0.01 s backoff
+
+
+def test_500_recovers_then_gives_up_bounded(server, llm_critic, enum_traj):
+    srv = server([Status(500), Status(503), Reply(GOOD)])
+    assert _run(llm_critic(srv), enum_traj).verdict == "error" and len(srv.requests) == 3
+    srv2 = server([Status(500)] * 10)
+    c = _run(llm_critic(srv2, max_attempts=3), enum_traj)
+    assert c.verdict == "failed" and "after 3 attempt" in c.error and len(srv2.requests) == 3
+    assert c.usage["requests"] == 3
+
+
+def test_timeout_recovers_and_a_hang_never_blocks(server, llm_critic, enum_traj):
+    srv = server([Hang(5), Reply(GOOD)])
+    t0 = time.monotonic()
+    assert _run(llm_critic(srv, timeout=0.5), enum_traj).verdict == "error"
+    assert time.monotonic() - t0 < 3
+    srv2 = server(responder=lambda body: Hang(30))
+    t0 = time.monotonic()
+    c = _run(llm_critic(srv2, timeout=0.4, max_attempts=2), enum_traj)
+    assert c.verdict == "failed" and "Timeout" in c.error
+    assert time.monotonic() - t0 < 5
+
+
+def test_malformed_body_is_retried(server, llm_critic, enum_traj):
+    srv = server([Raw("{not json at all", "application/json"), Raw('{"choices": []}'), Reply(GOOD)])
+    c = _run(llm_critic(srv), enum_traj)
+    assert c.verdict == "error" and len(srv.requests) == 3
+
+
+def test_non_json_text_is_reasked_with_the_reason(server, llm_critic, enum_traj):
+    srv = server([Reply("I believe step 2 is wrong because kelvin is not allowed."), Reply(GOOD)])
+    c = _run(llm_critic(srv), enum_traj)
+    assert c.verdict == "error" and c.usage["requests"] == 2
+    reask = srv.requests[1]["messages"]
+    assert reask[1]["role"] == "assistant" and "no JSON object" in reask[2]["content"]
+
+
+def test_json_breaking_the_schema_ends_failed_after_bounded_reasks(server, llm_critic, enum_traj):
+    bad = json.dumps({"verdict": "maybe", "step": 2, "quote": "x", "hint": "y", "category": "z"})
+    srv = server([Reply(bad)] * 10)
+    c = _run(llm_critic(srv, max_reasks=2), enum_traj)
+    assert c.verdict == "failed" and "2 re-ask" in c.error and "verdict" in c.error
+    assert len(srv.requests) == 3
+
+
+def test_out_of_range_step_is_reasked_then_recovers(server, llm_critic, enum_traj):
+    oob = json.loads(GOOD) | {"step": 9}
+    srv = server([Reply(json.dumps(oob)), Reply(GOOD)])
+    c = _run(llm_critic(srv), enum_traj)
+    assert c.verdict == "error" and c.step == 2
+    assert "out of range" in srv.requests[1]["messages"][-1]["content"]
+
+
+def test_quote_not_in_step_ends_failed(server, llm_critic, enum_traj):
+    wrong = json.dumps(json.loads(GOOD) | {"quote": '"kelvins"'})
+    srv = server([Reply(wrong)] * 5)
+    c = _run(llm_critic(srv, max_reasks=1), enum_traj)
+    assert c.verdict == "failed" and "does not occur verbatim" in c.error and len(srv.requests) == 2
+
+
+def test_hint_repeating_the_error_is_rejected(server, llm_critic, enum_traj):
+    copying = json.dumps(json.loads(GOOD) | {"hint": "Never use kelvin."})
+    srv = server([Reply(copying), Reply(GOOD)])
+    c = _run(llm_critic(srv), enum_traj)
+    assert c.verdict == "error" and "repeats the erroneous text" in srv.requests[1]["messages"][-1]["content"]
+
+
+def test_server_without_structured_output_falls_back_to_text(server, llm_critic, enum_traj):
+    srv = server([Reply("Here you go:\n```json\n" + GOOD + "\n```")], reject_response_format=True)
+    critic = llm_critic(srv)
+    c = _run(critic, enum_traj)
+    assert c.verdict == "error"
+    assert "response_format" in srv.requests[0] and "response_format" not in srv.requests[1]
+
+
+def test_auth_error_is_fatal(server, llm_critic, enum_traj):
+    srv = server([Status(401, {"error": {"message": "bad key"}})])
+    with pytest.raises(CriticFatalError, match="401"):
+        _run(llm_critic(srv), enum_traj)
+
+
+def test_undefined_prompt_variable_fails_before_any_request(server, llm_critic, tmp_path):
+    srv = server()
+    p = tmp_path / "p.j2"
+    p.write_text("{{ trajectory }} {{ not_a_variable }}")
+    with pytest.raises(PromptError, match="not_a_variable"):
+        llm_critic(srv, prompt=str(p))
+    assert srv.requests == []
+
+
+def test_custom_prompt_is_used(server, llm_critic, tmp_path, enum_traj):
+    srv = server([Reply(GOOD)])
+    p = tmp_path / "p.j2"
+    p.write_text("TASK={{ task }}\n{{ trajectory }}")
+    _run(llm_critic(srv, prompt=str(p)), enum_traj)
+    assert srv.requests[0]["messages"][0]["content"].startswith("TASK=Weather in Oslo in kelvin please.")
+
+
+def test_prompt_variables_and_json_extraction(samples):
+    v = prompt_variables(samples["currency-tool-error"])
+    assert v["trajectory"].startswith("[0] user:\nConvert 50 GBP to JPY.") and "[2] tool:" in v["trajectory"]
+    assert v["ground_truth"] is None and v["task"] == "Convert 50 GBP to JPY."
+    assert extract_json('noise {"a": 1} more {"b": 2}') == {"a": 1}
+    with pytest.raises(ValueError):
+        extract_json("no braces here")
+
+
+def test_concurrent_requests_and_summed_usage(server, llm_critic, samples, tmp_path):
+    trajs = [samples["weather-ok"].__class__(f"t{i}", samples["weather-ok"].messages + [
+        {"role": "user", "content": f"variant {i}"}], samples["weather-ok"].tools) for i in range(16)]
+    srv = server(latency=0.2)
+    t0 = time.monotonic()
+    s = run_critiques(trajs, llm_critic(srv), tmp_path / "c.jsonl", concurrency=8, progress=False)
+    elapsed = time.monotonic() - t0
+    assert s.new == 16 and s.verdicts["ok"] == 16
+    assert srv.max_in_flight >= 4 and elapsed < 16 * 0.2 / 2
+    assert s.usage["requests"] == 16 and s.usage["total_tokens"] > 0

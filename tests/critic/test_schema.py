@@ -1,0 +1,138 @@
+"""Schema critic: localises every error class of the data/ samples with a precise, unique quote."""
+import asyncio
+import copy
+
+import pytest
+
+from critic.base import render_hint
+from critic.schema import SchemaCritic
+from critic.validate import check_critique, lint_hint
+from opsd.render import message_text
+from opsd.types import Trajectory
+
+# id -> (step, category, quote); quotes are what the model wrote wrong
+EXPECTED = {
+    "weather-unknown-tool": (2, "unknown_tool", "weather.get_current"),
+    "flights-missing-arg": (2, "missing_required", "2}"),
+    "flights-wrong-type": (2, "type_mismatch", '"three"'),
+    "currency-bad-json": (1, "invalid_json", "}\n</tool_call>"),
+    "weather-enum": (2, "enum_violation", '"kelvin"'),
+    "currency-tool-error": (1, "unknown_parameter", '"rate"'),
+    "sg-flights-missing-arg": (1, "missing_required", '"NRT"}'),
+    "sg-unknown-tool": (1, "unknown_tool", "get_forecast"),
+}
+CLEAN = ("weather-ok", "multi-turn-ok", "sg-weather-ok", "traj-835d2c7ec988", "traj-5bbf9d4417ff")
+
+
+def _check(t):
+    return check_critique(SchemaCritic().check(t), t)
+
+
+@pytest.mark.parametrize("tid", sorted(EXPECTED))
+def test_localises_sample_errors(samples, tid):
+    c = _check(samples[tid])
+    step, category, quote = EXPECTED[tid]
+    assert (c.verdict, c.step, c.category, c.quote) == ("error", step, category, quote), c
+    text = message_text(samples[tid].messages[step])
+    assert text.count(c.quote) == 1
+    assert lint_hint(c.hint, c.quote) is None
+
+
+@pytest.mark.parametrize("tid", CLEAN)
+def test_clean_samples_are_ok(samples, tid):
+    assert _check(samples[tid]).verdict == "ok"
+
+
+def test_hints_point_to_the_fix(samples):
+    assert "get_weather, search_flights" in _check(samples["weather-unknown-tool"]).hint
+    assert "`destination`" in _check(samples["flights-missing-arg"]).hint
+    assert "integer" in _check(samples["flights-wrong-type"]).hint
+    assert '"celsius", "fahrenheit"' in _check(samples["weather-enum"]).hint
+    assert "amount, from_currency, to_currency" in _check(samples["currency-tool-error"]).hint
+
+
+def _with_calls(t, text_or_calls, extra=()):
+    step = {"role": "assistant", "content": text_or_calls, "token_ids": [0]}
+    return Trajectory(t.id + "-x", [m for m in t.messages if m["role"] != "assistant"][:2] + [step, *extra], t.tools)
+
+
+def test_tool_error_localises_the_argument_the_tool_names(samples):
+    base = samples["weather-ok"]
+    t = _with_calls(base, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Atlantis"}}\n</tool_call>',
+                    [{"role": "tool", "tool_call_id": "call_0", "content": '{"error": "unknown city Atlantis"}'}])
+    c = _check(t)
+    assert (c.verdict, c.category, c.quote) == ("error", "tool_error", '"Atlantis"')
+    assert "`city`" in c.hint and "atlantis" not in c.hint.lower()
+
+
+def test_tool_error_text_result_without_a_named_argument(samples):
+    base = samples["weather-ok"]
+    t = _with_calls(base, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+                    [{"role": "tool", "tool_call_id": "call_0", "content": "Error: service unavailable"}])
+    c = _check(t)
+    assert (c.verdict, c.category, c.quote) == ("error", "tool_error", '{"city": "Paris"}')
+
+
+def test_truncated_raw_output_is_unparsable_call(samples):
+    t = _with_calls(samples["weather-ok"], '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    c = _check(t)
+    assert (c.verdict, c.step, c.category) == ("error", 2, "unparsable_call")
+    assert c.quote in message_text(t.messages[2])
+
+
+def test_earliest_error_in_the_text_wins_and_quotes_are_unique(samples):
+    # the value "celsius" appears in the user text too, and twice in the step: the quote must widen
+    t = _with_calls(samples["weather-ok"],
+                    'celsius?\n<tool_call>\n{"name": "get_weather", "arguments": {"unit": "celsius", "town": "celsius"}}'
+                    '\n</tool_call>')
+    c = _check(t)
+    text = message_text(t.messages[2])
+    assert c.category == "unknown_parameter" and '"town"' in c.quote and text.count(c.quote) == 1
+    # a type error before a missing required parameter is reported first
+    t2 = _with_calls(samples["weather-ok"], '<tool_call>\n{"name": "search_flights", "arguments": {"origin": 5}}\n</tool_call>')
+    assert _check(t2).category == "type_mismatch"
+
+
+def test_nested_schema_errors_and_constraints(samples):
+    tools = copy.deepcopy(samples["weather-ok"].tools)
+    tools[1]["function"]["parameters"]["properties"]["legs"] = {
+        "type": "array", "items": {"type": "object", "properties": {"day": {"type": "integer"}}, "required": ["day"]}}
+    base = Trajectory("n", samples["weather-ok"].messages[:2], tools)
+    t = _with_calls(base, '<tool_call>\n{"name": "search_flights", "arguments": {"origin": "A", "destination": "B", '
+                          '"legs": [{"day": 1}, {"day": "two"}]}}\n</tool_call>')
+    c = _check(t)
+    assert (c.category, c.quote) == ("type_mismatch", '"two"') and "legs[1].day" in c.hint
+    t2 = _with_calls(base, '<tool_call>\n{"name": "search_flights", "arguments": {"origin": "A", "destination": "B", '
+                           '"passengers": 0}}\n</tool_call>')
+    c2 = _check(t2)
+    assert c2.category == "constraint_violation" and c2.quote == "0}" or c2.quote.startswith("0")
+
+
+def test_calls_without_declared_tools_fail_with_reason():
+    t = Trajectory("nt", [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
+                           "token_ids": [0]}])
+    c = _check(t)
+    assert c.verdict == "failed" and "declares no tools" in c.error
+
+
+def test_long_tool_lists_are_truncated_in_the_hint(samples):
+    tools = [{"type": "function", "function": {"name": f"tool_number_{i}", "parameters": {"type": "object"}}}
+             for i in range(40)]
+    t = Trajectory("many", [{"role": "user", "content": "x"},
+                            {"role": "assistant", "content": '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
+                             "token_ids": [0]}], tools)
+    c = _check(t)
+    assert c.verdict == "error" and c.category == "unknown_tool" and "..." in c.hint
+
+
+def test_hint_templates_are_strict():
+    with pytest.raises(Exception):
+        render_hint("missing_required", function="f")  # parameter undefined
+    with pytest.raises(ValueError, match="no hint template"):
+        render_hint("no_such_category")
+
+
+def test_async_protocol(samples):
+    c = asyncio.run(SchemaCritic().critique(samples["weather-enum"]))
+    assert c.category == "enum_violation" and c.critic["name"] == "schema" and len(c.critic["config_hash"]) == 16

@@ -1,0 +1,76 @@
+"""Critique validation: every rule turns a bad critique into `failed` with a reason."""
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from critic.validate import approx_tokens, check_critique, hint_repeats_quote, lint_hint, quote_core
+from opsd.types import Critique
+
+GOOD = dict(step=2, quote="weather.get_current", hint="Call one of: get_weather, search_flights.",
+            category="unknown_tool")
+
+
+def _c(**kw):
+    return Critique("weather-unknown-tool", kw.pop("verdict", "error"), **{**GOOD, **kw})
+
+
+def test_valid_critique_passes_unchanged(samples):
+    c = _c()
+    assert check_critique(c, samples["weather-unknown-tool"]) is c
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(step=7), "out of range"),
+    (dict(step=-1), "out of range"),
+    (dict(step=1), "'user' message"),
+    (dict(step="2"), "integer"),
+    (dict(quote="weather.get_forecast"), "does not occur verbatim"),
+    (dict(quote=""), "quote is empty"),
+    (dict(hint="  "), "hint is empty"),
+    (dict(hint="word " * 80), "too long"),
+    (dict(hint="Do not call Weather.Get_Current again."), "repeats the erroneous text"),
+])
+def test_each_rule_fails_the_critique_with_its_reason(samples, change, reason):
+    out = check_critique(_c(**change), samples["weather-unknown-tool"])
+    assert out.verdict == "failed" and reason in out.error
+    assert out.step == _c(**change).step  # what was proposed is kept for inspection
+
+
+def test_ok_and_failed_shapes(samples):
+    t = samples["weather-ok"]
+    assert check_critique(Critique(t.id, "ok"), t).verdict == "ok"
+    assert check_critique(Critique(t.id, "ok", step=2, quote="x"), t).verdict == "failed"
+    assert check_critique(Critique(t.id, "failed"), t).error == "invalid critique: failed critique has no error reason"
+
+
+def test_hint_limit_is_configurable(samples):
+    t = samples["weather-unknown-tool"]
+    assert check_critique(_c(), t, max_hint_tokens=5).verdict == "failed"
+    assert check_critique(_c(), t, max_hint_tokens=40).verdict == "error"
+
+
+def test_repeat_check_is_whole_word_case_insensitive():
+    assert quote_core('"rate"') == "rate"
+    assert hint_repeats_quote("Remove the RATE argument.", '"rate"')
+    assert not hint_repeats_quote("Use to_currency; the answer must be accurate.", '"rate"')
+    assert not hint_repeats_quote("`num` should be 25.", "2}")  # 25 is not the wrong value 2
+    assert hint_repeats_quote("`num` should be 2.", "2}")
+    assert not hint_repeats_quote("Call calc_area_circle.", "calc_area")
+    assert not hint_repeats_quote("anything", "}\n")  # no core: nothing to repeat
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.from_regex(r"[A-Za-z][A-Za-z0-9_.]{0,12}[A-Za-z0-9]", fullmatch=True), st.text(max_size=20),
+       st.text(max_size=20))
+def test_a_hint_containing_the_quote_never_passes(word, before, after):
+    hint = f"{before} {word} {after}"
+    assert lint_hint(hint, f'"{word}"', max_hint_tokens=10_000) is not None
+
+
+def test_approx_tokens_grows_with_text():
+    assert approx_tokens("") == 0
+    assert 1 <= approx_tokens("hello") <= 3
+    assert approx_tokens("a b c d e f g h") > approx_tokens("a b c")
+    assert approx_tokens("extraordinarily_long_identifier_name") > approx_tokens("short")
