@@ -71,8 +71,11 @@ def _skip_ws(s: str, i: int) -> int:
     return i
 
 
-def parse_value(s: str, i: int) -> Node:
-    """Parse one JSON value starting at `i` (after whitespace). Raises JsonPosError."""
+def parse_value(s: str, i: int, dups: list | None = None) -> Node:
+    """Parse one JSON value starting at `i` (after whitespace). Raises JsonPosError.
+
+    Key spans that repeat a key of the same object are appended to `dups` (a repetition loop).
+    """
     i = _skip_ws(s, i)
     if i >= len(s):
         raise JsonPosError("expecting a value, text ended", i)
@@ -91,7 +94,9 @@ def parse_value(s: str, i: int) -> Node:
             k = _skip_ws(s, kend)
             if k >= len(s) or s[k] != ":":
                 raise JsonPosError("expecting ':' after a property name", k)
-            val = parse_value(s, k + 1)
+            if key in node.fields and dups is not None:
+                dups.append((j, kend))
+            val = parse_value(s, k + 1, dups)
             node.fields[key] = Field(key, (j, kend), val)
             node.value[key] = val.value
             j = _skip_ws(s, val.end)
@@ -109,7 +114,7 @@ def parse_value(s: str, i: int) -> Node:
             node.end = j + 1
             return node
         while True:
-            val = parse_value(s, j)
+            val = parse_value(s, j, dups)
             node.items.append(val)
             node.value.append(val.value)
             j = _skip_ws(s, val.end)
@@ -187,13 +192,17 @@ def extract_calls(text: str) -> list[CallBlock]:
 
 def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
     inner = text[:end]  # parse within the block; positions stay absolute
+    dups: list[tuple[int, int]] = []
     try:
-        root = parse_value(inner, start)
+        root = parse_value(inner, start, dups)
         j = _skip_ws(inner, root.end)
         if j != end:
             raise JsonPosError("extra text after the call object", j)
     except JsonPosError as e:
         blk.error, blk.error_pos = e.msg, min(e.pos, end)
+        if not blk.closed and dups and dups[0][0] < blk.error_pos:
+            # cut off inside a repetition loop: the error starts where a key first repeats
+            blk.error, blk.error_pos = "a key is repeated (the arguments loop)", dups[0][0]
         return
     blk.root = root
     if not root.is_object:

@@ -111,8 +111,13 @@ def call_issues(text: str, blk: CallBlock, tools: dict[str, dict]) -> list[Issue
         problem = blk.error.rstrip(".")
         if not blk.closed:
             problem += "; the call was never closed"
-        hv = [{"function": blk.name or "", "problem": problem, "valid_tools": list(tools)}]
-        return [Issue(pos, category, json_error_span(text, pos, blk.end), hv)]
+        hv = [{"function": blk.name or "", "problem": problem, "valid_tools": list(tools)},
+              {"function": blk.name or "", "problem": "", "valid_tools": list(tools)}]
+        span = json_error_span(text, pos, blk.end)
+        if text.startswith('"', pos):  # a key or an unterminated string starts here: quote its opening
+            close = text.find('"', pos + 1, min(pos + 40, blk.end))
+            span = (pos, close + 1 if close > 0 else min(pos + 12, blk.end))
+        return [Issue(pos, category, span, hv)]
     fn = tools.get(blk.name)
     if fn is None:
         return [Issue(blk.name_span[0], "unknown_tool", blk.name_span,

@@ -136,3 +136,12 @@ def test_hint_templates_are_strict():
 def test_async_protocol(samples):
     c = asyncio.run(SchemaCritic().critique(samples["weather-enum"]))
     assert c.category == "enum_violation" and c.critic["name"] == "schema" and len(c.critic["config_hash"]) == 16
+
+
+def test_truncated_repetition_loop_quotes_the_first_repeated_key(samples):
+    text = '<tool_call>\n{"name": "search_flights", "arguments": {"origin": "A", "destination": "B", "origin": "A", "origin": "A", "ori'
+    t = _with_calls(samples["weather-ok"], text)
+    c = _check(t)
+    assert c.category == "unparsable_call" and "repeated" in c.hint
+    first_repeat = text.index('"origin"', text.index('"origin"') + 1)
+    assert text.index(c.quote) <= first_repeat < first_repeat + len('"origin"') <= text.index(c.quote) + len(c.quote)

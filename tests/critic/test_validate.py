@@ -1,5 +1,4 @@
 """Critique validation: every rule turns a bad critique into `failed` with a reason."""
-import dataclasses
 
 import pytest
 from hypothesis import given, settings
