@@ -27,7 +27,7 @@ KINDS = ("jsd", "forward_kl", "reverse_kl")
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) = Σ p (log p − log q) over the last dim; entries with p = 0 contribute exactly 0."""
-    live = torch.isfinite(logp)
+    live = logp != float("-inf")  # NaN stays live, so a broken model shows up as NaN, never as 0
     logp0 = logp.masked_fill(~live, 0.0)
     logq0 = logq.masked_fill(~live, 0.0)  # q only matters where p > 0
     return (logp0.exp() * (logp0 - logq0)).masked_fill(~live, 0.0).sum(-1)

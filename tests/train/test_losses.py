@@ -122,3 +122,12 @@ def test_bad_arguments():
         token_divergence(s, logits(2, 5))
     with pytest.raises(ValueError, match="temperature"):
         token_divergence(s, s, temperature=0)
+
+
+def test_nan_logits_propagate():
+    """A broken model must surface as NaN (the loop then stops), never be masked to 0."""
+    s, t = logits(2, 10, seed=13), logits(2, 10, seed=14)
+    s[0, 3] = float("nan")
+    for kind in ("jsd", "forward_kl", "reverse_kl"):
+        d = token_divergence(s, t, kind=kind)
+        assert torch.isnan(d[0]) and torch.isfinite(d[1])
