@@ -190,6 +190,9 @@ def extract_calls(text: str) -> list[CallBlock]:
         pos = blk.end
 
 
+_LEADING_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
+
+
 def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
     inner = text[:end]  # parse within the block; positions stay absolute
     dups: list[tuple[int, int]] = []
@@ -200,6 +203,9 @@ def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
             raise JsonPosError("extra text after the call object", j)
     except JsonPosError as e:
         blk.error, blk.error_pos = e.msg, min(e.pos, end)
+        m = _LEADING_NAME.match(inner, start)  # a cut-off call still names its function first
+        if m and m.end() <= blk.error_pos:
+            blk.name, blk.name_span = m.group(1), (m.start(1), m.end(1))
         if not blk.closed and dups and dups[0][0] < blk.error_pos:
             # cut off inside a repetition loop: the error starts where a key first repeats
             blk.error, blk.error_pos = "a key is repeated (the arguments loop)", dups[0][0]
@@ -219,16 +225,18 @@ def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
 
 
 def unique_quote(text: str, start: int, end: int) -> str:
-    """`text[start:end]`, widened (left first, then right) until it occurs exactly once in `text`.
+    """`text[start:end]`, widened (left first, then right) until its FIRST occurrence is at `start`.
 
-    `Rendered.quote_span` maps the first occurrence, so a unique quote is unambiguous.
+    `Rendered.quote_span` (and every consumer of a Critique) maps the first occurrence, so that is
+    all that is needed; widening further would pull correct tokens into the training span (e.g. a
+    hallucinated name that the model repeats later would otherwise grow into `"name": "...`).
     """
     if end <= start:
         raise ValueError(f"empty quote span [{start}, {end})")
     while True:
         q = text[start:end]
         first = text.find(q)
-        if first == start and text.find(q, start + 1) < 0:
+        if first == start:
             return q
         if start > 0:
             start -= 1

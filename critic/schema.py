@@ -117,7 +117,12 @@ def call_issues(text: str, blk: CallBlock, tools: dict[str, dict]) -> list[Issue
         if text.startswith('"', pos):  # a key or an unterminated string starts here: quote its opening
             close = text.find('"', pos + 1, min(pos + 40, blk.end))
             span = (pos, close + 1 if close > 0 else min(pos + 12, blk.end))
-        return [Issue(pos, category, span, hv)]
+        issues = [Issue(pos, category, span, hv)]
+        if blk.name is not None and blk.name_span and blk.name not in tools:
+            # the name came first and was already wrong: that is the error to train on
+            issues.append(Issue(blk.name_span[0], "unknown_tool", blk.name_span,
+                                [{"valid_tools": v} for v in _listed(sorted(tools))]))
+        return issues
     fn = tools.get(blk.name)
     if fn is None:
         return [Issue(blk.name_span[0], "unknown_tool", blk.name_span,

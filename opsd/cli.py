@@ -22,7 +22,7 @@ COMMANDS = {
     "critique": ("opsd.commands.critique", "locate the erroneous step of each trajectory and write a hint", "the critic (issue 3)"),
     "train": ("opsd.train", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
     "eval": ("opsd.commands.eval", "measure how much errors were down-weighted (before vs after)", "evaluation (issue 5)"),
-    "loop": ("opsd.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
+    "loop": ("opsd.commands.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
     "demo": ("opsd.commands.demo", "end-to-end run on the embedded model and BFCL", None),
 }
 
@@ -36,25 +36,28 @@ def _load(module: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (so one stage's imports never break another)."""
     parser = argparse.ArgumentParser(prog="opsd", description="Targeted on-policy self-distillation for tool-calling agents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_, _) in COMMANDS.items():
+    for name, (module, help_, pending) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        mod = _load(module)
+        mod = _load(module) if name == command else None
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(_run=None, _pending=COMMANDS[name][2] or "a later issue")
+            p.set_defaults(_run=None, _pending=pending or "a later issue")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "openai", "urllib3"):

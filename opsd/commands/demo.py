@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--loss", default="jsd", choices=["jsd", "forward_kl", "reverse_kl"])
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    p.add_argument("--min-hint-effect", type=float, default=0.0,
+                   help="keep examples whose hint lowers the error tokens by more than this (nats; -inf keeps all)")
     p.add_argument("--device", default=None)
     add_critic_arguments(p)
 
@@ -85,8 +87,12 @@ def run(args) -> int:
     # only the trajectories of this critic's run: the critique file may hold other critics' lines
     tcfg = Config(model=args.model, trajectories=rcfg.out, critiques=str(crit_path), out=str(out), span=args.span,
                   loss=args.loss, beta=args.beta, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size,
-                  lora_r=args.lora_r, resume=True, cpu=args.device == "cpu", warmup_steps=2)
-    model_dir = train_main(tcfg)
+                  lora_r=args.lora_r, min_hint_effect=args.min_hint_effect, resume=True, cpu=args.device == "cpu", warmup_steps=2)
+    try:
+        model_dir = train_main(tcfg)
+    except RuntimeError as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
 
     print(f"[demo 4/5] evaluation on held-out {args.eval_tasks} (limit {args.eval_limit})", flush=True)
     ecfg = EvalConfig(before=args.model, after=str(model_dir), tasks=args.eval_tasks, out=str(out / "report"),
