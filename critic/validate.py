@@ -44,11 +44,16 @@ def quote_core(quote: str) -> str:
 
 
 def hint_repeats_quote(hint: str, quote: str) -> bool:
-    """True if the quote's core appears in the hint as a whole word (case-insensitive)."""
-    core = quote_core(quote).casefold()
+    """True if the quote's core appears in the hint as a whole word, with the same case.
+
+    Case-sensitive on purpose: the harm is the teacher copying the wrong *tokens*, and a name
+    that differs only in case is other tokens; for a case-only mistake
+    (`Calculate_Final_Temperature`) the right hint must name `calculate_final_temperature`.
+    """
+    core = quote_core(quote)
     if not core:
         return False
-    h = hint.casefold()
+    h = hint
     # whole-word match: the core is not glued to further word characters on either side
     pat = (r"(?<!\w)" if core[0].isalnum() or core[0] == "_" else "") + re.escape(core) + \
           (r"(?!\w)" if core[-1].isalnum() or core[-1] == "_" else "")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from critic import make_critic
+from critic.validate import hint_repeats_quote
 from opsd.render import message_text
 from opsd.trajectories import load_trajectories
 
@@ -28,8 +29,8 @@ def test_every_rollout_gets_a_valid_verdict(judged):
         if c.verdict == "error":
             text = message_text(t.messages[c.step])
             assert c.quote and c.quote in text and c.hint
-            # the hint never repeats the wrong text as a word (a correct name may contain it: density -> calculate_density)
-            assert not re.search(r"(?<!\w)" + re.escape(c.quote.strip()) + r"(?!\w)", c.hint, re.I), (c.quote, c.hint)
+            # the hint never repeats the wrong text (a correct name may contain it: density -> calculate_density)
+            assert not hint_repeats_quote(c.hint, c.quote), (c.quote, c.hint)
 
 
 def test_hallucinated_names_are_found_even_in_cut_off_calls(judged):

@@ -29,7 +29,7 @@ def test_valid_critique_passes_unchanged(samples):
     (dict(quote=""), "quote is empty"),
     (dict(hint="  "), "hint is empty"),
     (dict(hint="word " * 80), "too long"),
-    (dict(hint="Do not call Weather.Get_Current again."), "repeats the erroneous text"),
+    (dict(hint="Do not call weather.get_current again."), "repeats the erroneous text"),
 ])
 def test_each_rule_fails_the_critique_with_its_reason(samples, change, reason):
     out = check_critique(_c(**change), samples["weather-unknown-tool"])
@@ -50,9 +50,11 @@ def test_hint_limit_is_configurable(samples):
     assert check_critique(_c(), t, max_hint_tokens=40).verdict == "error"
 
 
-def test_repeat_check_is_whole_word_case_insensitive():
+def test_repeat_check_is_whole_word_and_case_sensitive():
     assert quote_core('"rate"') == "rate"
-    assert hint_repeats_quote("Remove the RATE argument.", '"rate"')
+    assert hint_repeats_quote("Remove the rate argument.", '"rate"')
+    # other case = other tokens: naming the correct function of a case-only mistake is the fix
+    assert not hint_repeats_quote("Call calculate_final_temperature.", "Calculate_Final_Temperature")
     assert not hint_repeats_quote("Use to_currency; the answer must be accurate.", '"rate"')
     assert not hint_repeats_quote("`num` should be 25.", "2}")  # 25 is not the wrong value 2
     assert hint_repeats_quote("`num` should be 2.", "2}")
