@@ -2,7 +2,7 @@
 
     opsd train --model smollm2-135m-instruct --trajectories data/sample_openai.jsonl \\
         --critiques data/sample_critiques.jsonl --out runs/demo --max-steps 8 --lr 5e-5
-    accelerate launch --num_processes 2 --cpu -m opsd.train ...          # DDP (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 -m opsd.train ...    # DDP (add --cpu: gloo on CPU)
 
 Stages (`main` reads top to bottom):
 1. load the student (optionally LoRA, gradient checkpointing) and the teacher (`opsd.teachers`);
@@ -292,6 +292,8 @@ def main(cfg: Config, *, on_step=None) -> Path:
             (out / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             (out / "data.json").write_text(json.dumps(report, indent=2))
     log.info("examples: %s", json.dumps(report))
+    log.info("distributed: world=%d rank=%d device=%s", accelerator.num_processes, accelerator.process_index,
+             accelerator.device)
     if not records:
         raise RuntimeError(f"no usable examples ({json.dumps(report)}); check the critiques, or lower --min-hint-effect")
     if cfg.precompute_targets:

@@ -37,7 +37,7 @@ class Config:
     span: str = "quote"  # target tokens: quote | step_from_error | step
     inline_open: str = "<hint>"  # opening tag for placement=inline
     inline_close: str = "</hint>"  # closing tag for placement=inline
-    min_hint_effect: float = 0.0  # keep examples whose hint lowers the error tokens by more than this (nats); -inf keeps all
+    min_hint_effect: float = 0.0  # keep examples whose hint lowers the error tokens by more than this (nats); =-inf keeps all
     # teacher
     teacher: str = "self"  # self (current weights) | initial (frozen start) | ema | external
     teacher_model: str = ""  # model for teacher=external (must share the student's tokenizer)
