@@ -55,8 +55,10 @@ def hint_repeats_quote(hint: str, quote: str) -> bool:
         return False
     h = hint
     # whole-word match: the core is not glued to further word characters on either side
-    pat = (r"(?<!\w)" if core[0].isalnum() or core[0] == "_" else "") + re.escape(core) + \
-          (r"(?!\w)" if core[-1].isalnum() or core[-1] == "_" else "")
+    # dotted names are one word: "gcd" inside the correct "number_theory.gcd" is not a repeat,
+    # but a sentence-final period still ends a word ("Do not call gcd.")
+    pat = (r"(?<![\w.])" if core[0].isalnum() or core[0] == "_" else "") + re.escape(core) + \
+          (r"(?!\w|\.\w)" if core[-1].isalnum() or core[-1] == "_" else "")
     return re.search(pat, h) is not None
 
 

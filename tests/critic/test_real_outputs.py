@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from critic import make_critic
-from critic.validate import hint_repeats_quote
+from critic.validate import check_critique, hint_repeats_quote
 from opsd.render import message_text
 from opsd.trajectories import load_trajectories
 
@@ -19,7 +19,8 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "bfcl_rollouts.json
 def judged():
     trajs = load_trajectories(FIXTURE)
     c = make_critic("schema+reference")
-    return [(t, asyncio.run(c.critique(t))) for t in trajs]
+    # validated exactly as the runner does before writing (a lint failure would turn into "failed")
+    return [(t, check_critique(asyncio.run(c.critique(t)), t)) for t in trajs]
 
 
 def test_every_rollout_gets_a_valid_verdict(judged):

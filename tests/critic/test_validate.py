@@ -55,6 +55,8 @@ def test_repeat_check_is_whole_word_and_case_sensitive():
     assert hint_repeats_quote("Remove the rate argument.", '"rate"')
     # other case = other tokens: naming the correct function of a case-only mistake is the fix
     assert not hint_repeats_quote("Call calculate_final_temperature.", "Calculate_Final_Temperature")
+    assert not hint_repeats_quote("Call one of: number_theory.gcd.", "gcd")  # part of the correct dotted name
+    assert hint_repeats_quote("Do not call gcd.", "gcd") and hint_repeats_quote("gcd, again", "gcd")
     assert not hint_repeats_quote("Use to_currency; the answer must be accurate.", '"rate"')
     assert not hint_repeats_quote("`num` should be 25.", "2}")  # 25 is not the wrong value 2
     assert hint_repeats_quote("`num` should be 2.", "2}")
