@@ -1,0 +1,140 @@
+"""Run every benchmark (critic, rollout, step) within 30 minutes and rewrite BENCHMARKS.md.
+
+    flock /tmp/opsd-torch.lock make bench                        # = pip install -e ".[bench]"; python bench/run_all.py
+    flock /tmp/opsd-torch.lock python bench/run_all.py --quick --out /tmp/BENCH_QUICK.md   # smoke sizes
+
+Each benchmark runs as its own process (they spawn one process per side themselves) and writes
+its results to bench/results/NAME.json; this script collects them, checks them against the
+targets of issue 6 and writes the markdown. It does not take the torch lock itself: run it
+under `flock /tmp/opsd-torch.lock` so that no other torch job shares the 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import report  # noqa: E402  (after the path fix, for `python bench/run_all.py`)
+
+BUDGET_S = 30 * 60
+# (name, args) in run order; the cheap, torch-free one first
+BENCHMARKS = [
+    ("critic", ["--profile", "14"]),
+    ("rollout", []),
+    ("step", ["--profile", "20"]),
+]
+
+
+def machine_facts() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]) / 2**20
+    except (OSError, StopIteration):
+        pass
+    try:
+        import trl
+
+        trl_v = trl.__version__
+    except ImportError:
+        trl_v = "not installed"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "opsd", "critic", "prompts"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split("\n")
+    dirty = sorted({l[3:].strip() for l in dirty if l.strip()})
+    if dirty:  # the benchmarks import the working tree, so say what it held
+        commit += f" + uncommitted changes in {', '.join(dirty)}"
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "mem_gb": mem,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl_v, "commit": commit, "platform": platform.platform()}
+
+
+def run_one(name: str, extra: list[str], out_json: Path, timeout: float, quick: bool) -> dict:
+    cmd = [sys.executable, f"bench/{name}.py", "--json", str(out_json.relative_to(ROOT))] + extra
+    if quick:
+        cmd.append("--quick")
+    shown = " ".join(shlex.quote(c) for c in ["python"] + cmd[1:])
+    print(f"\n=== {name}: {shown} (time left {timeout / 60:.1f} min)", flush=True)
+    t0 = time.perf_counter()
+    status, tail = "ok", ""
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = proc.stdout
+        print(proc.stdout, end="", flush=True)
+        if proc.returncode != 0:
+            status = f"failed (rc {proc.returncode})"
+    except subprocess.TimeoutExpired as e:
+        status = f"timed out after {timeout:.0f} s"
+        tail = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    wall = time.perf_counter() - t0
+    result = json.loads(out_json.read_text()) if status == "ok" and out_json.exists() else None
+    last = next((l for l in reversed(tail.splitlines()) if "=" in l and " " not in l.split("=", 1)[0]), "")
+    return {"name": name, "command": shown, "status": status, "wall_s": wall, "result": result,
+            "machine_line": last, "tail": tail[-3000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke sizes for every benchmark (not a measurement)")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--only", default="", help="comma-separated subset of critic,rollout,step")
+    p.add_argument("--budget-min", type=float, default=BUDGET_S / 60, help="total time budget (minutes)")
+    a = p.parse_args(argv)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    results_dir = BENCH / ("results-quick" if a.quick else "results")
+    results_dir.mkdir(exist_ok=True)
+    facts = machine_facts()
+    print(f"machine: {facts['cpu']}, {facts['cores']} cores, torch {facts['torch']}, trl {facts['trl']}", flush=True)
+    deadline = time.perf_counter() + a.budget_min * 60
+    runs = []
+    previous = {}
+    if (results_dir / "machine.json").exists():
+        previous = {r["name"]: r for r in json.loads((results_dir / "machine.json").read_text())["runs"]}
+    for name, extra in BENCHMARKS:
+        if only and name not in only:  # keep the previous run's result for the report
+            old, path = previous.get(name), results_dir / f"{name}.json"
+            if old and old["status"] == "ok" and path.exists():
+                runs.append(dict(old, result=json.loads(path.read_text()), status="ok",
+                                 command=old["command"] + "  # from the previous run"))
+            continue
+        left = deadline - time.perf_counter()
+        if left < 30:
+            runs.append({"name": name, "status": "skipped: 30-minute budget spent", "result": None, "command": "",
+                         "wall_s": 0.0, "machine_line": "", "tail": ""})
+            continue
+        runs.append(run_one(name, extra, results_dir / f"{name}.json", left, a.quick))
+    total = sum(r["wall_s"] for r in runs)
+    (results_dir / "machine.json").write_text(json.dumps({"facts": facts, "total_s": total,
+                                                          "runs": [{k: v for k, v in r.items() if k != "result"}
+                                                                   for r in runs]}, indent=2))
+    Path(a.out).write_text(report.render(facts, runs, total_s=total, quick=a.quick))
+    print(f"\nwrote {a.out} ({total / 60:.1f} min in all)")
+    for r in runs:
+        print(f"{r['name']}: {r['status']}  {r['machine_line']}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
