@@ -89,48 +89,105 @@ def behaviour_stats(trajs: list[Trajectory], critiques: list[Critique]) -> dict:
             "categories": {k: rate(v, n) for k, v in sorted(cats.items())}}
 
 
-# ----------------------------------------------------------------------------- teacher-forced
+# ----------------------------------------------------------------------------- teacher-forced + drift
 def _mean(xs) -> float:
     xs = list(xs)
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def teacher_forced(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig) -> dict:
-    """Error-span metrics on A's critiqued errors (see module docstring)."""
+def _rows(model, ids_list, spans, batch: int, pad: int):
+    """(L, V) log-prob rows over each span, computed `batch` sequences at a time (rows never all in memory)."""
+    from opsd.scoring import span_logprobs
+
+    for k in range(0, len(ids_list), batch):
+        yield from span_logprobs(model, ids_list[k:k + batch], spans[k:k + batch], batch_size=batch,
+                                 return_rows=True, pad_id=pad).rows
+
+
+def _score_items(trajs, critiques, examples, tok, prefill_len: int) -> list[dict]:
+    """One scoring item per critiqued trajectory of A: its generated tokens (plus the error span)."""
+    from opsd.render import render
+
+    by_id = {c.trajectory_id: c for c in critiques}
+    ex_by_id = {e.meta["trajectory_id"]: e for e in examples}
+    items = []
+    for t in trajs:
+        c = by_id.get(t.id)
+        if c is None or c.verdict == "failed":
+            continue
+        ex = ex_by_id.get(t.id) if c.verdict == "error" else None
+        if c.verdict == "error" and ex is None:
+            continue  # not buildable: counted in build_counts
+        r = render(t, tok)
+        last = len(t.messages) - 1
+        bs, be = r.body_spans[last]
+        gs = min(bs + prefill_len, be)  # generated tokens only: the prefill was forced
+        lo, hi = gs, be
+        if ex is not None:
+            lo, hi = min(lo, ex.student_span[0]), max(hi, ex.student_span[1])
+        if hi <= lo:
+            continue
+        items.append({"ids": r.input_ids, "span": (lo, hi), "gen": (gs, be), "example": ex})
+    return items
+
+
+def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique],
+                             cfg: EvalConfig, prefill_len: int = 0) -> tuple[dict, dict]:
+    """Error-span metrics on A's critiqued errors, and KL(A||B) drift, from ONE pass per model per trajectory.
+
+    Each pass returns full log-prob rows over the trajectory's generated tokens (and its error
+    span), from which come: the error tokens' log-probs under A and B, the argmax at the first
+    error token, and the per-token KL(A||B) outside error spans and on clean trajectories. The
+    hinted teacher (A with the hint) is one more pass over the hinted sequences.
+    """
     from opsd.hinting import build_examples
     from opsd.scoring import span_logprobs
 
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span)
-    res = {"n_examples": len(examples), "build_counts": dict(counts)}
-    if not examples:
-        return res
+    items = _score_items(trajs, critiques, examples, tok, prefill_len)
     pad = tok.pad_token_id or 0
-    s_ids = [e.student_ids for e in examples]
-    s_sp = [tuple(e.student_span) for e in examples]
-    a = span_logprobs(model_a, s_ids, s_sp, batch_size=cfg.score_batch_size, top_k=1, pad_id=pad)
-    b = span_logprobs(model_b, s_ids, s_sp, batch_size=cfg.score_batch_size, top_k=1, pad_id=pad)
-    h = span_logprobs(model_a, [e.teacher_ids for e in examples], [tuple(e.teacher_span) for e in examples],
-                      batch_size=cfg.score_batch_size, pad_id=pad)
+    b = cfg.score_batch_size
+    ids, spans = [it["ids"] for it in items], [it["span"] for it in items]
+    kl = {"err": [0.0, 0], "clean": [0.0, 0]}
     per = []
-    for i, e in enumerate(examples):
-        first = e.student_ids[e.student_span[0]]
-        per.append({
-            "trajectory_id": e.meta["trajectory_id"], "category": e.meta.get("category"),
-            "span_tokens": e.student_span[1] - e.student_span[0],
-            "before": a.token_logprobs[i].mean().item(), "after": b.token_logprobs[i].mean().item(),
-            "hinted": h.token_logprobs[i].mean().item(),
-            "first_before": a.token_logprobs[i][0].item(), "first_after": b.token_logprobs[i][0].item(),
-            "first_hinted": h.token_logprobs[i][0].item(),
-            "argmax_before_is_error": int(a.topk_ids[i][0, 0]) == first,
-            "argmax_after_is_error": int(b.topk_ids[i][0, 0]) == first,
-        })
+    for it, la, lb in zip(items, _rows(model_a, ids, spans, b, pad), _rows(model_b, ids, spans, b, pad)):
+        lo, _ = it["span"]
+        kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) = sum_v pA (log pA - log pB)
+        keep = torch.zeros(len(kl_L), dtype=torch.bool)
+        keep[it["gen"][0] - lo:it["gen"][1] - lo] = True
+        ex = it["example"]
+        if ex is not None:
+            s0, s1 = ex.student_span
+            keep[s0 - lo:s1 - lo] = False
+            tgt = torch.tensor(ex.student_ids[s0:s1])
+            a_lp = la[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]  # (S,)
+            b_lp = lb[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]
+            per.append({"trajectory_id": ex.meta["trajectory_id"], "category": ex.meta.get("category"),
+                        "span_tokens": s1 - s0, "before": a_lp.mean().item(), "after": b_lp.mean().item(),
+                        "first_before": a_lp[0].item(), "first_after": b_lp[0].item(),
+                        "argmax_before_is_error": int(la[s0 - lo].argmax()) == int(tgt[0]),
+                        "argmax_after_is_error": int(lb[s0 - lo].argmax()) == int(tgt[0])})
+        bucket = kl["err" if ex is not None else "clean"]
+        bucket[0] += kl_L[keep].sum().item()
+        bucket[1] += int(keep.sum())
+    drift = {"kl_outside_error_spans": {"mean": kl["err"][0] / kl["err"][1] if kl["err"][1] else float("nan"),
+                                        "n_tokens": kl["err"][1]},
+             "kl_clean_trajectories": {"mean": kl["clean"][0] / kl["clean"][1] if kl["clean"][1] else float("nan"),
+                                       "n_tokens": kl["clean"][1]}}
+    res = {"n_examples": len(per), "build_counts": dict(counts)}
+    if not per:
+        return res, drift
+    scored = [it["example"] for it in items if it["example"] is not None]
+    h = span_logprobs(model_a, [e.teacher_ids for e in scored], [tuple(e.teacher_span) for e in scored],
+                      batch_size=b, pad_id=pad).token_logprobs
+    for p, h_lp in zip(per, h):
+        p["hinted"], p["first_hinted"] = h_lp.mean().item(), h_lp[0].item()
     mb, ma, mh = _mean(p["before"] for p in per), _mean(p["after"] for p in per), _mean(p["hinted"] for p in per)
     greedy = [p for p in per if p["argmax_before_is_error"]]
+    ft = {k: _mean(p[f"first_{k}"] for p in per) for k in ("before", "after", "hinted")}
     res.update({
         "error_span_logprob": {"before": mb, "after": ma, "hinted": mh, "delta": ma - mb},
-        "first_token_logprob": {"before": _mean(p["first_before"] for p in per),
-                                "after": _mean(p["first_after"] for p in per),
-                                "hinted": _mean(p["first_hinted"] for p in per)},
+        "first_token_logprob": ft | {"delta": ft["after"] - ft["before"]},
         "fraction_lowered": _mean(float(p["after"] < p["before"]) for p in per),
         "argmax_flip_rate": _mean(float(not p["argmax_after_is_error"]) for p in greedy) if greedy else None,
         "argmax_flip_base": len(greedy),
@@ -138,58 +195,7 @@ def teacher_forced(model_a, model_b, tok, trajs: list[Trajectory], critiques: li
         "gap_closed": (ma - mb) / (mh - mb) if abs(mh - mb) > 1e-9 else None,
         "per_example": per,
     })
-    res["first_token_logprob"]["delta"] = res["first_token_logprob"]["after"] - res["first_token_logprob"]["before"]
-    return res
-
-
-def _kl_on_spans(model_a, model_b, ids_list, spans, batch: int, pad: int) -> tuple[float, int]:
-    """Mean per-token KL(A||B) over the given spans, computed chunk by chunk (full rows only per chunk)."""
-    from opsd.scoring import span_logprobs
-
-    total, n = 0.0, 0
-    for k in range(0, len(ids_list), batch):
-        ids, sp = ids_list[k:k + batch], spans[k:k + batch]
-        ra = span_logprobs(model_a, ids, sp, batch_size=batch, return_rows=True, pad_id=pad).rows
-        rb = span_logprobs(model_b, ids, sp, batch_size=batch, return_rows=True, pad_id=pad).rows
-        for la, lb in zip(ra, rb):  # (L, V) log-probs
-            total += (la.exp() * (la - lb)).sum(-1).clamp(min=0).sum().item()  # KL(A||B) = sum pA (log pA - log pB)
-            n += la.shape[0]
-    return (total / n if n else float("nan")), n
-
-
-def collateral(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig,
-               prefill_len: int) -> dict:
-    from opsd.render import render
-
-    by_id = {c.trajectory_id: c for c in critiques}
-    err_ids, err_sp, clean_ids, clean_sp = [], [], [], []
-    for t in trajs:
-        c = by_id.get(t.id)
-        if c is None or c.verdict == "failed":
-            continue
-        r = render(t, tok)
-        step = len(t.messages) - 1
-        bs, be = r.body_spans[step]
-        bs = min(bs + prefill_len, be)  # generated tokens only (the prefill was forced)
-        if c.verdict == "ok":
-            if be > bs:
-                clean_ids.append(r.input_ids)
-                clean_sp.append((bs, be))
-            continue
-        try:
-            qs, qe = r.quote_span(c.step, c.quote) if c.step == step else (be, be)
-        except ValueError:
-            continue
-        for s, e in ((bs, min(qs, be)), (max(qe, bs), be)):
-            if e > s:
-                err_ids.append(r.input_ids)
-                err_sp.append((s, e))
-    pad = tok.pad_token_id or 0
-    kl_err, n_err = _kl_on_spans(model_a, model_b, err_ids, err_sp, cfg.score_batch_size, pad)
-    kl_clean, n_clean = _kl_on_spans(model_a, model_b, clean_ids, clean_sp, cfg.score_batch_size, pad)
-    return {"kl_outside_error_spans": {"mean": kl_err, "n_tokens": n_err},
-            "kl_clean_trajectories": {"mean": kl_clean, "n_tokens": n_clean},
-            "gt_call_logprob": gt_call_logprob(model_a, model_b, tok, trajs, cfg)}
+    return res, drift
 
 
 def gt_call(ground_truth: list[dict]) -> list[dict]:
@@ -231,13 +237,13 @@ def gt_call_logprob(model_a, model_b, tok, trajs: list[Trajectory], cfg: EvalCon
 
 # ----------------------------------------------------------------------------- orchestration
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str) -> list[Trajectory]:
-    from opsd.rollout import RolloutConfig, main as rollout_main
-    from opsd.trajectories import load_trajectories
+    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main
 
     path = Path(cfg.out) / f"rollouts_{name}.jsonl"
-    rollout_main(RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,
-                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device))
-    return load_trajectories(path)
+    rcfg = RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device)
+    rollout_main(rcfg)
+    return load_rollouts(rcfg)
 
 
 def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, log=print) -> dict:
@@ -260,8 +266,9 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, log=print) -> dict:
     model_b, _ = models.load(cfg.after, device=cfg.device)
     prefill_len = len(tok(prefill, add_special_tokens=False)["input_ids"]) if prefill else 0
     with torch.no_grad():
-        report["teacher_forced"] = teacher_forced(model_a, model_b, tok, trajs_a, crit_a, cfg)
-        report["collateral"] = collateral(model_a, model_b, tok, trajs_a, crit_a, cfg, prefill_len)
+        report["teacher_forced"], drift = teacher_forced_and_drift(model_a, model_b, tok, trajs_a, crit_a, cfg,
+                                                                   prefill_len)
+        report["collateral"] = drift | {"gt_call_logprob": gt_call_logprob(model_a, model_b, tok, trajs_a, cfg)}
     if cfg.train_run and (Path(cfg.train_run) / "metrics.jsonl").exists():
         report["training_metrics"] = str(Path(cfg.train_run) / "metrics.jsonl")
     log("[eval 4/4] writing report")

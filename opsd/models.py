@@ -100,6 +100,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
     raise FileNotFoundError(f"{name}: not a local model directory, a cached hub id, or '{DEFAULT_MODEL}'")
 
 
+def fingerprint(name_or_path) -> str:
+    """Identity of a model's weights, for cache keys: a local dir's weight files (name, size,
+    mtime) change when it is retrained in place, so rollouts of the new weights are not
+    mistaken for old ones. Aliases and hub ids are their own fingerprint."""
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    if name.lower() in ALIASES or not p.is_dir():
+        return name.lower() if name.lower() in ALIASES else name
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    import hashlib
+
+    return str(p.resolve()) + ":" + hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+
+
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 

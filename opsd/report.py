@@ -27,7 +27,11 @@ def _pct(r: dict | None) -> str:
 def _rate(side: dict, key: str) -> dict | None:
     if key in ("accuracy", "no_parseable_call"):
         return side[key]
-    return side["categories"].get(key, {"count": 0, "n": side["n"], "rate": 0.0, "ci95": [0.0, 0.0]})
+    if key in side["categories"]:
+        return side["categories"][key]
+    from opsd.evaluate import rate
+
+    return rate(0, side["n"])
 
 
 def summary_table(report: dict) -> str:

@@ -84,8 +84,11 @@ class RolloutConfig:
         return "<tool_call>\n" if str(self.model).lower() in ALIASES else ""
 
     def hash(self) -> str:
-        keys = ("model", "backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
-        return content_hash({k: getattr(self, k) for k in keys} | {"prefill": self.resolved_prefill()})[:10]
+        from opsd.models import fingerprint
+
+        keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
+        return content_hash({k: getattr(self, k) for k in keys} | {"prefill": self.resolved_prefill(),
+                            "model": fingerprint(self.model) if self.backend == "hf" else str(self.model)})[:10]
 
 
 def _expects_parallel(task: Task) -> bool:
@@ -263,6 +266,15 @@ async def _run_openai_async(cfg: RolloutConfig, todo, out: ResumableJsonl, error
         await asyncio.gather(*(one(t, k, rk) for t, k, rk in todo))
     finally:
         await client.close()
+
+
+def load_rollouts(cfg: RolloutConfig) -> list:
+    """The trajectories `main(cfg)` wrote for exactly this config (the file may hold other runs')."""
+    from opsd.records import read_jsonl
+    from opsd.types import Trajectory
+
+    suffix = "@" + cfg.hash()
+    return [Trajectory.from_dict(r) for r in read_jsonl(cfg.out) if r.get("key", "").endswith(suffix)]
 
 
 def main(cfg: RolloutConfig) -> dict:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from opsd.evaluate import EvalConfig, behaviour_stats, collateral, gt_call, teacher_forced, wilson
+from opsd.evaluate import EvalConfig, behaviour_stats, gt_call, teacher_forced_and_drift, wilson
 from opsd.types import Critique, Trajectory
 from tests.conftest import DATA, ROOT
 
@@ -43,7 +43,7 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
     trajs = load_trajectories(DATA / "sample_openai.jsonl")
     crits = [Critique.from_dict(json.loads(x)) for x in (DATA / "sample_critiques.jsonl").read_text().splitlines() if x.strip()]
     cfg = EvalConfig()
-    tf = teacher_forced(model, model, tok, trajs, crits, cfg)
+    tf, col = teacher_forced_and_drift(model, model, tok, trajs, crits, cfg)
     assert tf["n_examples"] >= 4
     assert tf["error_span_logprob"]["delta"] == pytest.approx(0, abs=1e-5)
     assert tf["fraction_lowered"] == 0.0
@@ -51,11 +51,31 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
     assert abs(tf["hint_effect"]) > 1e-3
     assert tf["gap_closed"] == pytest.approx(0, abs=1e-4)
     for p in tf["per_example"]:
-        assert p["before"] <= 0 and p["hinted"] <= 0
-    col = collateral(model, model, tok, trajs, crits, cfg, prefill_len=0)
-    assert col["kl_outside_error_spans"]["n_tokens"] > 0
+        assert p["before"] <= 0 and p["hinted"] <= 0 and p["before"] == p["after"]
+    assert col["kl_outside_error_spans"]["n_tokens"] > 0 and col["kl_clean_trajectories"]["n_tokens"] > 0
     assert col["kl_outside_error_spans"]["mean"] == pytest.approx(0, abs=1e-6)
     assert col["kl_clean_trajectories"]["mean"] == pytest.approx(0, abs=1e-6)
+
+
+def test_error_span_logprobs_match_direct_scoring(smol_model):
+    """The merged pass reads the same numbers as scoring each HintedExample on its own."""
+    from opsd.hinting import build_examples
+    from opsd.scoring import span_logprobs
+    from opsd.trajectories import load_trajectories
+
+    model, tok = smol_model
+    trajs = load_trajectories(DATA / "sample_openai.jsonl")
+    crits = [Critique.from_dict(json.loads(x)) for x in (DATA / "sample_critiques.jsonl").read_text().splitlines() if x.strip()]
+    tf, _ = teacher_forced_and_drift(model, model, tok, trajs, crits, EvalConfig())
+    exs, _ = build_examples(trajs, crits, tok)
+    direct = span_logprobs(model, [e.student_ids for e in exs], [e.student_span for e in exs]).token_logprobs
+    hinted = span_logprobs(model, [e.teacher_ids for e in exs], [e.teacher_span for e in exs]).token_logprobs
+    by_id = {p["trajectory_id"]: p for p in tf["per_example"]}
+    for e, d, h in zip(exs, direct, hinted):
+        p = by_id[e.meta["trajectory_id"]]
+        assert p["before"] == pytest.approx(d.mean().item(), abs=1e-4)
+        assert p["first_before"] == pytest.approx(d[0].item(), abs=1e-4)
+        assert p["hinted"] == pytest.approx(h.mean().item(), abs=1e-4)
 
 
 def _opsd(*args, timeout=900):
@@ -68,7 +88,8 @@ def test_demo_end_to_end_plumbing(tiny_model_dir, tmp_path):
     r = _opsd("demo", "--model", str(tiny_model_dir), "--prefill", "<tool_call>\\n", "--train-limit", "6",
               "--eval-limit", "4", "--max-new-tokens", "8", "--epochs", "1", "--min-hint-effect=-inf", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    for sub in ("rollouts/train.jsonl", "critiques/train.jsonl", "model/config.json", "metrics.jsonl",
+    assert len(list((out / "rollouts").glob("train-*.jsonl"))) == 1
+    for sub in ("critiques/train.jsonl", "model/config.json", "metrics.jsonl",
                 "report/report.json", "report/report.md", "report/category_rates.png"):
         assert (out / sub).exists(), sub
     rep = json.loads((out / "report" / "report.json").read_text())
@@ -79,7 +100,8 @@ def test_demo_end_to_end_plumbing(tiny_model_dir, tmp_path):
     r2 = _opsd("demo", "--model", str(tiny_model_dir), "--prefill", "<tool_call>\\n", "--train-limit", "6",
                "--eval-limit", "4", "--max-new-tokens", "8", "--epochs", "1", "--min-hint-effect=-inf", "--out", str(out))
     assert r2.returncode == 0, r2.stderr[-3000:]
-    lines = (out / "rollouts" / "train.jsonl").read_text().splitlines()
+    (rollouts,) = (out / "rollouts").glob("train-*.jsonl")
+    lines = rollouts.read_text().splitlines()
     assert len(lines) == 6 and len({json.loads(x)["id"] for x in lines}) == 6
     assert len((out / "critiques" / "train.jsonl").read_text().splitlines()) == 6
 

@@ -24,20 +24,22 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="student model (default: %(default)s)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     p.add_argument("--train-tasks", default="bfcl:simple_python,multiple:train", help="rollout tasks for training")
-    p.add_argument("--train-limit", type=int, default=160, help="first N training tasks (default %(default)s)")
+    p.add_argument("--train-limit", type=int, default=128, help="first N training tasks (default %(default)s)")
     p.add_argument("--samples", type=int, default=1, help="samples per training task (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="rollout temperature for training data")
     p.add_argument("--eval-tasks", default="bfcl:simple_python,multiple:heldout", help="held-out tasks")
-    p.add_argument("--eval-limit", type=int, default=80, help="first N held-out tasks (default %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=64, help="first N held-out tasks (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="rollout budget per reply (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="rollout batch size")
     p.add_argument("--prefill", default=None, help="reply prefill (default: '<tool_call>\\n' for the embedded model)")
-    p.add_argument("--epochs", type=float, default=3.0, help="training epochs over the critiqued errors")
-    p.add_argument("--lr", type=float, default=2e-5, help="training learning rate")
+    p.add_argument("--epochs", type=float, default=1.0, help="training epochs over the critiqued errors")
+    p.add_argument("--lr", type=float, default=5e-5, help="training learning rate")
     p.add_argument("--train-batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--span", default="quote", choices=["quote", "step_from_error", "step"], help="target span")
     p.add_argument("--loss", default="jsd", choices=["jsd", "forward_kl", "reverse_kl"])
     p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--teacher", default="initial", choices=["self", "initial", "ema"],
+                   help="hinted teacher weights (default initial: frozen start, precomputed top-k targets)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     p.add_argument("--min-hint-effect", type=float, default=0.0,
                    help="keep examples whose hint lowers the error tokens by more than this (nats; -inf keeps all)")
@@ -48,10 +50,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from opsd.evaluate import EvalConfig, main as eval_main
     from opsd.report import summary_table
-    from opsd.rollout import RolloutConfig, main as rollout_main
+    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main
     from opsd.train import main as train_main
     from opsd.train_config import Config
-    from opsd.trajectories import load_trajectories
 
     t0 = time.time()
     out = Path(args.out)
@@ -69,10 +70,11 @@ def run(args) -> int:
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prefill=prefill,
                          device=args.device)
     prefill = rcfg.resolved_prefill()
+    rcfg.out = str(out / "rollouts" / f"train-{rcfg.hash()}.jsonl")  # one file per rollout config: train reads it whole
 
     print(f"[demo 1/5] rollouts of {args.model} on {args.train_tasks} (limit {args.train_limit})", flush=True)
     print(f"  {rollout_main(rcfg)}", flush=True)
-    trajs = load_trajectories(rcfg.out)
+    trajs = load_rollouts(rcfg)
 
     print(f"[demo 2/5] critiques ({args.critic}) of {len(trajs)} rollouts", flush=True)
     crit_path = out / "critiques" / "train.jsonl"
@@ -83,11 +85,12 @@ def run(args) -> int:
         print("no errors found: nothing to train on", file=sys.stderr)
         return 1
 
-    print("[demo 3/5] OPSD training (hinted self-teacher, error spans only)", flush=True)
+    print(f"[demo 3/5] OPSD training ({args.teacher} hinted teacher, error spans only)", flush=True)
     # only the trajectories of this critic's run: the critique file may hold other critics' lines
     tcfg = Config(model=args.model, trajectories=rcfg.out, critiques=str(crit_path), out=str(out), span=args.span,
                   loss=args.loss, beta=args.beta, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size,
-                  lora_r=args.lora_r, min_hint_effect=args.min_hint_effect, resume=True, cpu=args.device == "cpu", warmup_steps=2)
+                  lora_r=args.lora_r, min_hint_effect=args.min_hint_effect, resume=True, teacher=args.teacher,
+                  precompute_targets=args.teacher == "initial" and args.lora_r == 0, cpu=args.device == "cpu", warmup_steps=2)
     try:
         model_dir = train_main(tcfg)
     except RuntimeError as e:

@@ -34,10 +34,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from opsd.rollout import RolloutConfig, main as rollout_main
+    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main
     from opsd.train import main as train_main
     from opsd.train_config import Config, load_yaml
-    from opsd.trajectories import load_trajectories
 
     if args.rounds < 1:
         print("error: --rounds must be >= 1", file=sys.stderr)
@@ -59,7 +58,7 @@ def run(args) -> int:
                              samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, prefill=prefill, seed=k, device=args.device)
         rsum = rollout_main(rcfg)
-        crits = crit(load_trajectories(rcfg.out), rd / "critiques.jsonl")
+        crits = crit(load_rollouts(rcfg), rd / "critiques.jsonl")
         n_err = sum(c.verdict == "error" for c in crits)
         rec = {"round": k, "student": student, "rollouts": rsum, "errors": n_err,
                "error_rate": n_err / max(1, len(crits))}
