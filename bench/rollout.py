@@ -99,18 +99,64 @@ def run_opsd(a, batch: int) -> dict:
             "errors": summary["errors"]}
 
 
+def run_profile(a) -> dict:
+    """What bounds decoding: the cost of one decode step vs batch width, where rows stop, and
+    torch.profiler top ops of `generate_batch` on one batch of 8."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    from opsd import models
+    from opsd.render import prompt_ids
+    from opsd.rollout import generate_batch
+    from opsd.tasks import load_tasks
+
+    model, tok = models.load(a.model, device="cpu", dtype=torch.float32)
+    model.eval()
+    tasks = load_tasks(a.tasks, limit=a.limit)
+    prefill = tok("<tool_call>\n", add_special_tokens=False)["input_ids"]
+    prompts = sorted((prompt_ids(t.messages, t.tools, tok) + prefill for t in tasks), key=len, reverse=True)
+    out: dict = {"step_ms_by_width": {}}
+    with torch.no_grad():
+        for w in (1, 4, 8, 16):  # per decode step at ~prompt-length context, after a prefill
+            chunk = prompts[:w]
+            L = max(len(p) for p in chunk)
+            ids = torch.tensor([[2] * (L - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+            cache = DynamicCache()
+            o = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            t0, n = time.perf_counter(), 16
+            for _ in range(n):
+                mask = torch.cat([mask, mask.new_ones((w, 1))], dim=1)
+                o = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            out["step_ms_by_width"][w] = (time.perf_counter() - t0) / n * 1000
+        res = []
+        for i in range(0, len(prompts), a.batch):  # opsd's batches: where does each row stop?
+            res += generate_batch(model, tok, prompts[i:i + a.batch], max_new_tokens=a.max_new_tokens,
+                                  stop_text=[STOP] * len(prompts[i:i + a.batch]))
+        out["finish"] = {k: sum(f == k for _, f in res) for k in ("stop", "eos", "length")}
+        out["gen_lengths"] = sorted(len(g) for g, _ in res)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_batch(model, tok, prompts[:8], max_new_tokens=32, stop_text=[STOP] * 8)
+    out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile)
+    return out
+
+
 def child(side: str, a) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, __file__, "--side", side, "--out-json", path, "--model", a.model, "--tasks", a.tasks,
            "--limit", str(a.limit), "--max-new-tokens", str(a.max_new_tokens), "--naive-batch", str(a.naive_batch),
-           "--batch", str(a.batch)]
+           "--batch", str(a.batch), "--profile", str(a.profile)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     res = json.loads(Path(path).read_text())
-    print(f"  {side:10s} {res['items']} items in {res['wall_s']:6.1f} s = {res['items'] / res['wall_s']:.3f} items/s",
-          flush=True)
+    if side != "profile":
+        print(f"  {side:10s} {res['items']} items in {res['wall_s']:6.1f} s = {res['items'] / res['wall_s']:.3f} "
+              "items/s", flush=True)
     return res
 
 
@@ -124,19 +170,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16, help="opsd rollout batch size (its default)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of naive / opsd (A B A B)")
     p.add_argument("--extra-sides", default="naive_stop,opsd_b8", help="run once after the rounds ('' to skip)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="also run the decode profile (step cost vs batch width, finish reasons, top-N ops); 0: off")
+    p.add_argument("--profile-only", action="store_true", help="run only the decode profile, merged into --json")
     p.add_argument("--quick", action="store_true", help="smoke sizes: 4 tasks, 16 new tokens, 1 round, no extras")
     p.add_argument("--json", help="write all results here")
-    p.add_argument("--side", choices=["naive", "naive_stop", "opsd", "opsd_b8"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["naive", "naive_stop", "opsd", "opsd_b8", "profile"], help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.limit, a.max_new_tokens, a.rounds, a.extra_sides = 4, 16, 1, ""
     if a.side:
         res = {"naive": lambda: run_naive(a, False), "naive_stop": lambda: run_naive(a, True),
-               "opsd": lambda: run_opsd(a, a.batch), "opsd_b8": lambda: run_opsd(a, 8)}[a.side]()
+               "opsd": lambda: run_opsd(a, a.batch), "opsd_b8": lambda: run_opsd(a, 8),
+               "profile": lambda: run_profile(a)}[a.side]()
         Path(a.out_json).write_text(json.dumps(res))
         return res
 
+    if a.profile_only:  # add the decode profile to an existing result
+        result = json.loads(Path(a.json).read_text())
+        result["decode_profile"] = child("profile", a)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+        print(f"rollout_speedup={result['rollout_speedup']:.3f}")
+        return result
     print(f"rollout benchmark: {a.limit} tasks of {a.tasks}, max_new_tokens {a.max_new_tokens}, "
           f"{a.rounds} round(s) naive/opsd", flush=True)
     runs: dict[str, list[dict]] = {"naive": [], "opsd": []}
@@ -158,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {k: getattr(a, k) for k in ("model", "tasks", "limit", "max_new_tokens", "naive_batch",
                                                      "batch", "rounds")},
               "sides": summary, "rollout_speedup": speedup}
+    if a.profile:
+        result["decode_profile"] = child("profile", a)
     for s, v in summary.items():
         print(f"{s:10s} {v['items_per_s']:.3f} items/s (runs {v['runs']})  same text as naive: "
               f"{v['same_text_as_naive']:.0%}")

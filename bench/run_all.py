@@ -32,7 +32,7 @@ BUDGET_S = 30 * 60
 # (name, args) in run order; the cheap, torch-free one first
 BENCHMARKS = [
     ("critic", ["--profile", "14"]),
-    ("rollout", []),
+    ("rollout", ["--profile", "15"]),
     ("step", ["--profile", "20"]),
 ]
 
@@ -91,7 +91,8 @@ def run_one(name: str, extra: list[str], out_json: Path, timeout: float, quick: 
     wall = time.perf_counter() - t0
     result = json.loads(out_json.read_text()) if status == "ok" and out_json.exists() else None
     last = next((l for l in reversed(tail.splitlines()) if "=" in l and " " not in l.split("=", 1)[0]), "")
-    return {"name": name, "command": shown, "status": status, "wall_s": wall, "result": result,
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # > 2 on 2 cores: something else was running
+    return {"name": name, "command": shown, "status": status, "wall_s": wall, "result": result, "loadavg": load,
             "machine_line": last, "tail": tail[-3000:]}
 
 
@@ -100,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke sizes for every benchmark (not a measurement)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--only", default="", help="comma-separated subset of critic,rollout,step")
+    p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the saved results only")
     p.add_argument("--budget-min", type=float, default=BUDGET_S / 60, help="total time budget (minutes)")
     a = p.parse_args(argv)
     only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if a.render_only:
+        only = {"(none)"}
     results_dir = BENCH / ("results-quick" if a.quick else "results")
     results_dir.mkdir(exist_ok=True)
     facts = machine_facts()
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if only and name not in only:  # keep the previous run's result for the report
             old, path = previous.get(name), results_dir / f"{name}.json"
             if old and old["status"] == "ok" and path.exists():
-                runs.append(dict(old, result=json.loads(path.read_text()), status="ok",
-                                 command=old["command"] + "  # from the previous run"))
+                note = "" if a.render_only or "# from" in old["command"] else "  # from the previous run"
+                runs.append(dict(old, result=json.loads(path.read_text()), status="ok", command=old["command"] + note))
             continue
         left = deadline - time.perf_counter()
         if left < 30:
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs.append(run_one(name, extra, results_dir / f"{name}.json", left, a.quick))
     total = sum(r["wall_s"] for r in runs)
+    if a.render_only and previous:
+        total = json.loads((results_dir / "machine.json").read_text())["total_s"]
+        facts = json.loads((results_dir / "machine.json").read_text())["facts"]
     (results_dir / "machine.json").write_text(json.dumps({"facts": facts, "total_s": total,
                                                           "runs": [{k: v for k, v in r.items() if k != "result"}
                                                                    for r in runs]}, indent=2))

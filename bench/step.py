@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         r0 = dict(rs[0], side=s)
         fl = flops_per_step(r0, n_params)
         fx = exact_flops_per_step(r0, sizes, a.seq_len, n_body)
-        summary[s] = {"median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "n_steps": len(times),
+        summary[s] = {"rounds": [r["times"] for r in rs], "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "n_steps": len(times),
                       "trajectories_per_s": a.batch / med, "student_tokens_per_s": r0["student_tokens"] / med,
                       "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
                       "rss_after_load_gb": max(r["rss_after_load_gb"] for r in rs),
