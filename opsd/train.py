@@ -6,12 +6,18 @@
 
 Stages (`main` reads top to bottom):
 1. load the student (optionally LoRA, gradient checkpointing) and the teacher (`opsd.teachers`);
-2. build hinted examples from the `error` critiques whose trajectory hash matches (`opsd.hinting`),
+2. OPSD: build hinted examples from the `error` critiques whose trajectory hash matches (`opsd.hinting`),
    measure every example's hint effect, filter on `--min-hint-effect`, optionally precompute
-   top-k teacher targets; the result is saved as OUT/examples.jsonl with the counts in OUT/data.json;
-3. loop: teacher targets on the hinted sequences (no grad) -> student loss on the span only ->
-   optimizer step, with metrics, checkpoints and a NaN/inf stop;
+   top-k teacher targets. GKD (`--mode gkd`, or no --critiques): prompt/reply records of every
+   trajectory's last assistant message (`opsd.gkd`). Either is saved as OUT/examples.jsonl with
+   the counts in OUT/data.json; `--select-prompts` keeps the teacher-aligned ones (plus a few others);
+3. loop: step data (`opsd.gkd.step_kind`: cold-start SFT, dataset, student or teacher samples) ->
+   teacher targets (no grad) -> student loss on the target tokens only -> optimizer step, with
+   metrics (OPD diagnostics `diag/*` from `opsd.diagnostics`), checkpoints and a NaN/inf stop;
 4. save OUT/model (full weights, or the LoRA adapter), loadable by `opsd.models.load`.
+
+    opsd train --trajectories data/sample_openai.jsonl --out runs/gkd --teacher external \\
+        --teacher-model TEACHER_DIR --lmbda 0.5 --beta 0.5 --max-steps 8        # GKD, see opsd.gkd
 
 The loss of one optimizer step is the mean per-token divergence over every span token of the
 global batch (all processes and micro-batches), so N processes give the same update as one
@@ -22,16 +28,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opsd import losses
+from opsd import diagnostics, gkd, losses
 from opsd.hinting import build_examples
+from opsd.checkpoints import Metrics, latest_checkpoint, save_checkpoint, save_model
 from opsd.records import read_jsonl
 from opsd.scoring import SpanBatch, SpanLM, collate
 from opsd.teachers import Teacher, make_teacher, measure
@@ -108,16 +114,14 @@ def build_dataset(cfg: Config, tok, lm, teacher: Teacher, accelerator) -> tuple[
                      pad_id=tok.pad_token_id or 0)
     shares = gather_object([[(rank + world * j, s) for j, s in enumerate(scores)]]) if world > 1 else [list(enumerate(scores))]
     by_index = dict(pair for share in shares for pair in share)
-    records, filtered = [], 0
-    for i, ex in enumerate(examples):
-        rec = {**ex.to_dict(), **by_index[i]}
-        if not rec["hint_effect"] < -cfg.min_hint_effect:  # keep only hints that lower the error tokens enough
-            filtered += 1
-            continue
-        records.append(rec)
     effects = [by_index[i]["hint_effect"] for i in range(len(examples))]
-    report = {"critiques": len(critiques), "built": len(examples), "filtered_hint_effect": filtered,
-              "kept": len(records), "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"},
+    # keep the hints that lower the error tokens enough; --select-prompts mixes back a fraction of the others
+    keep, mixed_back = gkd.select_indices([e < -cfg.min_hint_effect for e in effects],
+                                          mix=cfg.select_mix if cfg.select_prompts else 0.0, seed=cfg.seed)
+    records = [{**examples[i].to_dict(), **by_index[i]} for i in keep]
+    report = {"critiques": len(critiques), "built": len(examples), "filtered_hint_effect": len(examples) - len(keep),
+              "mixed_back": mixed_back, "kept": len(records),
+              "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"},
               "hint_effect_mean": sum(effects) / len(effects) if effects else None,
               "hint_lowers": sum(e < 0 for e in effects)}
     return records, report
@@ -135,6 +139,7 @@ class MicroBatch:
     teacher: SpanBatch
     topk_ids: torch.Tensor | None  # (N, k) precomputed teacher targets
     topk_logprobs: torch.Tensor | None  # (N, k)
+    advantage: torch.Tensor | None = None  # (N,) GKD+RL: the sequence's advantage at each of its tokens
 
     @property
     def span_tokens(self) -> int:
@@ -148,7 +153,10 @@ def make_micro_batch(records: list[dict], pad_id: int) -> MicroBatch:
     if "teacher_topk_ids" in records[0]:
         ids = torch.tensor([row for r in records for row in r["teacher_topk_ids"]])  # (N, k)
         lps = torch.tensor([row for r in records for row in r["teacher_topk_logprobs"]])  # (N, k)
-    return MicroBatch(student, teacher, ids, lps)
+    adv = None
+    if "advantage" in records[0]:
+        adv = torch.tensor([r["advantage"] for r, n in zip(records, student.lengths) for _ in range(n)])  # (N,)
+    return MicroBatch(student, teacher, ids, lps, adv)
 
 
 def step_batches(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
@@ -180,23 +188,45 @@ def teacher_targets(teacher: Teacher | None, mb: MicroBatch) -> torch.Tensor | N
     return teacher.logits(mb.teacher)
 
 
-def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, cfg: Config, device):
-    """Σ per-token divergence over the batch's span tokens (not yet normalised), and detached stats."""
+def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, cfg: Config, device,
+                 kind: str = "opsd"):
+    """The step objective summed over the batch's span tokens (not yet normalised), and detached stats.
+
+    sft: −Σ log q(target). Otherwise Σ divergence; on GKD+RL student samples
+    α·Σ divergence − (1−α)·Σ advantage · log q(target) (REINFORCE, per-prompt mean baseline).
+    """
     s = mb.student
+    targets_N = s.targets.to(device)
     logits_NV = span_lm(s.input_ids.to(device), s.attention_mask.to(device), s.batch_idx.to(device), s.pos.to(device))
+    s_lp_N = losses.token_logprobs(logits_NV, targets_N)  # (N,) with grad
     if teacher_logits is None:
         div_N = losses.token_divergence_topk(logits_NV, mb.topk_ids.to(device), mb.topk_logprobs.to(device),
                                              kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
         t_lp_N = None
+        diag = diagnostics.token_diagnostics_topk(logits_NV, mb.topk_ids.to(device), mb.topk_logprobs.to(device),
+                                                  k=cfg.diag_top_k, temperature=cfg.temperature)
     else:
         div_N = losses.token_divergence(logits_NV, teacher_logits, kind=cfg.loss, beta=cfg.beta,
                                         temperature=cfg.temperature)
-        t_lp_N = losses.token_logprobs(teacher_logits, s.targets.to(device))
+        if kind != "opsd":  # GKD: a teacher identical to the student diverges by exactly 0; drop the rounding-noise
+            # gradient of identical rows, which Adam would blow up into a full-size step (OPSD keeps its old behaviour)
+            same_N = (logits_NV.detach() == teacher_logits).all(-1) & div_N.detach().isfinite()
+            div_N = div_N.masked_fill(same_N, 0.0)
+        t_lp_N = losses.token_logprobs(teacher_logits, targets_N)
+        diag = diagnostics.token_diagnostics(logits_NV, teacher_logits, k=cfg.diag_top_k, temperature=cfg.temperature)
+    if kind == "sft":
+        objective = -s_lp_N.sum()
+    elif mb.advantage is not None:
+        pg = (mb.advantage.to(device) * s_lp_N).sum()  # ∇ = Σ A ∇log q: REINFORCE
+        objective = cfg.rl_alpha * div_N.sum() - (1.0 - cfg.rl_alpha) * pg
+    else:
+        objective = div_N.sum()
     with torch.no_grad():
-        s_lp_N = losses.token_logprobs(logits_NV.detach(), s.targets.to(device))
+        s_lp_N = s_lp_N.detach()
         stats = {"div": div_N.detach().sum(), "student_lp": s_lp_N.sum(),
                  "hint_effect": (t_lp_N - s_lp_N).sum() if t_lp_N is not None else torch.tensor(float("nan"))}
-    return div_N.sum(), stats
+        stats |= {f"diag_{k}": v.sum() for k, v in diag.items()}
+    return objective, stats
 
 
 def lr_lambda(cfg: Config, total: int):
@@ -212,64 +242,16 @@ def total_steps(cfg: Config, n_examples: int, world: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * world * cfg.grad_accum)))
 
 
-# ---------------------------------------------------------------- checkpoints and output
-
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists())
-    return done[-1] if done else None
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint is complete once it has its final name
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_model(cfg: Config, lm, tok, out: Path) -> Path:
-    """OUT/model: the LoRA adapter (base recorded portably) or the full weights, plus the tokenizer."""
-    from opsd import models
-
-    dest = out / "model"
-    lm.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    if cfg.lora_r:
-        ac = dest / "adapter_config.json"
-        meta = json.loads(ac.read_text())
-        base = models.resolve(cfg.model)
-        meta["base_model_name_or_path"] = models.DEFAULT_MODEL if str(cfg.model).lower() in models.ALIASES else (
-            str(Path(base).resolve()) if isinstance(base, Path) else str(base))
-        ac.write_text(json.dumps(meta, indent=2))
-    return dest
-
-
-class Metrics:
-    """metrics.jsonl (main process) plus accelerate trackers when configured."""
-
-    def __init__(self, accelerator, path: Path, cfg: Config):
-        self.acc, self.path = accelerator, path
-        if cfg.report_to:
-            accelerator.init_trackers("opsd", config={k: v for k, v in asdict(cfg).items()})
-
-    def log(self, step: int, values: dict) -> None:
-        if self.acc.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-        self.acc.log(values, step=step)
-
-
 # ---------------------------------------------------------------- main
 
-def main(cfg: Config, *, on_step=None) -> Path:
-    """Train and return OUT/model. `on_step(step, metrics)` is called after every optimizer step."""
+def main(cfg: Config, *, on_step=None, reward_fn: gkd.RewardFn | None = None) -> Path:
+    """Train and return OUT/model. `on_step(step, metrics)` is called after every optimizer step.
+
+    `reward_fn(trajectories) -> rewards` is needed for GKD+RL (rl_alpha < 1); `opsd train` builds it
+    from a critic (`opsd.commands.train`), since this core never imports `critic`.
+    """
+    if cfg.rl_alpha < 1.0 and reward_fn is None:
+        raise ValueError("rl_alpha < 1 (GKD+RL) needs a reward function: main(cfg, reward_fn=...)")
     out = Path(cfg.out)
     accelerator = setup_accelerator(cfg)
     if accelerator.is_main_process:
@@ -287,19 +269,24 @@ def main(cfg: Config, *, on_step=None) -> Path:
         records = load_records(out / "examples.jsonl")
         report = json.loads((out / "data.json").read_text())
     else:
-        records, report = build_dataset(cfg, tok, lm, teacher, accelerator)
+        if cfg.is_gkd:
+            records, report = gkd.build_dataset(cfg, tok, lm, teacher)
+        else:
+            records, report = build_dataset(cfg, tok, lm, teacher, accelerator)
         if accelerator.is_main_process:
             (out / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             (out / "data.json").write_text(json.dumps(report, indent=2))
-    log.info("examples: %s", json.dumps(report))
+    log.info("%s examples: %s", "GKD" if cfg.is_gkd else "OPSD", json.dumps(report))
+    if cfg.is_gkd and cfg.teacher in ("self", "initial") and not cfg.teacher_system and cfg.lora_r == 0:
+        log.warning("GKD with the student as its own teacher and no --teacher-system: the loss is 0")
     log.info("distributed: world=%d rank=%d device=%s", accelerator.num_processes, accelerator.process_index,
              accelerator.device)
     if not records:
         raise RuntimeError(f"no usable examples ({json.dumps(report)}); check the critiques, or lower --min-hint-effect")
-    if cfg.precompute_targets:
+    if cfg.precompute_targets and not cfg.cold_start_sft:
         teacher = None  # targets live in the examples; an external teacher's weights can go
     world = accelerator.num_processes
-    steps = total_steps(cfg, len(records), world)
+    steps = cfg.cold_start_sft + total_steps(cfg, len(records), world)
 
     # 3. optimizer, schedule, distribution, resume
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -320,30 +307,39 @@ def main(cfg: Config, *, on_step=None) -> Path:
         metrics.log(0, {f"data/{k}": v for k, v in report.items() if not isinstance(v, dict)}
                     | {f"data/skipped_{k}": v for k, v in report["skipped"].items()})
     last_good = resume_from
+    sources = Counter(gkd.step_kind(cfg, s) for s in range(start))  # steps per data source so far
 
-    # 4. the loop: teacher targets -> student loss -> step
+    # 4. the loop: step data (dataset / samples) -> teacher targets -> student loss -> step
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_local_main_process),
                desc="opsd train", dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
+        kind = gkd.step_kind(cfg, step)
+        sources[kind] += 1
         mine, window = step_batches(len(records), step, cfg, accelerator.process_index, world)
-        n_tokens = sum(records[i]["student_span"][1] - records[i]["student_span"][0] for i in window)
-        sums = Counter()
-        for k, idx in enumerate(mine):
-            mb = make_micro_batch([records[i] for i in idx], pad_id)
+        micro, sums = gkd.make_step_records(
+            kind, [[records[i] for i in idx] for idx in mine], student_lm=accelerator.unwrap_model(span_lm).lm,
+            teacher=teacher, tok=tok, cfg=cfg, seed=cfg.seed + 1_000_003 * (step + 1) + 7_919 * accelerator.process_index,
+            reward_fn=reward_fn)
+        sums = Counter(sums)
+        sums["tokens"] = sum(r["student_span"][1] - r["student_span"][0] for recs in micro for r in recs)
+        n_tokens = int(accelerator.reduce(torch.tensor(sums["tokens"], device=accelerator.device), reduction="sum"))
+        for k, recs in enumerate(micro):
+            mb = make_micro_batch(recs, pad_id)
             targets = teacher_targets(teacher, mb)
-            sync = k == len(mine) - 1
+            sync = k == len(micro) - 1
             with (accelerator.no_sync(span_lm) if not sync else _nullcontext()):
-                div_sum, stats = student_loss(span_lm, mb, targets, cfg, accelerator.device)
+                objective, stats = student_loss(span_lm, mb, targets, cfg, accelerator.device, kind)
                 # DDP averages gradients over processes, so scale by world / global span tokens:
-                accelerator.backward(div_sum * world / n_tokens)
+                accelerator.backward(objective * world / n_tokens)
             sums.update({k_: v.item() for k_, v in stats.items()})
-        totals = accelerator.reduce(torch.tensor([sums["div"], sums["student_lp"], sums["hint_effect"]],
-                                                 device=accelerator.device, dtype=torch.float64), reduction="sum")
+        names = sorted(sums)  # the same keys on every process (the step kind is global)
+        totals = dict(zip(names, accelerator.reduce(torch.tensor([float(sums[n]) for n in names], device=accelerator.device,
+                                                                  dtype=torch.float64), reduction="sum").tolist()))
         grad_norm = accelerator.clip_grad_norm_(span_lm.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        loss = totals[0].item() / n_tokens
+        loss = totals["div"] / n_tokens
         if not math.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
             bar.close()
             raise NonFiniteLossError(
@@ -356,9 +352,18 @@ def main(cfg: Config, *, on_step=None) -> Path:
         if teacher is not None:
             teacher.update(lm)
         done = step + 1
-        values = {"train/loss": loss, "train/span_tokens": n_tokens, "train/error_logprob": totals[1].item() / n_tokens,
-                  "teacher/hint_effect": totals[2].item() / n_tokens, "train/lr": scheduler.get_last_lr()[0],
+        values = {"train/loss": loss, "train/span_tokens": n_tokens, "train/error_logprob": totals["student_lp"] / n_tokens,
+                  "teacher/hint_effect": totals["hint_effect"] / n_tokens, "train/lr": scheduler.get_last_lr()[0],
                   "train/epoch": done * len(window) / len(records), "train/step_time_s": time.perf_counter() - t0}
+        values |= {diagnostics.metric_name(n[5:], cfg.diag_top_k): v / n_tokens for n, v in totals.items()
+                   if n.startswith("diag_")}
+        values |= {f"source/{k_}": v for k_, v in sources.items()} | {"source/on_policy": float(kind == "student")}
+        if kind == "sft":
+            values["train/sft_nll"] = -totals["student_lp"] / n_tokens
+        if "sampled_replies" in totals:
+            values["source/sampled_replies"] = totals["sampled_replies"]
+        if "reward_n" in totals:
+            values["rl/reward_mean"] = totals["reward_sum"] / totals["reward_n"]
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm.item()
         if done % cfg.log_every == 0 or done == steps:
@@ -392,14 +397,17 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
 
 
-def run(args) -> int:
+def run(args, reward_fn: gkd.RewardFn | None = None) -> int:
     cfg = config_from_args(args)
-    for name in ("trajectories", "critiques", "out"):
+    for name in ("trajectories", "out") + (() if cfg.is_gkd else ("critiques",)):
         if not getattr(cfg, name):
             print(f"opsd train: --{name} is required (flag or YAML key)")
             return 2
+    if cfg.rl_alpha < 1.0 and reward_fn is None:
+        print("opsd train: --rl-alpha < 1 needs a reward; run it as `opsd train` (opsd.commands.train builds it)")
+        return 2
     try:
-        dest = main(cfg)
+        dest = main(cfg, reward_fn=reward_fn)
     except NonFiniteLossError as e:
         print(f"opsd train: {e}")
         return 1

@@ -22,6 +22,7 @@ from opsd.hinting import PLACEMENTS, SPANS
 from opsd.losses import KINDS
 
 TEACHERS = ("self", "initial", "ema", "external")
+MODES = ("auto", "opsd", "gkd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -30,7 +31,8 @@ class Config:
     # data and model
     model: str = "smollm2-135m-instruct"  # student: embedded default, local HF dir or cached hub id
     trajectories: str = ""  # trajectory JSONL (any format `opsd validate` accepts)
-    critiques: str = ""  # critique JSONL (Critique.to_dict() + "key" per line)
+    critiques: str = ""  # critique JSONL (Critique.to_dict() + "key" per line); not used by mode=gkd
+    mode: str = "auto"  # opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | auto: gkd when no --critiques
     out: str = ""  # run folder: model/, config.yaml, metrics.jsonl, checkpoints/, examples.jsonl
     # hinted examples
     placement: str = "user"  # where the hint goes: user | system | inline
@@ -48,6 +50,22 @@ class Config:
     loss: str = "jsd"  # divergence: jsd | forward_kl | reverse_kl
     beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL exactly
     temperature: float = 1.0  # both logits are divided by it
+    # GKD (mode=gkd): data source per step, sampling, context distillation, GKD+RL
+    lmbda: float = 0.0  # GKD: probability that a step trains on fresh student samples instead of the dataset replies
+    seq_kd: bool = False  # GKD: the non-student steps train on teacher-generated replies instead of the dataset replies
+    teacher_system: str = ""  # GKD: instruction appended to the system message only the teacher sees (context distillation)
+    max_new_tokens: int = 128  # token budget of replies sampled in the loop (student, teacher, cold start)
+    gen_temperature: float = 1.0  # sampling temperature of replies sampled in the loop (0 = greedy)
+    gen_prefill: str = ""  # GKD: reply prefill before sampled replies, not trained on (e.g. "<tool_call>\n" for SmolLM2)
+    rl_alpha: float = 1.0  # GKD+RL: maximise (1-a)*reward - a*divergence on student samples; 1 = no reward term
+    reward: str = "schema"  # GKD+RL reward critic (built by the CLI): schema (1 for a valid call) | reference | schema+reference
+    samples_per_prompt: int = 2  # GKD+RL: student samples per prompt (>= 2: the baseline is the per-prompt mean reward)
+    # fixes for failing on-policy distillation ("Rethinking OPD")
+    cold_start_sft: int = 0  # supervised steps first, on reference replies (GKD) or teacher samples (OPSD, GKD --seq-kd)
+    select_prompts: bool = False  # pre-pass keeping prompts whose top-k overlap (GKD) or hint effect (OPSD) passes
+    select_overlap: float = 0.5  # --select-prompts, GKD: keep prompts whose mean teacher-student top-k overlap is >= this
+    select_mix: float = 0.1  # --select-prompts: fraction of the rejected prompts mixed back in (dropping all collapses entropy)
+    diag_top_k: int = 16  # k of the top-k overlap diagnostics (diag/top16_overlap, diag/overlap_mass)
     # optimisation
     lr: float = 1e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -85,6 +103,17 @@ class Config:
         need(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         need(self.span in SPANS, f"span must be one of {SPANS}, got {self.span!r}")
         need(not (self.placement == "inline" and self.span == "step"), "placement=inline cannot use span=step")
+        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(not (self.mode == "opsd" and not self.critiques and self.trajectories), "mode=opsd needs --critiques")
+        need(0.0 <= self.lmbda <= 1.0, f"lmbda must be in [0, 1], got {self.lmbda}")
+        need(0.0 <= self.rl_alpha <= 1.0, f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
+        need(self.rl_alpha == 1.0 or (self.is_gkd and self.lmbda > 0),
+             "rl_alpha < 1 (GKD+RL) needs mode=gkd and lmbda > 0: the reward is taken on student samples")
+        need(self.samples_per_prompt >= 1 and (self.rl_alpha == 1.0 or self.samples_per_prompt >= 2),
+             "samples_per_prompt must be >= 1, and >= 2 with rl_alpha < 1 (per-prompt mean baseline)")
+        need(self.max_new_tokens >= 1 and self.gen_temperature >= 0, "max_new_tokens >= 1 and gen_temperature >= 0")
+        need(self.cold_start_sft >= 0 and 0.0 <= self.select_mix <= 1.0, "cold_start_sft >= 0, select_mix in [0, 1]")
+        need(self.diag_top_k >= 1, f"diag_top_k must be >= 1, got {self.diag_top_k}")
         need(self.teacher in TEACHERS, f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
         need((self.teacher == "external") == bool(self.teacher_model),
              "--teacher-model is required with teacher=external and only used with it")
@@ -92,6 +121,8 @@ class Config:
              "precompute_targets needs a fixed teacher (initial or external); self/ema change during training")
         need(not (self.teacher == "initial" and self.lora_r == 0 and not self.precompute_targets),
              "teacher=initial without LoRA needs --precompute-targets (with LoRA the adapters are disabled instead)")
+        need(not (self.is_gkd and self.precompute_targets),
+             "precompute_targets is OPSD-only: GKD scores replies sampled during training")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         need(self.loss in KINDS, f"loss must be one of {KINDS}, got {self.loss!r}")
@@ -106,6 +137,11 @@ class Config:
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"bad mixed_precision {self.mixed_precision!r}")
         need(self.save_every >= 0 and self.keep_checkpoints >= 1 and self.log_every >= 1,
              "save_every >= 0, keep_checkpoints >= 1, log_every >= 1")
+
+    @property
+    def is_gkd(self) -> bool:
+        """GKD mode: explicit, or `auto` without critiques."""
+        return self.mode == "gkd" or (self.mode == "auto" and not self.critiques)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -146,7 +182,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Config = defaults, then the YAML file, then the flags that were given."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
-    for k in ("min_hint_effect", "lr", "beta", "temperature", "ema_decay", "epochs"):
+    for k in ("min_hint_effect", "lr", "beta", "temperature", "ema_decay", "epochs", "lmbda", "rl_alpha", "gen_temperature",
+              "select_overlap", "select_mix"):
         if isinstance(values.get(k), str):  # YAML reads "-inf" / "1e-5" as strings
             values[k] = float(values[k])
+    if isinstance(values.get("gen_prefill"), str):  # a flag spells a newline as backslash-n
+        values["gen_prefill"] = values["gen_prefill"].replace("\\n", "\n")
     return Config(**values)
