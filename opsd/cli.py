@@ -20,7 +20,7 @@ COMMANDS = {
     "render": ("opsd.commands.render", "show a trajectory rendered with the chat template, with message boundaries", None),
     "rollout": ("opsd.rollout", "sample student trajectories on tasks (BFCL or a task file)", "rollouts (issue 5)"),
     "critique": ("opsd.commands.critique", "locate the erroneous step of each trajectory and write a hint", "the critic (issue 3)"),
-    "train": ("opsd.train", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
+    "train": ("opsd.commands.train", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
     "eval": ("opsd.commands.eval", "measure how much errors were down-weighted (before vs after)", "evaluation (issue 5)"),
     "loop": ("opsd.commands.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
     "demo": ("opsd.commands.demo", "end-to-end run on the embedded model and BFCL", None),

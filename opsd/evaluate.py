@@ -270,7 +270,10 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, log=print) -> dict:
                                                                    prefill_len)
         report["collateral"] = drift | {"gt_call_logprob": gt_call_logprob(model_a, model_b, tok, trajs_a, cfg)}
     if cfg.train_run and (Path(cfg.train_run) / "metrics.jsonl").exists():
+        from opsd.diagnostics import summarise
+
         report["training_metrics"] = str(Path(cfg.train_run) / "metrics.jsonl")
+        report["training_diagnostics"] = summarise(Path(cfg.train_run) / "metrics.jsonl")
     log("[eval 4/4] writing report")
     from opsd.report import write_report
 

@@ -134,5 +134,10 @@ def write_report(report: dict, out: str | Path) -> None:
     tf = report.get("teacher_forced", {})
     if tf.get("build_counts"):
         md += [f"Teacher-forced examples built: {tf['build_counts']}", ""]
+    if report.get("training_diagnostics"):
+        from opsd.diagnostics import format_summary
+
+        md += ["## Training diagnostics (teacher vs student at the target positions)", "",
+               format_summary(report["training_diagnostics"]), ""]
     md += [f"![{p}]({p})" for p in report["plots"]]
     (out / "report.md").write_text("\n".join(md) + "\n")
