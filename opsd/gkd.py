@@ -110,7 +110,7 @@ def with_reply(rec: dict, reply: list[int], prefill: list[int] = ()) -> dict:
     """`rec` with its target replaced by `prefill` (context, not trained on) + `reply` (the new target)."""
     s, t = prefixes(rec)
     s, t = s + list(prefill), t + list(prefill)
-    rec = {k: v for k, v in rec.items() if k not in ("teacher_topk_ids", "teacher_topk_logprobs", "advantage")}
+    rec = {k: v for k, v in rec.items() if k not in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_target_logprobs", "advantage")}
     return {**rec, "student_ids": s + reply, "student_span": [len(s), len(s) + len(reply)],
             "teacher_ids": t + reply, "teacher_span": [len(t), len(t) + len(reply)]}
 

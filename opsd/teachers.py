@@ -143,5 +143,6 @@ def measure(teacher: Teacher, student_lm, examples: list[HintedExample], *, batc
         if top_k:
             rec["teacher_topk_ids"] = t.topk_ids[i].tolist()
             rec["teacher_topk_logprobs"] = t.topk_logprobs[i].tolist()
+            rec["teacher_target_logprobs"] = t.token_logprobs[i].tolist()  # exact, for teacher/hint_effect
         out.append(rec)
     return out

@@ -140,6 +140,7 @@ class MicroBatch:
     topk_ids: torch.Tensor | None  # (N, k) precomputed teacher targets
     topk_logprobs: torch.Tensor | None  # (N, k)
     advantage: torch.Tensor | None = None  # (N,) GKD+RL: the sequence's advantage at each of its tokens
+    target_logprobs: torch.Tensor | None = None  # (N,) precomputed teacher log-prob of each target token
 
     @property
     def span_tokens(self) -> int:
@@ -153,10 +154,13 @@ def make_micro_batch(records: list[dict], pad_id: int) -> MicroBatch:
     if "teacher_topk_ids" in records[0]:
         ids = torch.tensor([row for r in records for row in r["teacher_topk_ids"]])  # (N, k)
         lps = torch.tensor([row for r in records for row in r["teacher_topk_logprobs"]])  # (N, k)
+    t_lp = None
+    if "teacher_target_logprobs" in records[0]:
+        t_lp = torch.tensor([x for r in records for x in r["teacher_target_logprobs"]])  # (N,)
     adv = None
     if "advantage" in records[0]:
         adv = torch.tensor([r["advantage"] for r, n in zip(records, student.lengths) for _ in range(n)])  # (N,)
-    return MicroBatch(student, teacher, ids, lps, adv)
+    return MicroBatch(student, teacher, ids, lps, adv, t_lp)
 
 
 def step_batches(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
@@ -202,7 +206,7 @@ def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, c
     if teacher_logits is None:
         div_N = losses.token_divergence_topk(logits_NV, mb.topk_ids.to(device), mb.topk_logprobs.to(device),
                                              kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
-        t_lp_N = None
+        t_lp_N = mb.target_logprobs.to(device) if mb.target_logprobs is not None else None
         diag = diagnostics.token_diagnostics_topk(logits_NV, mb.topk_ids.to(device), mb.topk_logprobs.to(device),
                                                   k=cfg.diag_top_k, temperature=cfg.temperature)
     else:

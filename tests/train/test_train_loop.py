@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,9 @@ def test_teacher_modes(tiny_dir, tmp_path, smol_tok, mode):
         k = kw["top_k"]
         assert all(len(r["teacher_topk_ids"]) == r["student_span"][1] - r["student_span"][0] for r in recs)
         assert all(len(row) == k for r in recs for row in r["teacher_topk_ids"])
+        # the exact teacher log-prob of every target token is stored too, so the hint effect is logged
+        assert all(len(r["teacher_target_logprobs"]) == len(r["teacher_topk_ids"]) for r in recs)
+        assert all(math.isfinite(r["teacher/hint_effect"]) for r in rows)
     if mode == "initial_lora":
         cfg = json.loads((out / "model" / "adapter_config.json").read_text())
         assert Path(cfg["base_model_name_or_path"]) == Path(tiny_dir).resolve()
