@@ -231,10 +231,13 @@ def _rollout(roll, status) -> list[str]:
                    "rather than to stopping at the call.")
     dp = roll.get("decode_profile")
     if dp:
-        w = dp["step_ms_by_width"]
-        out += ["", "Decode profile (`--profile`, same model and prompts): one decode step after the prefill, by batch "
-                "width:", "", "| rows in the batch | ms per decode step | ms per row-token |", "|---|---|---|"]
-        out += [f"| {k} | {v:.0f} | {v / int(k):.1f} |" for k, v in w.items()]
+        w = dp.get("step_ms_by_width")
+        out += ["", "Decode profile (`--profile`, same model and prompts)" + (f". Note: {dp['note']}." if dp.get("note")
+                                                                             else ".")]
+        if w:
+            out += ["", "One decode step after the prefill, by batch width:", "",
+                    "| rows in the batch | ms per decode step | ms per row-token |", "|---|---|---|"]
+            out += [f"| {k} | {v:.0f} | {v / int(k):.1f} |" for k, v in w.items()]
         f, lens = dp["finish"], dp["gen_lengths"]
         out += ["", f"Where opsd's rows stop (batch {c['batch']}, max_new_tokens {c['max_new_tokens']}): "
                 f"{f['stop']} at `</tool_call>`, {f['eos']} at end of turn, **{f['length']} of {len(lens)} run to "
@@ -351,21 +354,25 @@ def _limits(step, roll, crit) -> list[str]:
                      f"and stop strings alone give naive {s['naive_stop']['items_per_s'] / s['naive']['items_per_s']:.2f}×;"
                      f" the rest of the {roll['rollout_speedup']:.2f}× comes from opsd's larger default batch "
                      f"({c['batch']}).")
+        if not dp:
+            line += (" No decode profile was recorded in this run (`bench/rollout.py --profile 15` adds one: step "
+                     "cost by batch width, where rows stop, top ops).")
         if dp:
-            w, f = dp["step_ms_by_width"], dp["finish"]
-            ks = sorted(w, key=int)
-            line += (f" Two things bound it. (1) A decode step costs nearly the same at any batch width "
-                     f"({w[ks[0]]:.0f} ms at {ks[0]} row, {w[ks[-1]]:.0f} ms at {ks[-1]} rows): on 2 CPU cores a "
-                     "step of a 135M fp32 model is dominated by reading the weights (538 MB per step) and per-step "
-                     "overhead, so dropping finished rows from the batch and its KV cache saves little, while a wider "
-                     f"batch is almost free per row. (2) {f['length']} of {sum(f.values())} replies run to "
+            w, f = dp.get("step_ms_by_width"), dp["finish"]
+            if w:
+                ks = sorted(w, key=int)
+                line += (f" Decode step cost by batch width: {w[ks[0]]:.0f} ms at {ks[0]} row, {w[ks[-1]]:.0f} ms at "
+                         f"{ks[-1]} rows (table in §2).")
+            line += (f" What bounds it: {f['length']} of {sum(f.values())} replies run to "
                      f"max_new_tokens ({c['max_new_tokens']}): this model rarely closes its call (FINDINGS: 39% "
                      "unparseable, mostly truncated), so nearly every batch decodes all "
                      f"{c['max_new_tokens']} steps whatever the stopping rule, and per-row early exit has little to "
-                     "skip. The profile shows the time in the decoder's matmuls (`aten::addmm`/`mm`/`linear` at "
-                     "M = rows) and per-step overhead. What would give 2×: larger batches on CPU (the step cost "
-                     "per row falls steeply with width), or a model/prompt that ends its calls, so early exit has "
-                     "steps to save; on a GPU the same loop would be compute-bound and the comparison would differ.")
+                     "skip (rows that do stop leave a batch whose longest row still runs to the limit). Each step "
+                     "is then the decoder's matmuls at M = rows (`aten::mm` in the profile) plus per-step overhead "
+                     "(`aten::cat` of the growing attention mask and KV cache, small element-wise ops), and both "
+                     "sides pay it for the same number of steps. What would give 2×: a wider batch (opsd's "
+                     "default 16 already gives the gain over batch 8 above), a model/prompt that ends its calls "
+                     "so early exit has steps to save, or a static KV cache instead of `cat` per step.")
         out += [line]
     if crit and crit["critic_efficiency"] < TARGETS["critic"]:
         missed = True
