@@ -123,6 +123,7 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall per small reply
 
             def log_message(self, *args) -> None:  # silent; never log headers
                 pass

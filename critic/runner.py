@@ -93,7 +93,7 @@ async def run_critiques_async(trajectories: Iterable[Trajectory], critic, out_pa
         try:
             for fut in asyncio.as_completed(tasks):
                 key, c = await fut
-                out.append({**c.to_dict(), "key": key})
+                await asyncio.to_thread(out.append, {**c.to_dict(), "key": key})  # fsync off the event loop
                 summary.new += 1
                 n_failed += c.verdict == "failed"
                 for k, v in (c.usage or {}).items():
