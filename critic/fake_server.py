@@ -73,7 +73,9 @@ class FakeServer:
     """Threaded OpenAI-compatible server; usable as a context manager (see module docstring)."""
 
     def __init__(self, script: list | None = None, *, responder: Callable[[dict], object] | None = None,
-                 latency: float = 0.0, reject_response_format: bool = False, host: str = "127.0.0.1", port: int = 0):
+                 latency: float = 0.0, reject_response_format: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 nodelay: bool = True):
+        self.nodelay = nodelay  # TCP_NODELAY, as real servers set it; False shows Nagle's ~40 ms stall per reply
         self.script = deque(script or [])
         self.responder = responder or _default_responder
         self.latency = latency
@@ -123,7 +125,7 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall per small reply
+            disable_nagle_algorithm = server.nodelay  # headers and body are two small writes
 
             def log_message(self, *args) -> None:  # silent; never log headers
                 pass
