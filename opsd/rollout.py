@@ -28,7 +28,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -307,6 +307,14 @@ def main(cfg: RolloutConfig) -> dict:
     return summary
 
 
+def prefill_arg(text: str | None) -> str | None:
+    """A `--prefill` value from the shell: backslash escapes (`\\n`, `\\t`) become characters,
+    non-ASCII text stays intact, "" means no prefill and None means the model's default."""
+    if text is None:
+        return None
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def add_arguments(p) -> None:
     d = RolloutConfig()
     p.add_argument("--tasks", required=True, help="bfcl:CATEGORY[,CAT...][:train|:heldout|:all] or a task JSONL file")
@@ -337,11 +345,10 @@ def config_from_args(args) -> RolloutConfig:
 
 
 def run(args) -> int:
-    if args.prefill is not None:
-        args.prefill = args.prefill.encode().decode("unicode_escape")
+    args.prefill = prefill_arg(args.prefill)
     summary = main(config_from_args(args))
     print(json.dumps(summary))
     return 1 if summary["errors"] else 0
 
 
-__all__ = ["RolloutConfig", "main", "generate_batch", "parse_reply", "asdict"]
+__all__ = ["RolloutConfig", "main", "load_rollouts", "generate_batch", "parse_reply", "prefill_arg"]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from opsd.rollout import RolloutConfig, generate_batch, main, parse_reply
+from opsd.rollout import RolloutConfig, generate_batch, main, parse_reply, prefill_arg
 from opsd.trajectories import load_trajectories
 
 
@@ -17,6 +17,13 @@ def test_parse_reply_cases():
     assert not calls and err == "no tool call in reply"
     calls, err = parse_reply('<tool_call>\n{"name": f}\n</tool_call>')
     assert not calls and "tool call 0" in err
+
+
+def test_prefill_arg_decodes_escapes_and_keeps_text():
+    assert prefill_arg("<tool_call>\\n") == "<tool_call>\n"
+    assert prefill_arg("Réponse :\\t") == "Réponse :\t"  # non-ASCII is not mangled
+    assert prefill_arg("") == ""  # explicit: no prefill
+    assert prefill_arg(None) is None  # the model's default
 
 
 @pytest.mark.slow

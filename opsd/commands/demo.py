@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from opsd.evaluate import EvalConfig, main as eval_main
     from opsd.report import summary_table
-    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main
+    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main, prefill_arg
     from opsd.train import main as train_main
     from opsd.train_config import Config
 
@@ -64,7 +64,7 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     crit = critique_fn(critic, concurrency=args.critic_concurrency)
-    prefill = args.prefill.encode().decode("unicode_escape") if args.prefill is not None else None
+    prefill = prefill_arg(args.prefill)
     rcfg = RolloutConfig(tasks=args.train_tasks, out=str(out / "rollouts" / "train.jsonl"), model=args.model,
                          samples=args.samples, temperature=args.temperature, limit=args.train_limit,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prefill=prefill,

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main
+    from opsd.rollout import RolloutConfig, load_rollouts, main as rollout_main, prefill_arg
     from opsd.train import main as train_main
     from opsd.train_config import Config, load_yaml
 
@@ -46,7 +46,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    base = RolloutConfig(model=args.model, prefill=args.prefill.encode().decode("unicode_escape") if args.prefill else None)
+    base = RolloutConfig(model=args.model, prefill=prefill_arg(args.prefill))
     prefill = base.resolved_prefill()
     yaml_cfg = load_yaml(args.config) if args.config else {}
     student = args.model
