@@ -377,7 +377,7 @@ def _limits(step, roll, crit) -> list[str]:
         fs = _fsync_share(crit.get("profile") or "")
         line = (f"- **Critic** ({crit['critic_efficiency']:.0%} at concurrency {crit['efficiency_at']}): the client is "
                 "one asyncio thread, and `critic.runner` appends each critique with a synchronous `fsync` "
-                "(`opsd.records.ResumableJsonl`) inside the event loop, which stalls every in-flight request while "
+                "(`opsd.io.records.ResumableJsonl`) inside the event loop, which stalls every in-flight request while "
                 "the disk syncs.")
         if fs:
             line += (f" In the profiled run at concurrency 32, {fs[2]} fsync calls took {fs[0]:.2f} s of "

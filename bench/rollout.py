@@ -50,9 +50,9 @@ def cut(text: str) -> str:
 def run_naive(a, stop: bool) -> dict:
     import torch
 
-    from opsd import models
+    from opsd.io import models
     from opsd.render import prompt_ids
-    from opsd.tasks import load_tasks
+    from opsd.io.tasks import load_tasks
 
     t0 = time.perf_counter()
     model, tok = models.load(a.model, device="cpu", dtype=torch.float32)
@@ -80,7 +80,7 @@ def run_naive(a, stop: bool) -> dict:
 
 
 def run_opsd(a, batch: int) -> dict:
-    from opsd.rollout import RolloutConfig, main
+    from opsd.rollout.run import RolloutConfig, main
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rollouts.jsonl"
@@ -90,7 +90,7 @@ def run_opsd(a, batch: int) -> dict:
         summary = main(cfg)
         wall = time.perf_counter() - t0
         recs = {json.loads(l)["meta"]["task_id"]: json.loads(l) for l in out.read_text().splitlines()}
-    from opsd.tasks import load_tasks
+    from opsd.io.tasks import load_tasks
 
     order = [t.id for t in load_tasks(a.tasks, limit=a.limit)]
     texts = [cut(recs[i]["messages"][-1]["content"]) for i in order]
@@ -106,10 +106,10 @@ def run_profile(a) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
-    from opsd import models
+    from opsd.io import models
     from opsd.render import prompt_ids
-    from opsd.rollout import generate_batch
-    from opsd.tasks import load_tasks
+    from opsd.rollout.run import generate_batch
+    from opsd.io.tasks import load_tasks
 
     model, tok = models.load(a.model, device="cpu", dtype=torch.float32)
     model.eval()

@@ -17,7 +17,7 @@ checkpointing. Sides, each in its own process (`--side`), alternated A B C A B C
   load_teacher, step_batches, make_micro_batch, teacher_targets, student_loss), teacher=self on
   the hinted sequence. `train.main` has no per-step function, so the ~10 lines of its loop body
   that do backward / clip / optimizer step are mirrored in `opsd_step` below.
-- `opsd_pre`: teacher=initial --precompute-targets: `opsd.teachers.measure` stores the teacher's
+- `opsd_pre`: teacher=initial --precompute-targets: `opsd.train.teachers.measure` stores the teacher's
   top-256 per span token once (timed separately), and steps use the top-k loss.
 - `matmul`: fp32 `torch.mm` GFLOP/s on the model's GEMM shapes (forward, grad-input and
   grad-weight of every linear layer at M = batch x 512), for the FLOP floor.
@@ -57,7 +57,7 @@ def synthetic_examples(tok, *, batch: int, seq_len: int, span: int, hint: int):
     """`batch` HintedExamples: `seq_len` real BFCL prompt tokens ending in a `span`-token error span,
     and a teacher copy with a `hint`-token user turn inserted 8 tokens before the span (the step header)."""
     from opsd.render import prompt_ids
-    from opsd.tasks import load_tasks
+    from opsd.io.tasks import load_tasks
     from opsd.types import HintedExample
 
     tasks = load_tasks("bfcl:simple_python:train", limit=4 * batch)
@@ -85,10 +85,10 @@ def synthetic_examples(tok, *, batch: int, seq_len: int, span: int, hint: int):
 def run_opsd(a, precompute: bool) -> dict:
     import torch
 
-    from opsd import train
-    from opsd.scoring import SpanLM
-    from opsd.teachers import measure
-    from opsd.train_config import Config
+    from opsd.train import run as train
+    from opsd.train.scoring import SpanLM
+    from opsd.train.teachers import measure
+    from opsd.train.config import Config
 
     out_dir = tempfile.mkdtemp(prefix="bench-step-")
     # critiques: a placeholder (the examples are built here), which also selects the OPSD mode
@@ -142,7 +142,7 @@ def run_opsd(a, precompute: bool) -> dict:
 
 def opsd_step(step, records, cfg, span_lm, teacher, optimizer, scheduler, acc, pad_id, lm) -> dict:
     """One optimizer step through opsd.train's stages; mirrors the loop body of `train.main`."""
-    from opsd import train
+    from opsd.train import run as train
 
     t0 = time.perf_counter()
     mine, window = train.step_batches(len(records), step, cfg, 0, 1)
@@ -182,7 +182,7 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from opsd import models
+    from opsd.io import models
 
     t0 = time.perf_counter()
     student, tok = models.load(a.model, device="cpu", dtype=torch.float32)
@@ -236,7 +236,7 @@ def model_gemm_shapes(model_dir: str | None = None) -> tuple[list[tuple[int, int
     """(in, out) of every linear layer in one decoder layer, and the model's sizes (from its config)."""
     from transformers import AutoConfig
 
-    from opsd import models
+    from opsd.io import models
 
     cfg = AutoConfig.from_pretrained(model_dir or models.default_model_dir())
     d, f = cfg.hidden_size, cfg.intermediate_size

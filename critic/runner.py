@@ -4,7 +4,7 @@
     print(format_summary(summary))
 
 Each output line is `Critique.to_dict()` plus `"key": f"{trajectory_hash}:{config_hash}"`.
-Lines are appended one at a time and fsynced (`opsd.records.ResumableJsonl`); a rerun skips
+Lines are appended one at a time and fsynced (`opsd.io.records.ResumableJsonl`); a rerun skips
 keys already present, and a torn last line from a killed run is cut off, so kill + rerun
 yields every trajectory exactly once. Identical trajectories (same messages and tools) share
 one key, hence one record. Every critique is validated (`critic.validate.check_critique`)
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from critic.base import CriticFatalError
 from critic.validate import check_critique, failed
-from opsd.records import ResumableJsonl
+from opsd.io.records import ResumableJsonl
 from opsd.types import Critique, Trajectory
 
 log = logging.getLogger(__name__)

@@ -16,14 +16,14 @@ import sys
 
 # name -> (module, one-line help, issue that delivers it)
 COMMANDS = {
-    "validate": ("opsd.commands.validate", "check trajectory logs and count them per format", None),
-    "render": ("opsd.commands.render", "show a trajectory rendered with the chat template, with message boundaries", None),
-    "rollout": ("opsd.rollout", "sample student trajectories on tasks (BFCL or a task file)", "rollouts (issue 5)"),
-    "critique": ("opsd.commands.critique", "locate the erroneous step of each trajectory and write a hint", "the critic (issue 3)"),
-    "train": ("opsd.commands.train", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
-    "eval": ("opsd.commands.eval", "measure how much errors were down-weighted (before vs after)", "evaluation (issue 5)"),
-    "loop": ("opsd.commands.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
-    "demo": ("opsd.commands.demo", "end-to-end run on the embedded model and BFCL", None),
+    "validate": ("opsd.logs:validate", "check trajectory logs and count them per format", None),
+    "render": ("opsd.logs:render", "show a trajectory rendered with the chat template, with message boundaries", None),
+    "rollout": ("opsd.rollout.run", "sample student trajectories on tasks (BFCL or a task file)", "rollouts (issue 5)"),
+    "critique": ("opsd.critique.run", "locate the erroneous step of each trajectory and write a hint", "the critic (issue 3)"),
+    "train": ("opsd.train.command", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
+    "eval": ("opsd.eval.command", "measure how much errors were down-weighted (before vs after)", "evaluation (issue 5)"),
+    "loop": ("opsd.pipelines.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
+    "demo": ("opsd.pipelines.demo", "end-to-end run on the embedded model and BFCL", None),
 }
 
 
@@ -43,10 +43,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_, pending) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        module, _, suffix = module.partition(":")
         mod = _load(module) if name == command else None
-        if mod is not None and hasattr(mod, "add_arguments"):
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+        add, run = (f"add_{suffix}_arguments", f"run_{suffix}") if suffix else ("add_arguments", "run")
+        if mod is not None and hasattr(mod, add):
+            getattr(mod, add)(p)
+            p.set_defaults(_run=getattr(mod, run))
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(_run=None, _pending=pending or "a later issue")

@@ -2,7 +2,7 @@
 
 - `Trajectory`: one agent episode in OpenAI chat format.
 - `Critique`: a critic's verdict on one trajectory (which step, which quote, which hint).
-- `HintedExample`: student/teacher token ids with aligned target spans (built by opsd.hinting).
+- `HintedExample`: student/teacher token ids with aligned target spans (built by opsd.hint.build).
 """
 from __future__ import annotations
 

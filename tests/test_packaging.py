@@ -20,7 +20,7 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_packages_prompts_and_schemas(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("opsd/cli.py", "opsd/render.py", "opsd/tasks/bfcl.py", "opsd/schemas/trajectory.schema.json",
+    for required in ("opsd/cli.py", "opsd/render.py", "opsd/io/tasks/bfcl.py", "opsd/io/schemas/trajectory.schema.json",
                      "critic/__init__.py", "prompts/__init__.py", "prompts/tools_system.j2"):
         assert required in names, required
     entry = next(n for n in names if n.endswith("entry_points.txt"))

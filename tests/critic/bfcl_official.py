@@ -13,7 +13,7 @@ import sys
 import types
 from functools import lru_cache
 
-from opsd.tasks import bfcl
+from opsd.io.tasks import bfcl
 
 
 def _stub_model_config() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from critic.fake_server import FakeServer
-from opsd.trajectories import load_trajectories
+from opsd.io.trajectories import load_trajectories
 from tests.conftest import DATA, SAMPLE_LOGS
 
 FAKE_KEY = "sk-test-SECRET-0123456789abcdef"

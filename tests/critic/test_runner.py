@@ -12,7 +12,7 @@ import pytest
 from critic import make_critic
 from critic.fake_server import Reply, Status
 from critic.runner import format_summary, run_critiques
-from opsd.records import read_jsonl
+from opsd.io.records import read_jsonl
 from opsd.types import Critique
 from tests.conftest import DATA, ROOT, SAMPLE_LOGS
 from tests.critic.conftest import FAKE_KEY
@@ -71,7 +71,7 @@ def test_a_crashing_critic_is_recorded_as_failed(samples, tmp_path):
 
 
 def test_schema_plus_reference_chain(samples, tmp_path):
-    from opsd.tasks import bfcl
+    from opsd.io.tasks import bfcl
     from tests.critic.perturb import to_trajectory
 
     task = bfcl.load("simple_python")[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import CRITIQUES, TRAJECTORIES
+from tests.conftest import CRITIQUES, TRAJECTORIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,7 +20,7 @@ def launch(n: int, model_dir, out, batch_size: int, extra=()):
             # accelerate's --cpu flag uses its single-process launcher (multi-CPU there needs mpirun); --multi_gpu
             # starts torchrun, and on a machine without CUDA accelerate then runs DDP on CPU over gloo
             *(["--multi_gpu", "--main_process_port", "29517"] if n > 1 else ["--cpu"]),
-            "-m", "opsd.train", "--cpu",
+            "-m", "opsd.train.run", "--cpu",
             "--model", str(model_dir), "--trajectories", str(TRAJECTORIES), "--critiques", str(CRITIQUES),
             "--out", str(out), "--batch-size", str(batch_size), "--max-steps", "3", "--lr", "1e-3", "--seed", "3",
             "--min-hint-effect=-inf", "--no-progress", *extra]

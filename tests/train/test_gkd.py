@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd import gkd, train
-from opsd.scoring import SpanLM, span_logprobs
-from opsd.train_config import Config
-from tests.train.conftest import CRITIQUES, TRAJECTORIES, save_tiny, tiny_llama
+from opsd.train import run as train, sources as gkd
+from opsd.train.scoring import SpanLM, span_logprobs
+from opsd.train.config import Config
+from tests.conftest import CRITIQUES, TRAJECTORIES, save_tiny, tiny_llama
 
 
 def gkd_cfg(model_dir, out, **kw) -> Config:
@@ -176,9 +176,9 @@ def test_gkd_config_checks():
 
 
 def test_critic_reward_for_the_cli(trajectories):
-    """`opsd train --rl-alpha` reward (built in opsd.commands.train): 1 for a valid call, 0 for an error or no call."""
+    """`opsd train --rl-alpha` reward (built in opsd.train.command): 1 for a valid call, 0 for an error or no call."""
     from critic import make_critic
-    from opsd.commands.train import critic_reward
+    from opsd.train.command import critic_reward
     from opsd.types import Trajectory
 
     cut = {t.id: Trajectory(t.id, t.messages[:i + 1], t.tools, t.meta) for t in trajectories

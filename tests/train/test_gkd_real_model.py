@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from opsd import train
-from opsd.diagnostics import summarise
-from opsd.train_config import Config
-from tests.train.conftest import TRAJECTORIES
+from opsd.train import run as train
+from opsd.train.diagnostics import summarise
+from opsd.train.config import Config
+from tests.conftest import TRAJECTORIES
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""opsd.losses against a plain reference implementation, and the known properties."""
+"""opsd.train.losses against a plain reference implementation, and the known properties."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opsd.losses import (masked_mean, teacher_topk, token_divergence, token_divergence_topk)
+from opsd.train.losses import (masked_mean, teacher_topk, token_divergence, token_divergence_topk)
 
 
 def reference(student_logits, teacher_logits, kind, beta, temperature=1.0):

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from opsd import train
-from opsd.models import load
-from opsd.scoring import span_logprobs
-from opsd.train_config import Config
-from tests.train.conftest import CRITIQUES, TRAJECTORIES
+from opsd.train import run as train
+from opsd.io.models import load
+from opsd.train.scoring import span_logprobs
+from opsd.train.config import Config
+from tests.conftest import CRITIQUES, TRAJECTORIES
 
 
 def error_logprobs(model, recs):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from opsd.hinting import build_examples
-from opsd.losses import token_divergence
-from opsd.scoring import SpanLM, collate, span_logits, span_logprobs
-from tests.train.conftest import tiny_llama
+from opsd.hint.build import build_examples
+from opsd.train.losses import token_divergence
+from opsd.train.scoring import SpanLM, collate, span_logits, span_logprobs
+from tests.conftest import tiny_llama
 
 
 def full_reference(model, ids_list, spans):

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opsd import train
-from opsd.train_config import Config, add_config_arguments, config_from_args
-from tests.train.conftest import CRITIQUES, TRAJECTORIES, save_tiny
+from opsd.train import run as train
+from opsd.train.config import Config, add_config_arguments, config_from_args
+from tests.conftest import CRITIQUES, TRAJECTORIES, save_tiny
 
 
 def cfg_for(model_dir, out, **kw) -> Config:
@@ -69,7 +69,7 @@ def test_run_folder_and_metrics(tiny_dir, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["train/span_tokens"] > 0 and r["train/loss"] >= 0 and "teacher/hint_effect" in r
-    from opsd.models import load
+    from opsd.io.models import load
     m, _ = load(dest, device="cpu")
     assert torch.equal(m.model.embed_tokens.weight, weights(out)["model.embed_tokens.weight"])
     assert Config(**yaml.safe_load((out / "config.yaml").read_text())).max_steps == 3
@@ -98,7 +98,7 @@ def test_teacher_modes(tiny_dir, tmp_path, smol_tok, mode):
     if mode == "initial_lora":
         cfg = json.loads((out / "model" / "adapter_config.json").read_text())
         assert Path(cfg["base_model_name_or_path"]) == Path(tiny_dir).resolve()
-        from opsd.models import load
+        from opsd.io.models import load
         m, _ = load(out / "model", device="cpu")  # adapter merged onto its base
         assert m.config.vocab_size == len(smol_tok)
 
@@ -107,10 +107,10 @@ def test_initial_lora_teacher_is_the_frozen_start(smol_tok, trajectories, critiq
     """teacher=initial with LoRA: adapters disabled gives exactly the starting weights, at no extra copy."""
     from peft import LoraConfig, get_peft_model
 
-    from opsd.hinting import build_examples
-    from opsd.scoring import collate, span_logits
-    from opsd.teachers import make_teacher
-    from tests.train.conftest import tiny_llama
+    from opsd.hint.build import build_examples
+    from opsd.train.scoring import collate, span_logits
+    from opsd.train.teachers import make_teacher
+    from tests.conftest import tiny_llama
 
     exs, _ = build_examples(trajectories, critiques, smol_tok)
     b = collate([e.teacher_ids for e in exs], [e.teacher_span for e in exs], pad_id=2)

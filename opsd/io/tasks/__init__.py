@@ -1,0 +1,65 @@
+"""Task sources for rollouts: BFCL categories from the installed `bfcl-eval` data, or a user file.
+
+    from opsd.io.tasks import load_tasks
+    tasks = load_tasks("bfcl:simple_python:train")      # BFCL v4, deterministic split
+    tasks = load_tasks("my_tasks.jsonl")                 # {"id"?, "messages", "tools", "ground_truth"?}
+
+A task is the prompt (messages + tools) a student is rolled out on, plus optional ground truth
+in BFCL's possible-answer format: [{"fn_name": {"param": [acceptable values...]}}].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opsd.types import content_hash
+
+
+@dataclass
+class Task:
+    id: str
+    messages: list[dict]
+    tools: list[dict]
+    ground_truth: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def load_tasks(spec: str, *, limit: int | None = None) -> list[Task]:
+    """Tasks for `spec`: `bfcl:CAT[,CAT...][:train|:heldout|:all]` or a JSONL path; first `limit` in order."""
+    if spec.startswith("bfcl:"):
+        from opsd.io.tasks import bfcl
+
+        tasks = bfcl.load_spec(spec)
+    else:
+        tasks = load_task_file(spec)
+    return tasks[:limit] if limit else tasks
+
+
+def load_task_file(path: str | Path) -> list[Task]:
+    """User tasks: JSONL of {"id"?, "messages", "tools"?, "ground_truth"?, "meta"?}."""
+    from opsd.io.trajectories import TrajectoryError, normalise
+
+    tasks, seen = [], set()
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrajectoryError(str(path), lineno, "$", f"valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise TrajectoryError(str(path), lineno, "$", "an object with a 'messages' list")
+            gt = obj.get("ground_truth")
+            if gt is not None and not (isinstance(gt, list) and all(isinstance(c, dict) and len(c) == 1 for c in gt)):
+                raise TrajectoryError(str(path), lineno, "$.ground_truth",
+                                      'a list of {"fn_name": {"param": [acceptable values]}} objects')
+            tid = str(obj.get("id") or "task-" + content_hash(obj["messages"])[:12])
+            traj, _ = normalise({"id": tid, "messages": obj["messages"], "tools": obj.get("tools") or []},
+                                file=str(path), line=lineno)
+            if tid in seen:
+                raise TrajectoryError(str(path), lineno, "$.id", f"a unique id; {tid!r} repeats")
+            seen.add(tid)
+            tasks.append(Task(tid, traj.messages, traj.tools, gt, obj.get("meta") or {}))
+    return tasks
