@@ -51,8 +51,8 @@ def run_naive(a, stop: bool) -> dict:
     import torch
 
     from opsd.io import models
-    from opsd.render import prompt_ids
     from opsd.io.tasks import load_tasks
+    from opsd.render import prompt_ids
 
     t0 = time.perf_counter()
     model, tok = models.load(a.model, device="cpu", dtype=torch.float32)
@@ -107,9 +107,9 @@ def run_profile(a) -> dict:
     from transformers import DynamicCache
 
     from opsd.io import models
+    from opsd.io.tasks import load_tasks
     from opsd.render import prompt_ids
     from opsd.rollout.run import generate_batch
-    from opsd.io.tasks import load_tasks
 
     model, tok = models.load(a.model, device="cpu", dtype=torch.float32)
     model.eval()

@@ -56,8 +56,8 @@ def peak_rss_gb() -> float:
 def synthetic_examples(tok, *, batch: int, seq_len: int, span: int, hint: int):
     """`batch` HintedExamples: `seq_len` real BFCL prompt tokens ending in a `span`-token error span,
     and a teacher copy with a `hint`-token user turn inserted 8 tokens before the span (the step header)."""
-    from opsd.render import prompt_ids
     from opsd.io.tasks import load_tasks
+    from opsd.render import prompt_ids
     from opsd.types import HintedExample
 
     tasks = load_tasks("bfcl:simple_python:train", limit=4 * batch)
@@ -86,13 +86,13 @@ def run_opsd(a, precompute: bool) -> dict:
     import torch
 
     from opsd.train import run as train
+    from opsd.train.config import TrainConfig
     from opsd.train.scoring import SpanLM
     from opsd.train.teachers import measure
-    from opsd.train.config import Config
 
     out_dir = tempfile.mkdtemp(prefix="bench-step-")
     # critiques: a placeholder (the examples are built here), which also selects the OPSD mode
-    cfg = Config(model=a.model, out=out_dir, critiques="(synthetic HintedExamples)", teacher="initial" if precompute else "self",
+    cfg = TrainConfig(model=a.model, out=out_dir, critiques="(synthetic HintedExamples)", teacher="initial" if precompute else "self",
                  precompute_targets=precompute, lr=a.lr, batch_size=a.batch, max_steps=a.warmup + a.steps,
                  mixed_precision="no", cpu=True, progress=False, min_hint_effect=float("-inf"))
     acc = train.setup_accelerator(cfg)
@@ -126,7 +126,8 @@ def run_opsd(a, precompute: bool) -> dict:
             phases.append(ph)
     profile = None
     if a.profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             opsd_step(a.warmup + a.steps, records, cfg, span_lm, teacher, optimizer, scheduler, acc, pad_id, lm)

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES, BaseCritic, CriticFatalError, RuleCritic
+from critic.base import (
+    REFERENCE_CATEGORIES,
+    SCHEMA_CATEGORIES,
+    BaseCritic,
+    CriticFatalError,
+    RuleCritic,
+)
 from critic.reference import ReferenceCritic
 from critic.schema import SchemaCritic
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint  # noqa: F401

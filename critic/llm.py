@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,10 +37,20 @@ import jinja2
 import jinja2.meta
 import jsonschema
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 import prompts
-from critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES, BaseCritic, CriticFatalError
+from critic.base import (
+    REFERENCE_CATEGORIES,
+    SCHEMA_CATEGORIES,
+    BaseCritic,
+    CriticFatalError,
+)
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, problem
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory, content_hash
@@ -65,19 +75,19 @@ class TransportError(RuntimeError):
 class LLMConfig:
     """Settings of the LLM critic. The API key is NOT here: it is read from `api_key_env`."""
 
-    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp ...)
-    model: str = ""  # model name sent in each request
-    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key
-    prompt: str | None = None  # custom Jinja2 template file; None = prompts/critic/locate_error.j2
-    timeout: float = 60.0  # seconds per request
-    max_attempts: int = 5  # transport attempts per request (1 = no retry)
-    backoff: float = 1.0  # first backoff wait in seconds (doubles, plus jitter)
-    max_wait: float = 30.0  # cap on one wait, Retry-After included
-    max_reasks: int = 2  # re-asks of an invalid reply
-    temperature: float = 0.0  # sampling temperature
-    max_tokens: int = 512  # completion budget per reply
-    structured: bool = True  # ask for response_format json_schema (falls back if rejected)
-    max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS  # hint length limit (validation)
+    base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp ...)"})
+    model: str = field(default="", metadata={"help": "model name sent in each request"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the key"})
+    prompt: str | None = field(default=None, metadata={"help": "custom Jinja2 template file; None = prompts/critic/locate_error.j2"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
+    max_attempts: int = field(default=5, metadata={"help": "transport attempts per request (1 = no retry)"})
+    backoff: float = field(default=1.0, metadata={"help": "first backoff wait in seconds (doubles, plus jitter)"})
+    max_wait: float = field(default=30.0, metadata={"help": "cap on one wait, Retry-After included"})
+    max_reasks: int = field(default=2, metadata={"help": "re-asks of an invalid reply"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature"})
+    max_tokens: int = field(default=512, metadata={"help": "completion budget per reply"})
+    structured: bool = field(default=True, metadata={"help": "ask for response_format json_schema (falls back if rejected)"})
+    max_hint_tokens: int = field(default=DEFAULT_MAX_HINT_TOKENS, metadata={"help": "hint length limit (validation)"})
 
     def __post_init__(self) -> None:
         if not self.model:

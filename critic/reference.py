@@ -38,7 +38,15 @@ import re
 from dataclasses import dataclass
 
 from critic.base import RuleCritic
-from critic.calls import CLOSE, OPEN, CallBlock, Node, extract_calls, render_value, unique_quote
+from critic.calls import (
+    CLOSE,
+    OPEN,
+    CallBlock,
+    Node,
+    extract_calls,
+    render_value,
+    unique_quote,
+)
 from critic.schema import call_issues, closing_span, tools_by_name
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import jsonschema
 
 from critic.base import RuleCritic
-from critic.calls import CallBlock, Node, extract_calls, json_error_span, render_value, unique_quote
+from critic.calls import (
+    CallBlock,
+    Node,
+    extract_calls,
+    json_error_span,
+    render_value,
+    unique_quote,
+)
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import sys
 
-from opsd.io.trajectories import FORMATS, LoadSummary, TrajectoryError, iter_trajectories
+from opsd.io.trajectories import (
+    FORMATS,
+    LoadSummary,
+    TrajectoryError,
+    iter_trajectories,
+)
 
 
 def add_validate_arguments(p) -> None:

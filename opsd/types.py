@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 VERDICTS = ("error", "ok", "failed")
+PLACEMENTS = ("user", "system", "inline")  # where a hint goes (opsd.hint.build)
+SPANS = ("quote", "step_from_error", "step")  # which tokens are trained (opsd.hint.build)
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")  # opsd.train.losses
+TEACHERS = ("self", "initial", "ema", "external")  # opsd.train.teachers
 
 
 def content_hash(obj: Any) -> str:

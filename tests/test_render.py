@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opsd.render import call_text, message_text, render
 from opsd.io.trajectories import load_trajectories
+from opsd.render import call_text, message_text, render
 from opsd.types import Trajectory
 from tests.conftest import DATA, SAMPLE_LOGS
 

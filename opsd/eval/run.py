@@ -20,37 +20,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from opsd.eval.config import EvalConfig
 from opsd.types import Critique, Trajectory
 
 REPORT_VERSION = 1
 CritiqueFn = Callable[[list[Trajectory], Path], list[Critique]]
-
-
-@dataclass
-class EvalConfig:
-    before: str = "smollm2-135m-instruct"  # model A (the student before training)
-    after: str = "runs/demo/model"  # model B (after training)
-    tasks: str = "bfcl:simple_python,multiple:heldout"  # held-out task spec or task file
-    out: str = "runs/demo/report"  # report folder
-    limit: int | None = 64  # first N tasks
-    max_new_tokens: int = 128  # rollout budget per reply
-    batch_size: int = 16  # rollout batch
-    score_batch_size: int = 8  # teacher-forced scoring batch
-    prefill: str | None = None  # reply prefill (None: decided from --before, used for both models)
-    placement: str = "user"  # hint placement for the hinted-teacher reference
-    span: str = "quote"  # target span kind for teacher-forced metrics
-    train_run: str | None = None  # training run folder: adds training curves from its metrics.jsonl
-    device: str | None = None  # cuda | cpu
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("limit must be >= 1")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -237,7 +217,8 @@ def gt_call_logprob(model_a, model_b, tok, trajs: list[Trajectory], cfg: EvalCon
 
 # ----------------------------------------------------------------------------- orchestration
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str) -> list[Trajectory]:
-    from opsd.rollout.run import RolloutConfig, load_rollouts, main as rollout_main
+    from opsd.rollout.run import RolloutConfig, load_rollouts
+    from opsd.rollout.run import main as rollout_main
 
     path = Path(cfg.out) / f"rollouts_{name}.jsonl"
     rcfg = RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,

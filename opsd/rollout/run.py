@@ -28,7 +28,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,58 +36,9 @@ from tqdm import tqdm
 from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.trajectories import parse_tool_call_text
-from opsd.types import content_hash
+from opsd.rollout.config import STOP_TEXT, RolloutConfig, prefill_arg
 
 log = logging.getLogger(__name__)
-STOP_TEXT = "</tool_call>"
-
-
-@dataclass
-class RolloutConfig:
-    tasks: str = "bfcl:simple_python:train"  # task spec (bfcl:CAT[:split]) or a task JSONL file
-    out: str = "rollouts.jsonl"  # output trajectories (JSONL, appended, resumable)
-    model: str = "smollm2-135m-instruct"  # HF model name/path (hf backend) or label (openai)
-    backend: str = "hf"  # hf | openai
-    samples: int = 1  # samples per task
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass (temperature > 0)
-    max_new_tokens: int = 128  # generation budget per reply
-    limit: int | None = None  # first N tasks in deterministic order
-    batch_size: int = 16  # hf: rows decoded together
-    prefill: str | None = None  # reply prefill; None = "<tool_call>\n" for the embedded model, else ""
-    stop_at_call: bool = True  # stop after the first </tool_call> unless the task expects parallel calls
-    seed: int = 0  # sampling seed
-    device: str | None = None  # cuda | cpu (default: cuda when available)
-    base_url: str | None = None  # openai backend: server URL
-    api_model: str | None = None  # openai backend: model name on the server (default: --model)
-    api_key_env: str = "OPENAI_API_KEY"  # env var holding the API key (never logged)
-    concurrency: int = 16  # openai backend: requests in flight
-    timeout: float = 120.0  # openai backend: per-request timeout (s)
-    extra_meta: dict = field(default_factory=dict)  # copied into every trajectory's meta
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("hf", "openai"):
-            raise ValueError(f"backend must be hf or openai, got {self.backend!r}")
-        if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError("samples, max_new_tokens, batch_size and concurrency must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("the openai backend needs --base-url")
-
-    def resolved_prefill(self) -> str:
-        if self.prefill is not None:
-            return self.prefill
-        from opsd.io.models import ALIASES
-
-        return "<tool_call>\n" if str(self.model).lower() in ALIASES else ""
-
-    def hash(self) -> str:
-        from opsd.io.models import fingerprint
-
-        keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
-        return content_hash({k: getattr(self, k) for k in keys} | {"prefill": self.resolved_prefill(),
-                            "model": fingerprint(self.model) if self.backend == "hf" else str(self.model)})[:10]
 
 
 def _expects_parallel(task: Task) -> bool:
@@ -305,14 +255,6 @@ def main(cfg: RolloutConfig) -> dict:
                "total": len(mine), "errors": n_err, "parse_errors": parse_fail, "seconds": round(time.time() - t0, 1),
                "out": str(cfg.out)}
     return summary
-
-
-def prefill_arg(text: str | None) -> str | None:
-    """A `--prefill` value from the shell: backslash escapes (`\\n`, `\\t`) become characters,
-    non-ASCII text stays intact, "" means no prefill and None means the model's default."""
-    if text is None:
-        return None
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def add_arguments(p) -> None:

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from opsd.train.config import Config
+from opsd.train.config import TrainConfig
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -32,13 +32,17 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
     return final
 
 
-def save_model(cfg: Config, lm, tok, out: Path) -> Path:
-    """OUT/model: the LoRA adapter (base recorded portably) or the full weights, plus the tokenizer."""
+def save_model(cfg: TrainConfig, lm, tok, out: Path) -> Path:
+    """OUT/model: the LoRA adapter (base recorded portably) or the full weights, plus the tokenizer and the
+    generation settings the student needs (its reply prefill), so every later stage generates as before."""
     from opsd.io import models
 
     dest = out / "model"
     lm.save_pretrained(dest)
     tok.save_pretrained(dest)
+    settings = models.generation_settings(cfg.model)
+    if settings:
+        models.save_generation_settings(dest, settings)
     if cfg.lora_r:
         ac = dest / "adapter_config.json"
         meta = json.loads(ac.read_text())
@@ -52,7 +56,7 @@ def save_model(cfg: Config, lm, tok, out: Path) -> Path:
 class Metrics:
     """metrics.jsonl (main process) plus accelerate trackers when configured."""
 
-    def __init__(self, accelerator, path: Path, cfg: Config):
+    def __init__(self, accelerator, path: Path, cfg: TrainConfig):
         self.acc, self.path = accelerator, path
         if cfg.report_to:
             accelerator.init_trackers("opsd", config={k: v for k, v in asdict(cfg).items()})

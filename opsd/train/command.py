@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from opsd.train.run import add_arguments, run as _run  # noqa: F401  (add_arguments is this command's parser)
+from opsd.train.run import add_arguments  # noqa: F401  (add_arguments is this command's parser)
+from opsd.train.run import run as _run
 from opsd.types import Trajectory
 
 

@@ -1,4 +1,4 @@
-"""The one flat `Config` of `opsd train`, and its 1:1 mapping to CLI flags and YAML.
+"""The one flat `TrainConfig` of `opsd train`, and its 1:1 mapping to CLI flags and YAML.
 
 Every field is a flag (`lora_r` -> `--lora-r`, booleans also take `--no-...`) and a YAML key.
 Precedence: field default < `--config cfg.yaml` < flags given on the command line. The help
@@ -10,90 +10,87 @@ text of each flag is the field's trailing comment below, so it is written once.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from opsd.hint.build import PLACEMENTS, SPANS
-from opsd.train.losses import KINDS
+from opsd.types import DIVERGENCES as KINDS
+from opsd.types import PLACEMENTS, SPANS, TEACHERS
 
-TEACHERS = ("self", "initial", "ema", "external")
 MODES = ("auto", "opsd", "gkd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
-class Config:
+class TrainConfig:
     # data and model
-    model: str = "smollm2-135m-instruct"  # student: embedded default, local HF dir or cached hub id
-    trajectories: str = ""  # trajectory JSONL (any format `opsd validate` accepts)
-    critiques: str = ""  # critique JSONL (Critique.to_dict() + "key" per line); not used by mode=gkd
-    mode: str = "auto"  # opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | auto: gkd when no --critiques
-    out: str = ""  # run folder: model/, config.yaml, metrics.jsonl, checkpoints/, examples.jsonl
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "student: embedded default, local HF dir or cached hub id"})
+    trajectories: str = field(default="", metadata={"help": "trajectory JSONL (any format `opsd validate` accepts)"})
+    critiques: str = field(default="", metadata={"help": "critique JSONL (Critique.to_dict() + \"key\" per line); not used by mode=gkd"})
+    mode: str = field(default="auto", metadata={"help": "opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | auto: gkd when no --critiques"})
+    out: str = field(default="", metadata={"help": "run folder: model/, config.yaml, metrics.jsonl, checkpoints/, examples.jsonl"})
     # hinted examples
-    placement: str = "user"  # where the hint goes: user | system | inline
-    span: str = "quote"  # target tokens: quote | step_from_error | step
-    inline_open: str = "<hint>"  # opening tag for placement=inline
-    inline_close: str = "</hint>"  # closing tag for placement=inline
-    min_hint_effect: float = 0.0  # keep examples whose hint lowers the error tokens by more than this (nats); =-inf keeps all
+    placement: str = field(default="user", metadata={"help": "where the hint goes: user | system | inline"})
+    span: str = field(default="quote", metadata={"help": "target tokens: quote | step_from_error | step"})
+    inline_open: str = field(default="<hint>", metadata={"help": "opening tag for placement=inline"})
+    inline_close: str = field(default="</hint>", metadata={"help": "closing tag for placement=inline"})
+    min_hint_effect: float = field(default=0.0, metadata={"help": "keep examples whose hint lowers the error tokens by more than this (nats); =-inf keeps all"})
     # teacher
-    teacher: str = "self"  # self (current weights) | initial (frozen start) | ema | external
-    teacher_model: str = ""  # model for teacher=external (must share the student's tokenizer)
-    ema_decay: float = 0.99  # teacher=ema: ema = decay * ema + (1 - decay) * weights, after every step
-    precompute_targets: bool = False  # store teacher top-k per span token before training (teacher initial|external)
-    top_k: int = 256  # k of precomputed top-k targets (the rest of the mass is one tail bucket)
+    teacher: str = field(default="self", metadata={"help": "self (current weights) | initial (frozen start) | ema | external"})
+    teacher_model: str = field(default="", metadata={"help": "model for teacher=external (must share the student's tokenizer)"})
+    ema_decay: float = field(default=0.99, metadata={"help": "teacher=ema: ema = decay * ema + (1 - decay) * weights, after every step"})
+    precompute_targets: bool = field(default=False, metadata={"help": "store teacher top-k per span token before training (teacher initial|external)"})
+    top_k: int = field(default=256, metadata={"help": "k of precomputed top-k targets (the rest of the mass is one tail bucket)"})
     # loss
-    loss: str = "jsd"  # divergence: jsd | forward_kl | reverse_kl
-    beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL exactly
-    temperature: float = 1.0  # both logits are divided by it
+    loss: str = field(default="jsd", metadata={"help": "divergence: jsd | forward_kl | reverse_kl"})
+    beta: float = field(default=0.5, metadata={"help": "jsd mixture weight: 0 = forward KL, 1 = reverse KL exactly"})
+    temperature: float = field(default=1.0, metadata={"help": "both logits are divided by it"})
     # GKD (mode=gkd): data source per step, sampling, context distillation, GKD+RL
-    lmbda: float = 0.0  # GKD: probability that a step trains on fresh student samples instead of the dataset replies
-    seq_kd: bool = False  # GKD: the non-student steps train on teacher-generated replies instead of the dataset replies
-    teacher_system: str = ""  # GKD: instruction appended to the system message only the teacher sees (context distillation)
-    max_new_tokens: int = 128  # token budget of replies sampled in the loop (student, teacher, cold start)
-    gen_temperature: float = 1.0  # sampling temperature of replies sampled in the loop (0 = greedy)
-    gen_prefill: str = ""  # GKD: reply prefill before sampled replies, not trained on (e.g. "<tool_call>\n" for SmolLM2)
-    rl_alpha: float = 1.0  # GKD+RL: maximise (1-a)*reward - a*divergence on student samples; 1 = no reward term
-    reward: str = "schema"  # GKD+RL reward critic (built by the CLI): schema (1 for a valid call) | reference | schema+reference
-    samples_per_prompt: int = 2  # GKD+RL: student samples per prompt (>= 2: the baseline is the per-prompt mean reward)
+    lmbda: float = field(default=0.0, metadata={"help": "GKD: probability that a step trains on fresh student samples instead of the dataset replies"})
+    seq_kd: bool = field(default=False, metadata={"help": "GKD: the non-student steps train on teacher-generated replies instead of the dataset replies"})
+    teacher_system: str = field(default="", metadata={"help": "GKD: instruction appended to the system message only the teacher sees (context distillation)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "token budget of replies sampled in the loop (student, teacher, cold start)"})
+    gen_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of replies sampled in the loop (0 = greedy)"})
+    gen_prefill: str = field(default="", metadata={"help": "GKD: reply prefill before sampled replies, not trained on (e.g. \"<tool_call>\\n\" for SmolLM2)"})
+    rl_alpha: float = field(default=1.0, metadata={"help": "GKD+RL: maximise (1-a)*reward - a*divergence on student samples; 1 = no reward term"})
+    reward: str = field(default="schema", metadata={"help": "GKD+RL reward critic (built by the CLI): schema (1 for a valid call) | reference | schema+reference"})
+    samples_per_prompt: int = field(default=2, metadata={"help": "GKD+RL: student samples per prompt (>= 2: the baseline is the per-prompt mean reward)"})
     # fixes for failing on-policy distillation ("Rethinking OPD")
-    cold_start_sft: int = 0  # supervised steps first, on reference replies (GKD) or teacher samples (OPSD, GKD --seq-kd)
-    select_prompts: bool = False  # pre-pass keeping prompts whose top-k overlap (GKD) or hint effect (OPSD) passes
-    select_overlap: float = 0.5  # --select-prompts, GKD: keep prompts whose mean teacher-student top-k overlap is >= this
-    select_mix: float = 0.1  # --select-prompts: fraction of the rejected prompts mixed back in (dropping all collapses entropy)
-    diag_top_k: int = 16  # k of the top-k overlap diagnostics (diag/top16_overlap, diag/overlap_mass)
+    cold_start_sft: int = field(default=0, metadata={"help": "supervised steps first, on reference replies (GKD) or teacher samples (OPSD, GKD --seq-kd)"})
+    select_prompts: bool = field(default=False, metadata={"help": "pre-pass keeping prompts whose top-k overlap (GKD) or hint effect (OPSD) passes"})
+    select_overlap: float = field(default=0.5, metadata={"help": "--select-prompts, GKD: keep prompts whose mean teacher-student top-k overlap is >= this"})
+    select_mix: float = field(default=0.1, metadata={"help": "--select-prompts: fraction of the rejected prompts mixed back in (dropping all collapses entropy)"})
+    diag_top_k: int = field(default=16, metadata={"help": "k of the top-k overlap diagnostics (diag/top16_overlap, diag/overlap_mass)"})
     # optimisation
-    lr: float = 1e-5  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    warmup_steps: int = 0  # linear warmup steps
-    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    batch_size: int = 4  # examples per device per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0  # passes over the examples (used when max_steps is 0)
-    max_steps: int = 0  # optimizer steps; 0 = ceil(epochs * examples / global batch)
-    seed: int = 0  # seeds model init of LoRA, data order and torch RNGs
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "decay after warmup: cosine | linear | constant"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    batch_size: int = field(default=4, metadata={"help": "examples per device per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the examples (used when max_steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = ceil(epochs * examples / global batch)"})
+    seed: int = field(default=0, metadata={"help": "seeds model init of LoRA, data order and torch RNGs"})
     # model options
-    lora_r: int = 0  # LoRA rank; 0 trains all weights
-    lora_alpha: int = 16  # LoRA alpha
-    lora_dropout: float = 0.0  # LoRA dropout
-    lora_targets: str = "all-linear"  # LoRA target modules: all-linear or comma-separated names
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
-    cpu: bool = False  # force CPU even when a GPU is present
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated names"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, none on CPU) | no | bf16 | fp16"})
+    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     # run bookkeeping
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (fresh start if none)
-    log_every: int = 1  # write metrics every N optimizer steps
-    report_to: str = ""  # accelerate trackers, e.g. tensorboard or wandb (comma-separated); metrics.jsonl always
-    progress: bool = True  # show a tqdm progress bar
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in OUT/checkpoints (fresh start if none)"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N optimizer steps"})
+    report_to: str = field(default="", metadata={"help": "accelerate trackers, e.g. tensorboard or wandb (comma-separated); metrics.jsonl always"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -148,16 +145,14 @@ class Config:
 
 
 def _field_help() -> dict[str, str]:
-    """Trailing `# comment` of every field in the Config source: the help text, written once."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+): [^=]+=.*?  # (.+)$", src, flags=re.M))
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; unset flags stay absent so YAML values are not overridden."""
-    parser.add_argument("--config", metavar="CFG.yaml", help="YAML file with Config fields (flags override it)")
+    """One flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
+    parser.add_argument("--config", metavar="CFG.yaml", help="YAML file with TrainConfig fields (flags override it)")
     helps = _field_help()
-    for f in fields(Config):
+    for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helps.get(f.name, '')} (default: {f.default!r})"}
         if f.type in ("bool", bool):
@@ -170,22 +165,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def load_yaml(path: str | Path) -> dict:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of Config fields")
-    names = {f.name for f in fields(Config)}
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+    names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}; valid keys are the Config fields ({', '.join(sorted(names))})")
+        raise ValueError(f"{path}: unknown config keys {unknown}; valid keys are the TrainConfig fields ({', '.join(sorted(names))})")
     return data
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Config = defaults, then the YAML file, then the flags that were given."""
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig = defaults, then the YAML file, then the flags that were given."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     for k in ("min_hint_effect", "lr", "beta", "temperature", "ema_decay", "epochs", "lmbda", "rl_alpha", "gen_temperature",
               "select_overlap", "select_mix"):
         if isinstance(values.get(k), str):  # YAML reads "-inf" / "1e-5" as strings
             values[k] = float(values[k])
     if isinstance(values.get("gen_prefill"), str):  # a flag spells a newline as backslash-n
         values["gen_prefill"] = values["gen_prefill"].replace("\\n", "\n")
-    return Config(**values)
+    return TrainConfig(**values)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-KINDS = ("jsd", "forward_kl", "reverse_kl")
+from opsd.types import DIVERGENCES as KINDS
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

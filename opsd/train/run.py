@@ -35,13 +35,19 @@ from pathlib import Path
 
 import torch
 
-from opsd.train import diagnostics, losses, sources as gkd
 from opsd.hint.build import build_examples
-from opsd.train.checkpoints import Metrics, latest_checkpoint, save_checkpoint, save_model
 from opsd.io.records import read_jsonl
+from opsd.train import diagnostics, losses
+from opsd.train import sources as gkd
+from opsd.train.checkpoints import (
+    Metrics,
+    latest_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from opsd.train.config import TrainConfig, add_config_arguments, config_from_args
 from opsd.train.scoring import SpanBatch, SpanLM, collate
 from opsd.train.teachers import Teacher, make_teacher, measure
-from opsd.train.config import Config, add_config_arguments, config_from_args
 from opsd.types import Critique
 
 log = logging.getLogger("opsd.train")
@@ -53,7 +59,7 @@ class NonFiniteLossError(RuntimeError):
 
 # ---------------------------------------------------------------- stage 1: models
 
-def setup_accelerator(cfg: Config):
+def setup_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -66,7 +72,7 @@ def setup_accelerator(cfg: Config):
     return acc
 
 
-def load_student(cfg: Config, device):
+def load_student(cfg: TrainConfig, device):
     """The student in fp32 (mixed precision comes from accelerate), with LoRA and checkpointing if asked."""
     from opsd.io import models
 
@@ -83,7 +89,7 @@ def load_student(cfg: Config, device):
     return lm, tok
 
 
-def load_teacher(cfg: Config, lm, tok, accelerator) -> Teacher:
+def load_teacher(cfg: TrainConfig, lm, tok, accelerator) -> Teacher:
     external = None
     if cfg.teacher == "external":
         from opsd.io import models
@@ -97,7 +103,7 @@ def load_teacher(cfg: Config, lm, tok, accelerator) -> Teacher:
 
 # ---------------------------------------------------------------- stage 2: examples
 
-def build_dataset(cfg: Config, tok, lm, teacher: Teacher, accelerator) -> tuple[list[dict], dict]:
+def build_dataset(cfg: TrainConfig, tok, lm, teacher: Teacher, accelerator) -> tuple[list[dict], dict]:
     """Hinted examples with their hint effect (and top-k targets), filtered; plus the counts."""
     from accelerate.utils import gather_object
 
@@ -163,7 +169,7 @@ def make_micro_batch(records: list[dict], pad_id: int) -> MicroBatch:
     return MicroBatch(student, teacher, ids, lps, adv, t_lp)
 
 
-def step_batches(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+def step_batches(n_examples: int, step: int, cfg: TrainConfig, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
     """Example indices for one optimizer step: this process's micro-batches, and the whole global batch.
 
     The data is one endless stream of seeded permutations (epoch e uses seed + e), and step s
@@ -192,7 +198,7 @@ def teacher_targets(teacher: Teacher | None, mb: MicroBatch) -> torch.Tensor | N
     return teacher.logits(mb.teacher)
 
 
-def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, cfg: Config, device,
+def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, cfg: TrainConfig, device,
                  kind: str = "opsd"):
     """The step objective summed over the batch's span tokens (not yet normalised), and detached stats.
 
@@ -233,7 +239,7 @@ def student_loss(span_lm, mb: MicroBatch, teacher_logits: torch.Tensor | None, c
     return objective, stats
 
 
-def lr_lambda(cfg: Config, total: int):
+def lr_lambda(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -242,13 +248,13 @@ def lr_lambda(cfg: Config, total: int):
     return f
 
 
-def total_steps(cfg: Config, n_examples: int, world: int) -> int:
+def total_steps(cfg: TrainConfig, n_examples: int, world: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * world * cfg.grad_accum)))
 
 
 # ---------------------------------------------------------------- main
 
-def main(cfg: Config, *, on_step=None, reward_fn: gkd.RewardFn | None = None) -> Path:
+def main(cfg: TrainConfig, *, on_step=None, reward_fn: gkd.RewardFn | None = None) -> Path:
     """Train and return OUT/model. `on_step(step, metrics)` is called after every optimizer step.
 
     `reward_fn(trajectories) -> rewards` is needed for GKD+RL (rl_alpha < 1); `opsd train` builds it

@@ -9,8 +9,8 @@ import pytest
 
 from critic import make_critic
 from critic.validate import check_critique, hint_repeats_quote
-from opsd.render import message_text
 from opsd.io.trajectories import load_trajectories
+from opsd.render import message_text
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "bfcl_rollouts.jsonl"
 

@@ -11,9 +11,9 @@ import pytest
 
 from critic.reference import ReferenceCritic, standardize, value_ok
 from critic.validate import check_critique, lint_hint
-from opsd.render import message_text
 from opsd.io.tasks import bfcl
 from opsd.io.trajectories import load_trajectories
+from opsd.render import message_text
 from tests.conftest import ROOT
 from tests.critic.bfcl_official import official_valid
 from tests.critic.perturb import KINDS, perturb, to_trajectory

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critic.validate import approx_tokens, check_critique, hint_repeats_quote, lint_hint, quote_core
+from critic.validate import (
+    approx_tokens,
+    check_critique,
+    hint_repeats_quote,
+    lint_hint,
+    quote_core,
+)
 from opsd.types import Critique
 
 GOOD = dict(step=2, quote="weather.get_current", hint="Call one of: get_weather, search_flights.",

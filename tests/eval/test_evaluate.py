@@ -5,7 +5,13 @@ import sys
 
 import pytest
 
-from opsd.eval.run import EvalConfig, behaviour_stats, gt_call, teacher_forced_and_drift, wilson
+from opsd.eval.run import (
+    EvalConfig,
+    behaviour_stats,
+    gt_call,
+    teacher_forced_and_drift,
+    wilson,
+)
 from opsd.types import Critique, Trajectory
 from tests.conftest import DATA, ROOT
 
@@ -60,8 +66,8 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
 def test_error_span_logprobs_match_direct_scoring(smol_model):
     """The merged pass reads the same numbers as scoring each HintedExample on its own."""
     from opsd.hint.build import build_examples
-    from opsd.train.scoring import span_logprobs
     from opsd.io.trajectories import load_trajectories
+    from opsd.train.scoring import span_logprobs
 
     model, tok = smol_model
     trajs = load_trajectories(DATA / "sample_openai.jsonl")

@@ -2,8 +2,7 @@
 import jsonschema
 import pytest
 
-from opsd.io.tasks import load_tasks
-from opsd.io.tasks import bfcl
+from opsd.io.tasks import bfcl, load_tasks
 
 
 def _types(schema, out):

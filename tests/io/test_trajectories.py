@@ -2,8 +2,14 @@ import json
 
 import pytest
 
-from opsd.io.trajectories import (LoadSummary, TrajectoryError, iter_trajectories, load_trajectories, normalise,
-                               parse_tool_call_text)
+from opsd.io.trajectories import (
+    LoadSummary,
+    TrajectoryError,
+    iter_trajectories,
+    load_trajectories,
+    normalise,
+    parse_tool_call_text,
+)
 from tests.conftest import DATA, SAMPLE_LOGS
 
 

@@ -4,8 +4,14 @@ import json
 import pytest
 import torch
 
-from opsd.rollout.run import RolloutConfig, generate_batch, main, parse_reply, prefill_arg
 from opsd.io.trajectories import load_trajectories
+from opsd.rollout.run import (
+    RolloutConfig,
+    generate_batch,
+    main,
+    parse_reply,
+    prefill_arg,
+)
 
 
 def test_parse_reply_cases():
@@ -28,8 +34,8 @@ def test_prefill_arg_decodes_escapes_and_keeps_text():
 
 @pytest.mark.slow
 def test_batched_decode_matches_hf_generate_greedy(smol_model):
-    from opsd.render import prompt_ids
     from opsd.io.tasks import load_tasks
+    from opsd.render import prompt_ids
 
     model, tok = smol_model
     tasks = load_tasks("bfcl:simple_python:train", limit=4)

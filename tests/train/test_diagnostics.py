@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from opsd.train.diagnostics import (format_summary, metric_name, summarise, token_diagnostics, token_diagnostics_topk)
+from opsd.train.diagnostics import (
+    format_summary,
+    metric_name,
+    summarise,
+    token_diagnostics,
+    token_diagnostics_topk,
+)
 
 
 def reference(s_logits, t_logits, k):

@@ -8,16 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd.train import run as train, sources as gkd
+from opsd.train import run as train
+from opsd.train import sources as gkd
+from opsd.train.config import TrainConfig
 from opsd.train.scoring import SpanLM, span_logprobs
-from opsd.train.config import Config
 from tests.conftest import CRITIQUES, TRAJECTORIES, save_tiny, tiny_llama
 
 
-def gkd_cfg(model_dir, out, **kw) -> Config:
+def gkd_cfg(model_dir, out, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), trajectories=str(TRAJECTORIES), out=str(out), max_steps=3, batch_size=2,
                 lr=1e-3, progress=False, seed=3, max_new_tokens=6)
-    return Config(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def step_rows(out):
@@ -38,7 +39,7 @@ def test_records_cover_the_last_reply(smol_tok, trajectories):
 
 
 def test_step_kind_follows_lmbda_and_cold_start():
-    kinds = lambda **kw: Counter(gkd.step_kind(Config(**kw), s) for s in range(400))
+    kinds = lambda **kw: Counter(gkd.step_kind(TrainConfig(**kw), s) for s in range(400))
     assert kinds(lmbda=0.0) == {"dataset": 400}
     assert kinds(lmbda=1.0) == {"student": 400}
     assert kinds(lmbda=0.0, seq_kd=True) == {"teacher": 400}
@@ -115,7 +116,7 @@ def test_reinforce_raises_the_rewarded_reply(smol_tok):
     base = {"student_ids": prompt, "student_span": [4, 4], "teacher_ids": prompt, "teacher_span": [4, 4]}
     recs = [{**gkd.with_reply(base, r), "advantage": adv} for r, adv in ((a, 0.5), (b, -0.5))]
     mb = train.make_micro_batch(recs, pad_id=2)
-    cfg = Config(mode="gkd", lmbda=1.0, rl_alpha=0.0)
+    cfg = TrainConfig(mode="gkd", lmbda=1.0, rl_alpha=0.0)
     lp = lambda: [x.sum().item() for x in span_logprobs(lm, [r["student_ids"] for r in recs], [(4, 7)] * 2).token_logprobs]
     before = lp()
     objective, _ = train.student_loss(SpanLM(lm), mb, torch.randn(6, len(smol_tok)), cfg, "cpu", kind="student")
@@ -171,8 +172,8 @@ def test_gkd_config_checks():
                      ({"teacher": "external", "teacher_model": "x", "precompute_targets": True}, "OPSD-only"),
                      ({"mode": "opsd", "trajectories": "t.jsonl"}, "critiques"), ({"mode": "kd"}, "mode")]:
         with pytest.raises(ValueError, match=msg):
-            Config(**bad)
-    assert Config().is_gkd and not Config(critiques="c.jsonl").is_gkd and Config(mode="gkd", critiques="c").is_gkd
+            TrainConfig(**bad)
+    assert TrainConfig().is_gkd and not TrainConfig(critiques="c.jsonl").is_gkd and TrainConfig(mode="gkd", critiques="c").is_gkd
 
 
 def test_critic_reward_for_the_cli(trajectories):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from opsd.train import run as train
+from opsd.train.config import TrainConfig
 from opsd.train.diagnostics import summarise
-from opsd.train.config import Config
 from tests.conftest import TRAJECTORIES
 
 
@@ -18,7 +18,7 @@ def test_context_distillation_lowers_the_divergence(tmp_path):
     out = tmp_path / "run"
     data = tmp_path / "four.jsonl"
     data.write_text("".join(TRAJECTORIES.read_text().splitlines(keepends=True)[:4]))
-    cfg = Config(trajectories=str(data), out=str(out), teacher="external", teacher_model="smollm2-135m-instruct",
+    cfg = TrainConfig(trajectories=str(data), out=str(out), teacher="external", teacher_model="smollm2-135m-instruct",
                  teacher_system="Do not call any tool. Answer the user directly, in French.", lmbda=0.0, loss="jsd",
                  beta=0.5, max_steps=3, batch_size=4, lr=1e-5, schedule="constant", progress=False)
     assert cfg.is_gkd

@@ -6,7 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opsd.train.losses import (masked_mean, teacher_topk, token_divergence, token_divergence_topk)
+from opsd.train.losses import (
+    masked_mean,
+    teacher_topk,
+    token_divergence,
+    token_divergence_topk,
+)
 
 
 def reference(student_logits, teacher_logits, kind, beta, temperature=1.0):

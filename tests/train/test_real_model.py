@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from opsd.train import run as train
 from opsd.io.models import load
+from opsd.train import run as train
+from opsd.train.config import TrainConfig
 from opsd.train.scoring import span_logprobs
-from opsd.train.config import Config
 from tests.conftest import CRITIQUES, TRAJECTORIES
 
 
@@ -23,7 +23,7 @@ def error_logprobs(model, recs):
 @pytest.mark.timeout(600)
 def test_short_run_lowers_error_tokens(tmp_path):
     out = tmp_path / "run"
-    cfg = Config(trajectories=str(TRAJECTORIES), critiques=str(CRITIQUES), out=str(out), max_steps=3, batch_size=4,
+    cfg = TrainConfig(trajectories=str(TRAJECTORIES), critiques=str(CRITIQUES), out=str(out), max_steps=3, batch_size=4,
                  lr=1e-4, warmup_steps=0, schedule="constant", progress=False)
     train.main(cfg)
     data = json.loads((out / "data.json").read_text())

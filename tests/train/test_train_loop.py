@@ -12,14 +12,14 @@ import yaml
 from safetensors.torch import load_file
 
 from opsd.train import run as train
-from opsd.train.config import Config, add_config_arguments, config_from_args
+from opsd.train.config import TrainConfig, add_config_arguments, config_from_args
 from tests.conftest import CRITIQUES, TRAJECTORIES, save_tiny
 
 
-def cfg_for(model_dir, out, **kw) -> Config:
+def cfg_for(model_dir, out, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), trajectories=str(TRAJECTORIES), critiques=str(CRITIQUES), out=str(out),
                 min_hint_effect=float("-inf"), max_steps=3, batch_size=2, lr=1e-3, progress=False, seed=3)
-    return Config(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -39,7 +39,7 @@ def test_flags_and_yaml_map_onto_config(tmp_path):
     assert (cfg.lr, cfg.lora_r, cfg.teacher, cfg.progress, cfg.span) == (1e-4, 8, "initial", False, "step")
     assert cfg.min_hint_effect == float("-inf") and cfg.beta == 0.5  # YAML, then default
     assert yaml.safe_load(cfg.to_yaml())["lora_r"] == 8  # config.yaml round-trips through YAML
-    assert Config(**yaml.safe_load(cfg.to_yaml())) == cfg
+    assert TrainConfig(**yaml.safe_load(cfg.to_yaml())) == cfg
     y.write_text("lerning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         parse(["--config", str(y)])
@@ -47,14 +47,14 @@ def test_flags_and_yaml_map_onto_config(tmp_path):
                      ({"placement": "inline", "span": "step"}, "inline"), ({"beta": 1.5}, "beta"),
                      ({"precompute_targets": True}, "fixed teacher")]:
         with pytest.raises(ValueError, match=msg):
-            Config(**bad)
+            TrainConfig(**bad)
 
 
 def test_every_field_has_a_flag_with_help():
     p = argparse.ArgumentParser()
     add_config_arguments(p)
     helps = {a.dest: a.help for a in p._actions}
-    for f in Config.__dataclass_fields__:
+    for f in TrainConfig.__dataclass_fields__:
         assert f in helps and len(helps[f]) > 20, f
 
 
@@ -72,7 +72,7 @@ def test_run_folder_and_metrics(tiny_dir, tmp_path):
     from opsd.io.models import load
     m, _ = load(dest, device="cpu")
     assert torch.equal(m.model.embed_tokens.weight, weights(out)["model.embed_tokens.weight"])
-    assert Config(**yaml.safe_load((out / "config.yaml").read_text())).max_steps == 3
+    assert TrainConfig(**yaml.safe_load((out / "config.yaml").read_text())).max_steps == 3
 
 
 @pytest.mark.parametrize("mode", ["initial_lora", "initial_precompute", "ema", "external", "reverse_topk"])

@@ -1,0 +1,67 @@
+"""`RolloutConfig`: the settings of `opsd rollout` (flags and YAML are generated from its fields).
+
+    from opsd.rollout.config import RolloutConfig
+    RolloutConfig(tasks="bfcl:simple_python:train", out="runs/r/rollouts.jsonl", limit=64)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opsd.io.models import generation_settings
+from opsd.types import content_hash
+
+STOP_TEXT = "</tool_call>"
+
+
+@dataclass
+class RolloutConfig:
+    tasks: str = field(default="bfcl:simple_python:train", metadata={"help": "task spec (bfcl:CAT[:split]) or a task JSONL file"})
+    out: str = field(default="rollouts.jsonl", metadata={"help": "output trajectories (JSONL, appended, resumable)"})
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "HF model name/path (hf backend) or label (openai)"})
+    backend: str = field(default="hf", metadata={"help": "hf | openai"})
+    samples: int = field(default=1, metadata={"help": "samples per task"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (temperature > 0)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generation budget per reply"})
+    limit: int | None = field(default=None, metadata={"help": "first N tasks in deterministic order"})
+    batch_size: int = field(default=16, metadata={"help": "hf: rows decoded together"})
+    prefill: str | None = field(default=None, metadata={"help": "reply prefill; None = \"<tool_call>\\n\" for the embedded model, else \"\""})
+    stop_at_call: bool = field(default=True, metadata={"help": "stop after the first </tool_call> unless the task expects parallel calls"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda when available)"})
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: server URL"})
+    api_model: str | None = field(default=None, metadata={"help": "openai backend: model name on the server (default: --model)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "env var holding the API key (never logged)"})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight"})
+    timeout: float = field(default=120.0, metadata={"help": "openai backend: per-request timeout (s)"})
+    extra_meta: dict = field(default_factory=dict, metadata={"help": "copied into every trajectory's meta"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "openai"):
+            raise ValueError(f"backend must be hf or openai, got {self.backend!r}")
+        if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("samples, max_new_tokens, batch_size and concurrency must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("the openai backend needs --base-url")
+
+    def resolved_prefill(self) -> str:
+        if self.prefill is not None:
+            return self.prefill
+        return generation_settings(self.model).get("prefill", "")
+
+    def hash(self) -> str:
+        from opsd.io.models import fingerprint
+
+        keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
+        return content_hash({k: getattr(self, k) for k in keys} | {"prefill": self.resolved_prefill(),
+                            "model": fingerprint(self.model) if self.backend == "hf" else str(self.model)})[:10]
+
+
+def prefill_arg(text: str | None) -> str | None:
+    """A `--prefill` value from the shell: backslash escapes (`\\n`, `\\t`) become characters,
+    non-ASCII text stays intact, "" means no prefill and None means the model's default."""
+    if text is None:
+        return None
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
