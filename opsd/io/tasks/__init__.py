@@ -1,7 +1,8 @@
 """Task sources for rollouts: BFCL categories from the installed `bfcl-eval` data, or a user file.
 
     from opsd.io.tasks import load_tasks
-    tasks = load_tasks("bfcl:simple_python:train")      # BFCL v4, deterministic split
+    tasks = load_tasks("bfcl:simple_python:train")      # BFCL v4, leak-free split (train/validation/heldout)
+    tasks = load_tasks("bfcl:multiple,live_multiple:heldout", limit=128)  # stratified sample per category
     tasks = load_tasks("my_tasks.jsonl")                 # {"id"?, "messages", "tools", "ground_truth"?}
 
 A task is the prompt (messages + tools) a student is rolled out on, plus optional ground truth
@@ -26,13 +27,18 @@ class Task:
 
 
 def load_tasks(spec: str, *, limit: int | None = None) -> list[Task]:
-    """Tasks for `spec`: `bfcl:CAT[,CAT...][:train|:heldout|:all]` or a JSONL path; first `limit` in order."""
+    """Tasks for `spec`: `bfcl:CAT[,CAT...][:train|:validation|:heldout|:all]` or a JSONL path.
+
+    `limit` on a BFCL spec takes a deterministic sample stratified by category (`bfcl.stratified`); on a
+    task file, the first `limit` tasks in file order.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     if spec.startswith("bfcl:"):
         from opsd.io.tasks import bfcl
 
-        tasks = bfcl.load_spec(spec)
-    else:
-        tasks = load_task_file(spec)
+        return bfcl.load_spec(spec, limit=limit)
+    tasks = load_task_file(spec)
     return tasks[:limit] if limit else tasks
 
 
