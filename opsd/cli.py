@@ -1,77 +1,160 @@
-"""`opsd` command line. Each subcommand lives in the module named in COMMANDS, which exposes
-`add_arguments(parser)` and `run(args) -> int`. This is the one place that composes `opsd` with
-the `critic` package.
+"""`opsd` command line: one subcommand per stage or pipeline.
+
+Every command's flags are generated from its Config dataclass (`opsd.config`, on tyro): the
+help text is the field's, `--config FILE.yaml` sets any field and flags override it, nested
+Configs are dotted (`opsd demo --train.lr 5e-5 --rollout.max-new-tokens 128`). The CLI builds
+the Config, calls the stage's `main(cfg)`, prints the result and returns the exit code:
+
+    0  done
+    1  the run failed: bad input data, a stage error, items that failed and were recorded
+    2  usage error: an unknown flag, a bad value, an inconsistent config (nothing was run)
+
+All errors go to stderr. Only the chosen command's modules are imported, so one stage's
+dependencies never slow down or break another command. This module, `opsd.critique` and
+`opsd.pipelines` are the only places that compose `opsd` with the `critic` package.
 
     opsd --help
-    opsd validate data/*.jsonl
-    opsd render data/sample_openai.jsonl --id weather-missing-arg
+    opsd train --help
 """
 from __future__ import annotations
 
-import argparse
-import importlib
+import json
 import logging
 import os
 import sys
+from typing import Callable
 
-# name -> (module, one-line help, issue that delivers it)
-COMMANDS = {
-    "validate": ("opsd.logs:validate", "check trajectory logs and count them per format", None),
-    "render": ("opsd.logs:render", "show a trajectory rendered with the chat template, with message boundaries", None),
-    "rollout": ("opsd.rollout.run", "sample student trajectories on tasks (BFCL or a task file)", "rollouts (issue 5)"),
-    "critique": ("opsd.critique.run", "locate the erroneous step of each trajectory and write a hint", "the critic (issue 3)"),
-    "train": ("opsd.train.command", "OPSD/GKD training on critiqued trajectories", "the training core (issue 4)"),
-    "eval": ("opsd.eval.command", "measure how much errors were down-weighted (before vs after)", "evaluation (issue 5)"),
-    "loop": ("opsd.pipelines.loop", "on-policy rounds: rollout -> critique -> train", "the on-policy loop (issue 5)"),
-    "demo": ("opsd.pipelines.demo", "end-to-end run on the embedded model and BFCL", None),
+from opsd.config import parse
+
+
+def _validate(argv: list[str]) -> int:
+    from opsd.logs import add_validate_arguments, run_validate
+
+    return _legacy("validate", argv, add_validate_arguments, run_validate)
+
+
+def _render(argv: list[str]) -> int:
+    from opsd.logs import add_render_arguments, run_render
+
+    return _legacy("render", argv, add_render_arguments, run_render)
+
+
+def _critique(argv: list[str]) -> int:
+    from opsd.critique.run import add_arguments, run
+
+    return _legacy("critique", argv, add_arguments, run)
+
+
+def _rollout(argv: list[str]) -> int:
+    from opsd.rollout.config import RolloutConfig
+    from opsd.rollout.run import main
+
+    summary = main(parse(RolloutConfig, argv, prog="opsd rollout", description=COMMANDS["rollout"][0]))
+    print(json.dumps(summary))
+    return 1 if summary["errors"] else 0
+
+
+def _hint(argv: list[str]) -> int:
+    from opsd.hint.config import HintConfig
+    from opsd.hint.run import format_table, main
+
+    cfg = parse(HintConfig, argv, prog="opsd hint", description=COMMANDS["hint"][0])
+    report = main(cfg)
+    print(format_table(report))
+    print(f"\nexamples: {cfg.out}/examples.jsonl, table: {cfg.out}/hint_effects.md")
+    return 0 if report.examples else 1
+
+
+def _train(argv: list[str]) -> int:
+    from opsd.train.config import TrainConfig
+    from opsd.train.run import NonFiniteLossError, main
+
+    cfg = parse(TrainConfig, argv, prog="opsd train", description=COMMANDS["train"][0])
+    reward_fn = None
+    if cfg.rl_alpha < 1.0:  # GKD+RL: the critic's verdict on each sampled reply is the reward
+        from critic import make_critic
+        from opsd.train.command import critic_reward
+
+        reward_fn = critic_reward(make_critic(cfg.reward))
+    try:
+        dest = main(cfg, reward_fn=reward_fn)
+    except NonFiniteLossError as e:
+        print(f"opsd train: {e}", file=sys.stderr)
+        return 1
+    print(f"model saved to {dest}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from opsd.eval.command import add_arguments, run
+
+    return _legacy("eval", argv, add_arguments, run)
+
+
+def _loop(argv: list[str]) -> int:
+    from opsd.pipelines.loop import add_arguments, run
+
+    return _legacy("loop", argv, add_arguments, run)
+
+
+def _demo(argv: list[str]) -> int:
+    from opsd.pipelines.demo import add_arguments, run
+
+    return _legacy("demo", argv, add_arguments, run)
+
+
+def _legacy(name: str, argv: list[str], add_arguments, run) -> int:
+    """Commands whose flags are still written by hand (being moved to their Configs)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"opsd {name}", description=COMMANDS[name][0])
+    add_arguments(p)
+    return int(run(p.parse_args(argv)) or 0)
+
+
+# name -> (one-line help, runner(argv) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "validate": ("check trajectory logs and count them per format", _validate),
+    "render": ("show a trajectory rendered with the chat template, with message boundaries", _render),
+    "rollout": ("sample student trajectories on tasks (BFCL or a task file)", _rollout),
+    "critique": ("locate the erroneous step of each trajectory and write a hint", _critique),
+    "hint": ("build hinted examples and measure each hint's effect, per error category", _hint),
+    "train": ("OPSD/GKD training on critiqued trajectories", _train),
+    "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks", _eval),
+    "loop": ("on-policy rounds: rollout -> critique -> train, each from the previous round's student", _loop),
+    "demo": ("end-to-end run on the embedded model and BFCL", _demo),
 }
 
 
-def _load(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None  # the module itself does not exist yet
-        raise
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s module is imported (so one stage's imports never break another)."""
-    parser = argparse.ArgumentParser(prog="opsd", description="Targeted on-policy self-distillation for tool-calling agents.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_, pending) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        module, _, suffix = module.partition(":")
-        mod = _load(module) if name == command else None
-        add, run = (f"add_{suffix}_arguments", f"run_{suffix}") if suffix else ("add_arguments", "run")
-        if mod is not None and hasattr(mod, add):
-            getattr(mod, add)(p)
-            p.set_defaults(_run=getattr(mod, run))
-        else:
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(_run=None, _pending=pending or "a later issue")
-    return parser
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: opsd [-v] COMMAND [flags]   (opsd COMMAND --help for its flags)", "",
+             "Targeted on-policy self-distillation for tool-calling agents.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items()]
+    lines += ["", "options:", "  -v, --verbose  debug logging (secrets are never logged)", "",
+              "exit codes: 0 done, 1 the run failed (errors are recorded and printed), 2 usage error"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv.pop(0)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"opsd: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.command:
-        parser.print_help()
-        return 2
-    if args._run is None:
-        print(f"opsd {args.command}: not implemented yet; it arrives with {args._pending}.", file=sys.stderr)
-        return 2
     try:
-        return int(args._run(args) or 0)
+        return COMMANDS[command][1](rest)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

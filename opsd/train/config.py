@@ -106,6 +106,8 @@ class TrainConfig:
         need(0.0 <= self.rl_alpha <= 1.0, f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
         need(self.rl_alpha == 1.0 or (self.is_gkd and self.lmbda > 0),
              "rl_alpha < 1 (GKD+RL) needs mode=gkd and lmbda > 0: the reward is taken on student samples")
+        need(self.reward in ("schema", "reference", "schema+reference"),
+             f"reward must be schema, reference or schema+reference (a rule critic), got {self.reward!r}")
         need(self.samples_per_prompt >= 1 and (self.rl_alpha == 1.0 or self.samples_per_prompt >= 2),
              "samples_per_prompt must be >= 1, and >= 2 with rl_alpha < 1 (per-prompt mean baseline)")
         need(self.max_new_tokens >= 1 and self.gen_temperature >= 0, "max_new_tokens >= 1 and gen_temperature >= 0")
