@@ -337,8 +337,13 @@ def _assign_ids(conv: _Conversation) -> None:
 
 
 def assemble_trace(spans: list[Span]) -> list[tuple[dict, list[Where]]]:
-    """One trace's spans -> [(trajectory dict, where of each message)]; raises SpanError."""
-    ordered = order_spans(spans)
+    """One trace's spans -> [(trajectory dict, where of each message)]; raises SpanError.
+
+    A span seen twice (an exporter that retried) counts once: the first copy is kept."""
+    unique: dict[str, Span] = {}
+    for s in spans:
+        unique.setdefault(s.span_id, s)
+    ordered = order_spans(list(unique.values()))
     trace_id = ordered[0].trace_id
     model = [s for s in ordered if s.op in MODEL_OPS]
     with_content = [s for s in model if "gen_ai.input.messages" in s.attrs or "gen_ai.output.messages" in s.attrs]
@@ -387,6 +392,8 @@ def assemble_trace(spans: list[Span]) -> list[tuple[dict, list[Where]]]:
             meta["conversation_id"] = first["gen_ai.conversation.id"]
         if skipped:
             meta["skipped_parts"] = dict(skipped)
+        if len(spans) > len(unique):
+            meta["duplicate_spans"] = len(spans) - len(unique)
         tid = trace_id if k == 0 else f"{trace_id}#{k + 1}"
         out.append(({"id": tid, "messages": conv.messages, "tools": tools, "meta": meta}, conv.wheres))
     return out
