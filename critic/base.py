@@ -12,15 +12,19 @@ from functools import lru_cache
 import jinja2
 
 import prompts
+from critic.calls import in_generated
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, lint_hint
 from opsd.types import Critique, Trajectory, content_hash
 
 # bump when a rule critic's logic changes, so cached critiques are recomputed
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: exact error tokens, quote_at, the reply prefill is never quoted
 
 SCHEMA_CATEGORIES = ("unknown_tool", "invalid_json", "unparsable_call", "missing_required", "unknown_parameter",
                      "type_mismatch", "enum_violation", "constraint_violation", "tool_error")
 REFERENCE_CATEGORIES = ("wrong_function", "wrong_value", "missing_call", "extra_call")
+
+
+MIN_RULE_HINT_TOKENS = 9  # the longer fallback hint; rule critics need at least this budget
 
 
 class CriticFatalError(RuntimeError):
@@ -54,9 +58,10 @@ class BaseCritic:
     def ok(self, traj: Trajectory) -> Critique:
         return Critique(traj.id, "ok", critic=self.info, trajectory_hash=traj.content_hash())
 
-    def error(self, traj: Trajectory, step: int, quote: str, hint: str, category: str) -> Critique:
+    def error(self, traj: Trajectory, step: int, quote: str, hint: str, category: str,
+              quote_at: int | None = None) -> Critique:
         return Critique(traj.id, "error", step=step, quote=quote, hint=hint, category=category, critic=self.info,
-                        trajectory_hash=traj.content_hash())
+                        trajectory_hash=traj.content_hash(), quote_at=quote_at)
 
     def failed(self, traj: Trajectory, reason: str) -> Critique:
         return Critique(traj.id, "failed", critic=self.info, error=reason, trajectory_hash=traj.content_hash())
@@ -78,14 +83,38 @@ class RuleCritic(BaseCritic):
         """Render `prompts/hints/<category>.j2` with the first variant whose hint passes the lint.
 
         Variants go from most to least informative (e.g. with and without the parameter
-        description); if none passes, the last is returned and validation records the failure.
+        description). When none passes (its text would repeat the quote, or it is too long),
+        `prompts/hints/fallback.j2` gives a generic hint; its two variants share no word, so one
+        passes for any quote within a budget of `MIN_RULE_HINT_TOKENS`.
         """
+        candidates = [("", v) for v in variants or ({},)] + [("fallback", {"variant": k}) for k in (0, 1)]
         text = ""
-        for v in variants or ({},):
-            text = render_hint(category, **v)
+        for which, v in candidates:
+            text = render_hint(which or category, **v)
             if lint_hint(text, quote, max_hint_tokens=self.max_hint_tokens) is None:
                 return text
         return text
+
+    def first_error(self, traj: Trajectory, step: int, text: str, start: int, issues: list,
+                    priority: dict[str, int] | None = None) -> Critique:
+        """The critique of the issue whose quote starts first in the generated text (ties: `priority`).
+
+        `issues` have `.span` (None: nothing to quote), `.category` and `.hint_vars`; spans are cut
+        to the generated text (from `start`, the end of the reply prefill). A step that is wrong
+        but has no generated text to quote is `failed` with the reason, never a bad quote.
+        """
+        located = [(sp, iss) for iss in issues if (sp := in_generated(iss.span, start)) is not None]
+        if not located:
+            return self.failed(traj, f"message {step} is wrong but holds no generated text to quote: the model "
+                                     f"generated nothing after its reply prefill {text[:start]!r}")
+        span, iss = min(located, key=lambda x: (x[0][0], (priority or {}).get(x[1].category, 99)))
+        return self.error_at(traj, step, text, span, iss.category, iss.hint_vars)
+
+    def error_at(self, traj: Trajectory, step: int, text: str, span: tuple[int, int], category: str,
+                 hint_vars: list[dict]) -> Critique:
+        """An `error` critique quoting `text[span[0]:span[1]]` at `quote_at=span[0]`."""
+        quote = text[span[0]:span[1]]
+        return self.error(traj, step, quote, self.hint(category, quote, *hint_vars), category, quote_at=span[0])
 
 
 @lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ each call, name, key and value sits in that text. This module parses the Hermes-
     b = blocks[0]
     b.name, b.name_span           # function name and its [start, end) in `text` (no quotes)
     b.args.fields["city"]          # Field(key_span, value: Node) with absolute positions
-    unique_quote(text, *span)      # the span, widened until it occurs exactly once in `text`
+    json_error_span(text, pos, start)  # the error tokens of a call that is not valid JSON
 
 The text is the ground truth: for a rollout message (raw generated text) the parsed
 `tool_calls` may be missing, so critics never rely on them. Nothing here executes anything.
@@ -143,7 +143,7 @@ def _string(s: str, i: int) -> tuple[str, int]:
     try:
         return scanstring(s, i + 1, True)
     except json.JSONDecodeError as e:
-        raise JsonPosError(e.msg.lower(), e.pos) from None
+        raise JsonPosError(re.sub(r"\s+(starting )?at$", "", e.msg.lower()), e.pos) from None
 
 
 @dataclass
@@ -208,7 +208,7 @@ def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
             blk.name, blk.name_span = m.group(1), (m.start(1), m.end(1))
         if not blk.closed and dups and dups[0][0] < blk.error_pos:
             # cut off inside a repetition loop: the error starts where a key first repeats
-            blk.error, blk.error_pos = "a key is repeated (the arguments loop)", dups[0][0]
+            blk.error, blk.error_pos = "a key is repeated (a generation loop)", dups[0][0]
         return
     blk.root = root
     if not root.is_object:
@@ -224,38 +224,70 @@ def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
     blk.args = args.value if args is not None else Node({}, root.close_brace, root.close_brace)
 
 
-def unique_quote(text: str, start: int, end: int) -> str:
-    """`text[start:end]`, widened (left first, then right) until its FIRST occurrence is at `start`.
+_WORD_RE = re.compile(r"[A-Za-z0-9_]+")
+_MAX_STRING_QUOTE = 40
 
-    `Rendered.quote_span` (and every consumer of a Critique) maps the first occurrence, so that is
-    all that is needed; widening further would pull correct tokens into the training span (e.g. a
-    hallucinated name that the model repeats later would otherwise grow into `"name": "...`).
+
+def string_content_span(node: Node) -> tuple[int, int]:
+    """The error tokens of a string value: its characters without the quotes (the quotes are right:
+    a string was expected), or its closing quote when it is empty (closing it at once was the error).
+    Any other value is quoted whole."""
+    if isinstance(node.value, str) and node.end - node.start >= 2:
+        if node.end - node.start == 2:
+            return node.end - 1, node.end
+        return node.start + 1, node.end - 1
+    return node.start, node.end
+
+
+def token_span(text: str, pos: int) -> tuple[int, int] | None:
+    """[pos, end) of the JSON token (or call tag) that starts at `pos`; None at the end of the text.
+
+    A string is the whole string literal (an unterminated one: to the end of its line, at most
+    40 chars); a number or a bare word is the run of word characters; anything else one char.
     """
-    if end <= start:
-        raise ValueError(f"empty quote span [{start}, {end})")
-    while True:
-        q = text[start:end]
-        first = text.find(q)
-        if first == start:
-            return q
-        if start > 0:
-            start -= 1
-        elif end < len(text):
-            end += 1
-        else:
-            return q
+    if pos >= len(text):
+        return None
+    for tag in (CLOSE, OPEN):
+        if text.startswith(tag, pos):
+            return pos, pos + len(tag)
+    c = text[pos]
+    if c == '"':
+        try:
+            _, end = scanstring(text, pos + 1, True)
+            return pos, end
+        except json.JSONDecodeError:
+            line_end = text.find("\n", pos)
+            line_end = len(text) if line_end < 0 else line_end
+            return pos, max(pos + 1, min(line_end, pos + _MAX_STRING_QUOTE))
+    m = _NUMBER_RE.match(text, pos) or _WORD_RE.match(text, pos)
+    if m and m.end() > pos:
+        return pos, m.end()
+    return pos, pos + 1
 
 
-def json_error_span(text: str, pos: int, block_end: int) -> tuple[int, int]:
-    """Span around a JSON error at `pos`: from the last non-space char before it to the next token."""
-    a = pos - 1
-    while a > 0 and text[a] in _WS:
-        a -= 1
-    a = max(a, 0)
-    b = min(max(pos + 1, a + 1), len(text))
-    if text.startswith(CLOSE, pos):
-        b = pos + len(CLOSE)
-    return a, min(max(b, a + 1), max(block_end, a + 1))
+def json_error_span(text: str, pos: int, start: int = 0) -> tuple[int, int] | None:
+    """The error tokens of a call that is not valid JSON: the token at the decoder's error position.
+
+    When the text ended first (the reply was cut off), it is the last generated character and
+    the whitespace after it (`Rendered.quote_span` widens that to the last generated token).
+    Nothing before `start` (the forced reply prefill) is ever returned: None when the model
+    generated nothing there to quote.
+    """
+    span = token_span(text, pos)
+    if span is None:  # cut off
+        a = len(text)
+        while a > start and text[a - 1] in _WS:
+            a -= 1
+        span = (max(a - 1, start), len(text))
+    a, b = max(span[0], start), span[1]
+    return (a, b) if b > a else None
+
+
+def in_generated(span: tuple[int, int] | None, start: int) -> tuple[int, int] | None:
+    """`span` cut to the generated text (from `start`, the end of the reply prefill); None if nothing is left."""
+    if span is None or span[1] <= max(span[0], start):
+        return None
+    return max(span[0], start), span[1]
 
 
 def render_value(v: Any) -> str:

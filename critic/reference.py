@@ -17,15 +17,18 @@ verdict follows BFCL's AST checker semantics (`bfcl_eval.eval_checker.ast_eval.a
 
 When the step is wrong, the earliest problem in its text is reported:
 
-| category          | quote                                                           |
+| category          | quote (the error tokens; data/README.md defines them exactly)   |
 |-------------------|-----------------------------------------------------------------|
-| wrong_function    | the called name                                                 |
-| wrong_value       | the value as rendered                                           |
-| unknown_parameter | the key                                                         |
-| missing_required  | last value + closing brace of the arguments                     |
-| missing_call      | end of the last call (no call: start of the text)               |
+| wrong_function    | the called name, without its quotes                             |
+| wrong_value       | the value; a string of the right type without its quotes        |
+| unknown_parameter | the key, without its quotes                                     |
+| missing_required  | the `}` that closed the arguments instead                       |
+| missing_call      | the last call's `</tool_call>` (the end of turn after it has no |
+|                   | text); no call at all: the first line of the generated text     |
 | extra_call        | the `<tool_call>` tag that opened the extra call                |
 | invalid_json / unparsable_call | as in the schema critic                            |
+
+Every critique carries `quote_at`; no quote starts inside the reply prefill.
 
 Hints give the expected function, the correct value (an acceptable value that does not repeat
 the wrong text) or the parameter to add.
@@ -45,10 +48,11 @@ from critic.calls import (
     Node,
     extract_calls,
     render_value,
-    unique_quote,
+    string_content_span,
 )
-from critic.schema import call_issues, closing_span, tools_by_name
-from opsd.render import message_text
+from critic.schema import call_issues, closing_span, key_name_span, name_span, tools_by_name
+from opsd.io.tasks.bfcl_multi_turn import is_multi_turn
+from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory
 
 _STD_RE = re.compile(r"[ ,./\-_*^]")
@@ -145,18 +149,14 @@ class Problem:
     """Why a call does not match a ground-truth entry, located in the step text."""
 
     category: str
-    span: tuple[int, int]
+    span: tuple[int, int] | None
     hint_vars: list[dict]
-
-    @property
-    def pos(self) -> int:
-        return self.span[0]
 
 
 def call_problems(blk: CallBlock, gt_name: str, gt_params: dict, tools: dict[str, dict]) -> list[Problem]:
     """Problems of one parsed call against one ground-truth entry (empty list = it matches)."""
     if blk.name != gt_name:
-        return [Problem("wrong_function", blk.name_span, [{"expected": gt_name}])]
+        return [Problem("wrong_function", name_span(blk), [{"expected": gt_name}])]
     fn = tools.get(gt_name) or {}
     params = fn.get("parameters") or {}
     props = params.get("properties") or {}
@@ -168,12 +168,15 @@ def call_problems(blk: CallBlock, gt_name: str, gt_params: dict, tools: dict[str
     allowed = [p for p in gt_params if p in props]
     for key, f in args.fields.items():
         if key not in props or key not in gt_params:
-            out.append(Problem("unknown_parameter", f.key_span, [{"function": gt_name, "valid_parameters": allowed}]))
+            out.append(Problem("unknown_parameter", key_name_span(f),
+                               [{"function": gt_name, "valid_parameters": allowed},
+                                {"function": gt_name, "valid_parameters": []}]))
         elif not value_ok(f.value.value, gt_params[key], props[key]):
             good = [a for a in gt_params[key] if a != ""]
             variants = [{"function": gt_name, "parameter": key, "expected": render_value(a)} for a in good]
-            out.append(Problem("wrong_value", (f.value.start, f.value.end),
-                               variants + [{"function": gt_name, "parameter": key, "expected": ""}]))
+            # a string where a string is expected: its quotes are right; any other value is wrong whole
+            span = string_content_span(f.value) if _py_type(props[key]) is str else (f.value.start, f.value.end)
+            out.append(Problem("wrong_value", span, variants + [{"function": gt_name, "parameter": key, "expected": ""}]))
     required = [p for p in params.get("required") or [] if p not in args.fields]
     required += [p for p, vals in gt_params.items() if p not in args.fields and "" not in vals and p not in required]
     for p in required:
@@ -225,10 +228,19 @@ class ReferenceCritic(RuleCritic):
 
     @staticmethod
     def applies(traj: Trajectory) -> bool:
-        """Whether the trajectory carries ground truth to compare with."""
-        return "ground_truth" in traj.meta
+        """Whether the trajectory carries ground truth to compare with (a BFCL multi-turn episode does)."""
+        return "ground_truth" in traj.meta or is_multi_turn(traj.meta)
+
+    @staticmethod
+    def subsumes(traj: Trajectory) -> bool:
+        """Multi-turn episodes: this critic runs the schema checks itself, step by step (critic.multi_turn)."""
+        return is_multi_turn(traj.meta)
 
     def check(self, traj: Trajectory) -> Critique:
+        if is_multi_turn(traj.meta):  # every step of every turn: critic.multi_turn
+            from critic import multi_turn
+
+            return multi_turn.check(self, traj)
         if "ground_truth" not in traj.meta:
             return self.failed(traj, "trajectory has no meta.ground_truth; the reference critic needs it")
         try:
@@ -240,22 +252,20 @@ class ReferenceCritic(RuleCritic):
             return self.failed(traj, "trajectory has no assistant message to check")
         tools = tools_by_name(traj)
         text = message_text(traj.messages[step])
+        start = prefill_length(traj, step)
         blocks = extract_calls(text)
-        bad = [iss for b in blocks if not b.ok for iss in call_issues(text, b, tools)]
+        bad = [iss for b in blocks if not b.ok for iss in call_issues(text, b, tools, start)]
         calls = [b for b in blocks if b.ok]
-        if not bad and is_valid(calls, gt, tools):
+        if len(calls) == len(blocks) and is_valid(calls, gt, tools):
             return self.ok(traj)
-        problems = [Problem(i.category, i.span, i.hint_vars) for i in bad] + self._problems(text, calls, gt, tools)
-        if not problems:
-            return self.failed(traj, "the calls do not match the ground truth but no problem could be located")
-        p = min(problems, key=lambda x: x.pos)
-        if p.span[1] <= p.span[0]:
-            return self.failed(traj, f"{p.category}: message {step} has no text to quote")
-        quote = unique_quote(text, *p.span)
-        return self.error(traj, step, quote, self.hint(p.category, quote, *p.hint_vars), p.category)
+        problems = [Problem(i.category, i.span, i.hint_vars) for i in bad]
+        problems += self._problems(text, start, calls, gt, tools, missing=len(calls) == len(blocks))
+        return self.first_error(traj, step, text, start, problems)
 
-    def _problems(self, text: str, calls: list[CallBlock], gt: list[tuple[str, dict]],
-                  tools: dict[str, dict]) -> list[Problem]:
+    def _problems(self, text: str, start: int, calls: list[CallBlock], gt: list[tuple[str, dict]],
+                  tools: dict[str, dict], *, missing: bool = True) -> list[Problem]:
+        """Problems of the parsed calls against the ground truth; `missing=False`: a call that did
+        not parse is already the error, so no `missing_call` is reported."""
         matched = match_calls(calls, gt, tools)
         free_gt = [i for i in range(len(gt)) if i not in matched]
         free_calls = [j for j in range(len(calls)) if j not in matched.values()]
@@ -269,15 +279,22 @@ class ReferenceCritic(RuleCritic):
             best = min(same, key=lambda i: len(call_problems(blk, *gt[i], tools)))
             out += call_problems(blk, *gt[best], tools)
             free_gt.remove(best)
-        if free_gt and len(calls) < len(gt):
+        if missing and free_gt and len(calls) < len(gt):
             name = gt[free_gt[0]][0]
-            hv = [{"expected": name, "remaining": len(gt) - len(calls)}]
-            if calls:
-                last = calls[-1]
-                span = (last.end - len(CLOSE), last.end) if last.closed else (last.args.start, last.args.end)
-            else:
-                first_line = text.lstrip().split("\n", 1)[0][:40]
-                a = text.find(first_line) if first_line else 0
-                span = (a, a + len(first_line))
-            out.append(Problem("missing_call", span, hv))
+            hv = [{"expected": name, "remaining": len(gt) - len(calls)}, {"expected": "", "remaining": len(gt) - len(calls)}]
+            out.append(Problem("missing_call", missing_call_span(text, start, calls), hv))
         return out
+
+
+def missing_call_span(text: str, start: int, calls: list[CallBlock]) -> tuple[int, int] | None:
+    """Where the turn ended a call too early: the last call's closing tag (or, never closed, its
+    closing brace); with no call at all, the first line of the generated text (None if empty)."""
+    if calls:
+        last = calls[-1]
+        return (last.end - len(CLOSE), last.end) if last.closed else (last.root.close_brace, last.root.end)
+    a = start
+    while a < len(text) and text[a].isspace():
+        a += 1
+    b = text.find("\n", a)
+    b = len(text) if b < 0 else b
+    return (a, min(b, a + 40)) if b > a else None

@@ -3,21 +3,23 @@
 Assistant steps are read in order; within a step, the error that starts earliest in the step's
 rendered text wins (later text is already conditioned on it). Categories and quotes:
 
-| category             | what                                              | quote                                  |
-|----------------------|---------------------------------------------------|----------------------------------------|
-| unknown_tool         | name not among the tools                          | the name                               |
-| invalid_json         | complete `<tool_call>` block that is not JSON     | text around the decoder's error point  |
-| unparsable_call      | block never closed (truncated) or not a call obj  | text around the decoder's error point  |
-| unknown_parameter    | argument key the function does not declare        | the key, e.g. `"rate"`                 |
-| missing_required     | required parameter absent                         | last value + closing brace (where the  |
-|                      |                                                   | model closed the object instead)       |
-| type_mismatch        | value of the wrong JSON type                      | the value as rendered                  |
-| enum_violation       | value outside `enum`/`const`                      | the value as rendered                  |
-| constraint_violation | other schema rules (minimum, pattern, ...)        | the value as rendered                  |
-| tool_error           | a tool result reports an error for a valid call   | the argument the error names, else the |
-|                      |                                                   | arguments object                       |
+| category             | what                                              | quote (the error tokens)                |
+|----------------------|---------------------------------------------------|-----------------------------------------|
+| unknown_tool         | name not among the tools                          | the name, without its quotes            |
+| invalid_json         | complete `<tool_call>` block that is not JSON     | the token at the decoder's error point  |
+| unparsable_call      | block never closed (truncated) or not a call obj  | the token at the decoder's error point; |
+|                      |                                                   | cut off: the last generated token       |
+| unknown_parameter    | argument key the function does not declare        | the key, without its quotes             |
+| missing_required     | required parameter absent                         | the `}` that closed the object instead  |
+| type_mismatch        | value of the wrong JSON type                      | the value, whole (`"three"`)            |
+| enum_violation       | value outside `enum`/`const`                      | the value (a string without its quotes) |
+| constraint_violation | other schema rules (minimum, pattern, ...)        | the value (a string without its quotes) |
+| tool_error           | a tool result reports an error for a valid call   | the value the error names, else the     |
+|                      |                                                   | arguments object                        |
 
-Every quote is widened until it is unique in the step text. Hints come from
+data/README.md ("Which tokens a quote covers") defines these exactly. Every critique carries
+`quote_at`, the quote's offset in the step text, so a quote need not be unique; no quote
+starts inside the step's forced reply prefill (`opsd.render.prefill_length`). Hints come from
 `prompts/hints/<category>.j2` and never repeat the quoted text.
 
     opsd critique --in data/sample_openai.jsonl --out critiques.jsonl --critic schema
@@ -36,10 +38,11 @@ from critic.calls import (
     Node,
     extract_calls,
     json_error_span,
+    in_generated,
     render_value,
-    unique_quote,
+    string_content_span,
 )
-from opsd.render import message_text
+from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory
 
 _PRIORITY = {c: k for k, c in enumerate(("unparsable_call", "invalid_json", "unknown_tool", "unknown_parameter",
@@ -96,11 +99,14 @@ def _param_name(path) -> str:
 
 
 def closing_span(obj: Node) -> tuple[int, int]:
-    """Decision point where an object was closed: its last value through the closing brace."""
-    if obj.fields:
-        last = list(obj.fields.values())[-1]
-        return last.value.start, obj.end
-    return obj.start, obj.end
+    """Decision point where an object was closed too early: its closing brace."""
+    return obj.close_brace, obj.end
+
+
+def name_span(blk: CallBlock) -> tuple[int, int]:
+    """The called name without its quotes; an empty name: its closing quote."""
+    a, b = blk.name_span
+    return (a, b) if b > a else (b, b + 1)
 
 
 def _type_names(t) -> str:
@@ -110,29 +116,26 @@ def _type_names(t) -> str:
     return " or ".join(names.get(x, str(x)) for x in ts)
 
 
-def call_issues(text: str, blk: CallBlock, tools: dict[str, dict]) -> list[Issue]:
-    """All schema problems of one `<tool_call>` block."""
+def call_issues(text: str, blk: CallBlock, tools: dict[str, dict], start: int = 0) -> list[Issue]:
+    """All schema problems of one `<tool_call>` block (`start`: where the generated text begins)."""
     if not blk.ok:
         pos = blk.error_pos if blk.error_pos is not None else blk.start
         category = "invalid_json" if blk.closed and blk.root is None else "unparsable_call"
         problem = blk.error.rstrip(".")
         if not blk.closed:
             problem += "; the call was never closed"
-        hv = [{"function": blk.name or "", "problem": problem, "valid_tools": list(tools)},
-              {"function": blk.name or "", "problem": "", "valid_tools": list(tools)}]
-        span = json_error_span(text, pos, blk.end)
-        if text.startswith('"', pos):  # a key or an unterminated string starts here: quote its opening
-            close = text.find('"', pos + 1, min(pos + 40, blk.end))
-            span = (pos, close + 1 if close > 0 else min(pos + 12, blk.end))
+        # most informative first; the `plain` variants name no JSON key (the quote may be one)
+        hv = [{"problem": p, "plain": plain} for plain in (False, True) for p in (problem, "")]
+        span = json_error_span(text, pos, start)  # None: nothing generated to quote (first_error fails it)
         issues = [Issue(pos, category, span, hv)]
         if blk.name is not None and blk.name_span and blk.name not in tools:
             # the name came first and was already wrong: that is the error to train on
-            issues.append(Issue(blk.name_span[0], "unknown_tool", blk.name_span,
+            issues.append(Issue(blk.name_span[0], "unknown_tool", name_span(blk),
                                 [{"valid_tools": v} for v in _listed(sorted(tools))]))
         return issues
     fn = tools.get(blk.name)
     if fn is None:
-        return [Issue(blk.name_span[0], "unknown_tool", blk.name_span,
+        return [Issue(blk.name_span[0], "unknown_tool", name_span(blk),
                       [{"valid_tools": v} for v in _listed(sorted(tools))])]
     args = blk.args
     name = blk.name
@@ -144,7 +147,7 @@ def call_issues(text: str, blk: CallBlock, tools: dict[str, dict]) -> list[Issue
     props = params.get("properties") or {}
     for key, f in args.fields.items():  # unknown keys at the top level, declared or not by additionalProperties
         if key not in props:
-            issues.append(Issue(f.key_span[0], "unknown_parameter", f.key_span,
+            issues.append(Issue(f.key_span[0], "unknown_parameter", key_name_span(f),
                                 [{"function": name, "valid_parameters": v} for v in _listed(list(props))]))
     try:
         cls = jsonschema.validators.validator_for(params)
@@ -178,12 +181,12 @@ def _schema_issue(e: jsonschema.ValidationError, args: Node, fn_name: str) -> li
                        {"function": fn_name, "parameter": full, "description": "", "type": "", "value": ""}])]
     if v == "additionalProperties" and path:  # nested objects; the top level is checked by name
         allowed = list((e.schema.get("properties") or {}).keys())
-        return [Issue(f.key_span[0], "unknown_parameter", f.key_span,
+        return [Issue(f.key_span[0], "unknown_parameter", key_name_span(f),
                       [{"function": fn_name, "valid_parameters": allowed}])
                 for k, f in node.fields.items() if k not in allowed]
     if v == "additionalProperties":
         return []
-    span = (node.start, node.end)
+    span = (node.start, node.end)  # a wrong type: the whole value (a string's opening quote is wrong too)
     if v == "type":
         return [Issue(node.start, "type_mismatch", span,
                       [{"function": fn_name, "parameter": param, "expected": _type_names(e.validator_value)}])]
@@ -192,14 +195,23 @@ def _schema_issue(e: jsonschema.ValidationError, args: Node, fn_name: str) -> li
         if types:
             return [Issue(node.start, "type_mismatch", span,
                           [{"function": fn_name, "parameter": param, "expected": _type_names(types)}])]
+    span = string_content_span(node)  # a value of the right type: a string's quotes are right
     if v in ("enum", "const"):
         allowed = e.validator_value if v == "enum" else [e.validator_value]
         shown = [render_value(a) for a in allowed]
         return [Issue(node.start, "enum_violation", span,
-                      [{"function": fn_name, "parameter": param, "allowed": a} for a in _listed(shown)])]
+                      [{"function": fn_name, "parameter": param, "allowed": a} for a in _listed(shown)]
+                      + [{"function": fn_name, "parameter": param, "allowed": []}])]
     constraint = f"{v} {render_value(e.validator_value)}"[:80]
     return [Issue(node.start, "constraint_violation", span,
-                  [{"function": fn_name, "parameter": param, "constraint": constraint}])]
+                  [{"function": fn_name, "parameter": param, "constraint": constraint},
+                   {"function": fn_name, "parameter": param, "constraint": ""}])]
+
+
+def key_name_span(f) -> tuple[int, int]:
+    """An object key without its quotes (the quotes are right; the name is the error); empty: its closing quote."""
+    a, b = f.key_span
+    return (a + 1, b - 1) if b - a > 2 else (b - 1, b)
 
 
 def tool_result_error(content) -> str | None:
@@ -243,22 +255,22 @@ class SchemaCritic(RuleCritic):
                 continue
             if not tools:
                 return self.failed(traj, f"message {i} calls tools but the trajectory declares no tools to check against")
-            issues = [iss for b in blocks for iss in call_issues(text, b, tools)]
-            if not issues:
-                issues = self._tool_errors(traj, i, text, blocks, tools)
-            if issues:
-                iss = min(issues, key=lambda x: (x.pos, _PRIORITY.get(x.category, 99)))
-                quote = unique_quote(text, *iss.span)
-                hint = self.hint(iss.category, quote, *iss.hint_vars)
-                return self.error(traj, i, quote, hint, iss.category)
+            start = prefill_length(traj, i)
+            issues = [iss for b in blocks for iss in call_issues(text, b, tools, start)]
+            if not issues and all(b.ok for b in blocks):
+                issues = self._tool_errors(traj, i, blocks, tools)
+            if issues or not all(b.ok for b in blocks):
+                return self.first_error(traj, i, text, start, issues, _PRIORITY)
         return self.ok(traj)
 
-    def _tool_errors(self, traj: Trajectory, step: int, text: str, blocks: list[CallBlock],
-                     tools: dict[str, dict]) -> list[Issue]:
-        """A `tool_error` issue for the first call of `step` whose result reports an error."""
+    def _tool_errors(self, traj: Trajectory, step: int, blocks: list[CallBlock], tools: dict[str, dict]) -> list[Issue]:
+        """A `tool_error` issue for the first call of `step` whose result reports an error.
+
+        Every call of the step is valid here (unknown keys were reported before), so the error
+        names a value, or else the whole arguments object is quoted (the name when it has none).
+        """
         msg = traj.messages[step]
         ids = [c.get("id") for c in msg.get("tool_calls") or []]
-        good = [b for b in blocks if b.ok]
         for m in traj.messages[step + 1:]:
             if m.get("role") != "tool":
                 break
@@ -266,24 +278,19 @@ class SchemaCritic(RuleCritic):
             if err is None:
                 continue
             k = ids.index(m["tool_call_id"]) if m.get("tool_call_id") in ids else 0
-            if not good:
-                return []
-            blk = good[min(k, len(good) - 1)]
-            fn = tools[blk.name]
-            props = (fn.get("parameters") or {}).get("properties") or {}
+            blk = blocks[min(k, len(blocks) - 1)]
+            props = (tools[blk.name].get("parameters") or {}).get("properties") or {}
             valid = list(props)
             for key, f in blk.args.fields.items():  # a value the error names
                 if isinstance(f.value.value, (str, int, float)) and not isinstance(f.value.value, bool) \
                         and _mentions(err, str(f.value.value)):
                     desc = str((props.get(key) or {}).get("description") or "")[:120]
-                    return [Issue(f.value.start, "tool_error", (f.value.start, f.value.end),
+                    return [Issue(f.value.start, "tool_error", string_content_span(f.value),
                                   [{"function": blk.name, "parameter": key, "valid_parameters": valid, "description": desc},
-                                   {"function": blk.name, "parameter": key, "valid_parameters": valid, "description": ""}])]
-            for key, f in blk.args.fields.items():  # an undeclared key the error names
-                if key not in props and _mentions(err, key):
-                    return [Issue(f.key_span[0], "tool_error", f.key_span,
-                                  [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""}])]
-            span = (blk.args.start, blk.args.end) if blk.args.end > blk.args.start else blk.name_span
+                                   {"function": blk.name, "parameter": key, "valid_parameters": valid, "description": ""},
+                                   {"function": "", "parameter": key, "valid_parameters": [], "description": ""}])]
+            span = (blk.args.start, blk.args.end) if blk.args.end > blk.args.start else name_span(blk)
             return [Issue(span[0], "tool_error", span,
-                          [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""}])]
+                          [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""},
+                           {"function": blk.name, "parameter": "", "valid_parameters": [], "description": ""}])]
         return []

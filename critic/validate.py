@@ -4,7 +4,11 @@ Every critique goes through `check_critique`; a critique that breaks a rule come
 verdict `failed` with the reason (nothing is dropped, nothing raises). Rules for `error`:
 
 - `step` is an int index of an existing message whose role is `assistant`;
-- `quote` is non-empty and occurs verbatim in `opsd.render.message_text(messages[step])`;
+- `quote` is non-empty and occurs verbatim in `opsd.render.message_text(messages[step])`:
+  at char `quote_at` when the critique gives it (rule critics always do), else exactly once (an
+  ambiguous quote is rejected, never guessed; the LLM critic is re-asked with the reason);
+- the quote starts at or after the forced reply prefill of the step
+  (`opsd.render.prefill_length`): it covers only tokens the model generated;
 - `hint` is non-empty and at most `max_hint_tokens` tokens (approximate count, see
   `approx_tokens`);
 - the hint does not contain the quoted erroneous text: the quote's core (surrounding
@@ -12,14 +16,15 @@ verdict `failed` with the reason (nothing is dropped, nothing raises). Rules for
   case-insensitively. A hint that repeats the wrong token makes the model copy it
   (FINDINGS.md: +0.55 on the error token instead of -1.14).
 
-`ok` critiques must not carry a step/quote; `failed` ones must say why.
+`ok` critiques must not carry a step/quote; `failed` ones must say why. A valid `error` critique
+comes back with `quote_at` filled in.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 
-from opsd.render import message_text
+from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory
 
 DEFAULT_MAX_HINT_TOKENS = 64
@@ -79,7 +84,7 @@ def problem(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX
     if c.verdict == "failed":
         return None if c.error else "failed critique has no error reason"
     if c.verdict == "ok":
-        if c.step is not None or c.quote:
+        if c.step is not None or c.quote or c.quote_at is not None:
             return "an 'ok' critique must not point to a step or quote"
         return None
     step = c.step
@@ -94,17 +99,50 @@ def problem(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX
     if not isinstance(c.quote, str) or not c.quote:
         return "quote is empty"
     text = message_text(traj.messages[step])
-    if c.quote not in text:
-        return f"quote {c.quote[:80]!r} does not occur verbatim in message {step}"
+    at, why = locate_quote(c.quote, c.quote_at, text, step)
+    if why:
+        return why
+    forced = prefill_length(traj, step)
+    if at < forced:
+        return (f"quote starts inside the forced reply prefill {text[:forced]!r} of message {step} (chars 0-{forced - 1}); "
+                "quote only text the model generated")
     if c.category is not None and not isinstance(c.category, str):
         return f"category must be a string, got {type(c.category).__name__}"
     return lint_hint(c.hint, c.quote, max_hint_tokens=max_hint_tokens)
+
+
+def occurrences(quote: str, text: str) -> list[int]:
+    """Start offsets of every occurrence of `quote` in `text`, overlapping ones included."""
+    out, a = [], text.find(quote)
+    while a >= 0:
+        out.append(a)
+        a = text.find(quote, a + 1)
+    return out
+
+
+def locate_quote(quote: str, quote_at, text: str, step: int) -> tuple[int, str | None]:
+    """(offset of the quote in `text`, None), or (-1, reason) when it is not there or ambiguous."""
+    if quote_at is not None:
+        if isinstance(quote_at, bool) or not isinstance(quote_at, int):
+            return -1, f"quote_at must be an integer char offset or null, got {quote_at!r}"
+        if quote_at < 0 or text[quote_at:quote_at + len(quote)] != quote:
+            return -1, f"quote {quote[:80]!r} is not at char {quote_at} of message {step}"
+        return quote_at, None
+    hits = occurrences(quote, text)
+    if not hits:
+        return -1, f"quote {quote[:80]!r} does not occur verbatim in message {step}"
+    if len(hits) > 1:
+        return -1, (f"quote {quote[:80]!r} occurs {len(hits)} times in message {step}; quote a longer part of "
+                    "the message that occurs only once")
+    return hits[0], None
 
 
 def check_critique(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> Critique:
     """`c` if it is valid, else a `failed` copy carrying the reason (and what was proposed)."""
     reason = problem(c, traj, max_hint_tokens=max_hint_tokens)
     if reason is None:
+        if c.verdict == "error" and c.quote_at is None:
+            return dataclasses.replace(c, quote_at=message_text(traj.messages[c.step]).find(c.quote))
         return c
     return dataclasses.replace(c, verdict="failed", error=f"invalid critique: {reason}")
 

@@ -68,6 +68,25 @@ def message_text(msg: dict) -> str:
     return "\n".join(parts)
 
 
+def prefill_length(traj: Trajectory, step: int) -> int:
+    """How many chars at the start of `message_text(traj.messages[step])` the model did not choose.
+
+    A reply prefill (e.g. `<tool_call>\n`) is forced into the prompt before generation, so its
+    tokens are not the model's decisions and no quote may start inside them. It is declared by
+    the message's `"prefill"` key (a prefix of its `content`), or, for logs written before that
+    key existed, by `meta["prefill"]`, which applies to the last assistant message. 0 when none
+    is declared or the declared text is not a prefix of the message text.
+    """
+    msg = traj.messages[step]
+    prefill = msg.get("prefill")
+    if prefill is None and msg.get("role") == "assistant":
+        last = max((i for i, m in enumerate(traj.messages) if m.get("role") == "assistant"), default=None)
+        prefill = traj.meta.get("prefill") if last == step else None
+    if not isinstance(prefill, str) or not prefill:
+        return 0
+    return len(prefill) if message_text(msg).startswith(prefill) else 0
+
+
 def tools_system_text(tools: list[dict], system: str | None = None) -> str:
     """System message text that lists the tools in Hermes/Qwen style."""
     return _tools_template().render(tools=tools, system=system or "").rstrip("\n")
@@ -116,18 +135,27 @@ class Rendered:
             self._offsets[step] = offs
         return self._offsets[step]
 
-    def quote_span(self, step: int, quote: str, occurrence: int = 0) -> tuple[int, int]:
-        """Token span of the `occurrence`-th verbatim `quote` in message `step`, widened to whole tokens."""
+    def quote_span(self, step: int, quote: str, occurrence: int = 0, *, at: int | None = None) -> tuple[int, int]:
+        """Token span of a verbatim `quote` in message `step`, widened to whole tokens.
+
+        `at` (a `Critique.quote_at`) is the quote's char offset in the message text and wins;
+        otherwise the `occurrence`-th match is used (callers check that a quote is unique).
+        """
         if not 0 <= step < len(self.body_spans):
             raise IndexError(f"step {step} out of range: trajectory has {len(self.body_spans)} messages")
         if not quote:
             raise ValueError("quote must be non-empty")
         text = self.body_text(step)
-        a = -1
-        for _ in range(occurrence + 1):
-            a = text.find(quote, a + 1)
-            if a < 0:
-                raise ValueError(f"quote {quote[:60]!r} (occurrence {occurrence}) not found in message {step}")
+        if at is not None:
+            if not (0 <= at and text[at:at + len(quote)] == quote):
+                raise ValueError(f"quote {quote[:60]!r} is not at char {at} of message {step}")
+            a = at
+        else:
+            a = -1
+            for _ in range(occurrence + 1):
+                a = text.find(quote, a + 1)
+                if a < 0:
+                    raise ValueError(f"quote {quote[:60]!r} (occurrence {occurrence}) not found in message {step}")
         b = a + len(quote)
         hit = [k for k, (cs, ce) in enumerate(self._char_offsets(step))
                if cs < b and ce > a]

@@ -56,7 +56,11 @@ class Critique:
 
     verdict: "error" | "ok" | "failed". For "error", `step` is the index in `messages` of the
     erroneous assistant message and `quote` a verbatim substring of its rendered text
-    (`opsd.render.message_text`). For "failed", `error` says why (nothing is dropped).
+    (`opsd.render.message_text`). `quote_at` is the char offset of the quote in that text; when
+    it is None the quote must occur exactly once there (an ambiguous quote is never guessed).
+    For "failed", `error` says why (nothing is dropped); `retryable` marks a failure of the
+    transport (server down, 5xx after all retries) that the next run retries.
+    `disagreement` records a cross-check that overruled another critic (`schema+llm`).
     """
 
     trajectory_id: str
@@ -69,6 +73,9 @@ class Critique:
     usage: dict = field(default_factory=dict)  # {"prompt_tokens": .., "completion_tokens": ..}
     error: str | None = None
     trajectory_hash: str | None = None  # Trajectory.content_hash() of what was critiqued
+    quote_at: int | None = None  # char offset of `quote` in message_text(messages[step]); None = unique quote
+    retryable: bool = False  # a transport failure: the next run retries it
+    disagreement: dict | None = None  # {"overruled": {"name", "verdict"}, "by": critic name}
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

@@ -1,10 +1,11 @@
 """Position-tracking JSON parser and tool-call blocks: spans slice back to the exact source text."""
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critic.calls import extract_calls, parse_value, unique_quote
+from critic.calls import extract_calls, in_generated, json_error_span, parse_value, token_span
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
@@ -32,17 +33,40 @@ def test_parse_value_matches_json_and_spans_slice_back(value, indent, ascii_):
     _check_spans(node, text)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(alphabet="ab\"{} ", min_size=1, max_size=30), st.data())
-def test_unique_quote_first_occurrence_covers_the_span(text, data):
-    a = data.draw(st.integers(0, len(text) - 1))
-    b = data.draw(st.integers(a + 1, len(text)))
-    q = unique_quote(text, a, b)
-    first = text.find(q)  # what Rendered.quote_span maps
-    assert first <= a and first + len(q) >= b
-    # minimal on the left: no shorter widening already had its first occurrence in place
-    if first < a:
-        assert text.find(text[first + 1:first + len(q)]) < first + 1 or first + len(q) > b
+@pytest.mark.parametrize("text, pos, quote", [
+    ('{"a": 1 2}', 8, "2"),  # the token at the error, not the correct `1` before it
+    ('{"name": "x" "arguments": {}}', 13, '"arguments"'),  # a whole string literal
+    ('{"a": 1\n</tool_call>', 8, "</tool_call>"),  # closed before the object was
+    ('{"a": tru}', 6, "tru"),
+    ('{"a": -}', 6, "-"),
+    ('{"a": 12.5e3x}', 6, "12.5e3"),
+    ('{"a": "unterminated and long enough to be cut at forty chars', 6,
+     '"unterminated and long enough to be cut '),
+    ('{"a": "line\nnext', 6, '"line'),
+])
+def test_json_error_span_is_the_token_at_the_error(text, pos, quote):
+    a, b = json_error_span(text, pos)
+    assert (text[a:b], a) == (quote, pos)
+
+
+@pytest.mark.parametrize("text, start, quote", [
+    ('<tool_call>\n{"a": "Paris"', 12, '"'),  # cut off: the last generated char (quote_span: its token)
+    ('<tool_call>\n{"a": 15', 12, "5"),
+    ('<tool_call>\n{"a": 1,\n  ', 12, ",\n  "),  # ... and the whitespace after it
+    ('<tool_call>\n  \n', 12, "  \n"),  # only whitespace was generated: that is the quote
+])
+def test_cut_off_quotes_the_last_generated_char(text, start, quote):
+    a, b = json_error_span(text, len(text), start)
+    assert (text[a:], b) == (quote, len(text))
+
+
+def test_nothing_generated_after_the_prefill_has_no_quote():
+    text = "<tool_call>\n"
+    assert json_error_span(text, len(text), len(text)) is None
+    assert json_error_span(text, len(text), 0) == (10, 12)  # without a prefill the tag's end is generated
+    assert token_span(text, len(text)) is None
+    assert in_generated((3, 12), 12) is None and in_generated((3, 14), 12) == (12, 14)
+    assert in_generated(None, 0) is None and in_generated((5, 9), 0) == (5, 9)
 
 
 def test_extract_calls_positions_and_truncation():

@@ -10,18 +10,18 @@ from critic.validate import check_critique, lint_hint
 from opsd.render import message_text
 from opsd.types import Trajectory
 
-# id -> (step, category, quote); quotes are what the model wrote wrong
+# id -> (step, category, quote, the text right before the quote); quotes are the error tokens (data/README.md)
 EXPECTED = {
-    "weather-unknown-tool": (2, "unknown_tool", "weather.get_current"),
-    "flights-missing-arg": (2, "missing_required", "2}"),
-    "flights-wrong-type": (2, "type_mismatch", '"three"'),
-    "currency-bad-json": (1, "invalid_json", "}\n</tool_call>"),
-    "weather-enum": (2, "enum_violation", '"kelvin"'),
-    "currency-tool-error": (1, "unknown_parameter", '"rate"'),
-    "sg-flights-missing-arg": (1, "missing_required", '"NRT"}'),
-    "sg-unknown-tool": (1, "unknown_tool", "get_forecast"),
+    "weather-unknown-tool": (2, "unknown_tool", "weather.get_current", '{"name": "'),
+    "flights-missing-arg": (2, "missing_required", "}", '"passengers": 2'),
+    "flights-wrong-type": (2, "type_mismatch", '"three"', '"passengers": '),
+    "currency-bad-json": (1, "invalid_json", "</tool_call>", '"EUR"}\n'),
+    "weather-enum": (2, "enum_violation", "kelvin", '"unit": "'),
+    "currency-tool-error": (1, "unknown_parameter", "rate", '"JPY", "'),
+    "sg-flights-missing-arg": (1, "missing_required", "}", '"origin": "NRT"'),
+    "sg-unknown-tool": (1, "unknown_tool", "get_forecast", '{"name": "'),
 }
-CLEAN = ("weather-ok", "multi-turn-ok", "sg-weather-ok", "traj-835d2c7ec988", "traj-5bbf9d4417ff")
+CLEAN = ("weather-ok", "multi-turn-ok", "sg-weather-ok", "sample_messages.jsonl:1", "sample_messages.jsonl:2")
 
 
 def _check(t):
@@ -31,10 +31,10 @@ def _check(t):
 @pytest.mark.parametrize("tid", sorted(EXPECTED))
 def test_localises_sample_errors(samples, tid):
     c = _check(samples[tid])
-    step, category, quote = EXPECTED[tid]
+    step, category, quote, before = EXPECTED[tid]
     assert (c.verdict, c.step, c.category, c.quote) == ("error", step, category, quote), c
     text = message_text(samples[tid].messages[step])
-    assert text.count(c.quote) == 1
+    assert text[c.quote_at:c.quote_at + len(quote)] == quote and text[:c.quote_at].endswith(before)
     assert lint_hint(c.hint, c.quote) is None
 
 
@@ -61,7 +61,7 @@ def test_tool_error_localises_the_argument_the_tool_names(samples):
     t = _with_calls(base, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Atlantis"}}\n</tool_call>',
                     [{"role": "tool", "tool_call_id": "call_0", "content": '{"error": "unknown city Atlantis"}'}])
     c = _check(t)
-    assert (c.verdict, c.category, c.quote) == ("error", "tool_error", '"Atlantis"')
+    assert (c.verdict, c.category, c.quote) == ("error", "tool_error", "Atlantis")
     assert "`city`" in c.hint and "atlantis" not in c.hint.lower()
 
 
@@ -80,14 +80,12 @@ def test_truncated_raw_output_is_unparsable_call(samples):
     assert c.quote in message_text(t.messages[2])
 
 
-def test_earliest_error_in_the_text_wins_and_quotes_are_unique(samples):
-    # the value "celsius" appears in the user text too, and twice in the step: the quote must widen
-    t = _with_calls(samples["weather-ok"],
-                    'celsius?\n<tool_call>\n{"name": "get_weather", "arguments": {"unit": "celsius", "town": "celsius"}}'
-                    '\n</tool_call>')
+def test_earliest_error_in_the_text_wins_and_repeated_quotes_carry_their_offset(samples):
+    # "town" occurs in the prose before the call too: quote_at says which occurrence is the error
+    text = 'town?\n<tool_call>\n{"name": "get_weather", "arguments": {"unit": "celsius", "town": "celsius"}}\n</tool_call>'
+    t = _with_calls(samples["weather-ok"], text)
     c = _check(t)
-    text = message_text(t.messages[2])
-    assert c.category == "unknown_parameter" and '"town"' in c.quote and text.count(c.quote) == 1
+    assert (c.category, c.quote, c.quote_at) == ("unknown_parameter", "town", text.index('"town"') + 1)
     # a type error before a missing required parameter is reported first
     t2 = _with_calls(samples["weather-ok"], '<tool_call>\n{"name": "search_flights", "arguments": {"origin": 5}}\n</tool_call>')
     assert _check(t2).category == "type_mismatch"
@@ -102,10 +100,11 @@ def test_nested_schema_errors_and_constraints(samples):
                           '"legs": [{"day": 1}, {"day": "two"}]}}\n</tool_call>')
     c = _check(t)
     assert (c.category, c.quote) == ("type_mismatch", '"two"') and "legs[1].day" in c.hint
-    t2 = _with_calls(base, '<tool_call>\n{"name": "search_flights", "arguments": {"origin": "A", "destination": "B", '
-                           '"passengers": 0}}\n</tool_call>')
-    c2 = _check(t2)
-    assert c2.category == "constraint_violation" and c2.quote == "0}" or c2.quote.startswith("0")
+    text2 = ('<tool_call>\n{"name": "search_flights", "arguments": {"origin": "A", "destination": "B", '
+             '"passengers": 0}}\n</tool_call>')
+    c2 = _check(_with_calls(base, text2))
+    assert (c2.category, c2.quote, c2.quote_at) == ("constraint_violation", "0", text2.index("0}"))
+    assert "`passengers`" in c2.hint and "minimum 1" in c2.hint
 
 
 def test_calls_without_declared_tools_fail_with_reason():
@@ -144,4 +143,4 @@ def test_truncated_repetition_loop_quotes_the_first_repeated_key(samples):
     c = _check(t)
     assert c.category == "unparsable_call" and "repeated" in c.hint
     first_repeat = text.index('"origin"', text.index('"origin"') + 1)
-    assert text.index(c.quote) <= first_repeat < first_repeat + len('"origin"') <= text.index(c.quote) + len(c.quote)
+    assert (c.quote, c.quote_at) == ('"origin"', first_repeat)

@@ -1,4 +1,5 @@
 """Critique validation: every rule turns a bad critique into `failed` with a reason."""
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -21,9 +22,11 @@ def _c(**kw):
     return Critique("weather-unknown-tool", kw.pop("verdict", "error"), **{**GOOD, **kw})
 
 
-def test_valid_critique_passes_unchanged(samples):
+def test_valid_critique_passes_with_its_offset_filled_in(samples):
     c = _c()
-    assert check_critique(c, samples["weather-unknown-tool"]) is c
+    out = check_critique(c, samples["weather-unknown-tool"])
+    assert out == dataclasses.replace(c, quote_at=22)  # '<tool_call>\n{"name": "' is 22 chars
+    assert check_critique(out, samples["weather-unknown-tool"]) is out
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -36,9 +39,17 @@ def test_valid_critique_passes_unchanged(samples):
     (dict(hint="  "), "hint is empty"),
     (dict(hint="word " * 80), "too long"),
     (dict(hint="Do not call weather.get_current again."), "repeats the erroneous text"),
+    (dict(quote_at=21), "is not at char 21 of message 2"),
+    (dict(quote_at=-1), "is not at char -1"),
+    (dict(quote_at="22"), "quote_at must be an integer"),
+    (dict(quote_at=True), "quote_at must be an integer"),
+    (dict(quote="tool_call"), "occurs 2 times in message 2"),  # ambiguous: never guessed
+    (dict(quote="<tool_call>"), "inside the forced reply prefill"),
 ])
 def test_each_rule_fails_the_critique_with_its_reason(samples, change, reason):
-    out = check_critique(_c(**change), samples["weather-unknown-tool"])
+    t = samples["weather-unknown-tool"]
+    t = dataclasses.replace(t, messages=[*t.messages[:2], {**t.messages[2], "prefill": "<tool_call>\n"}])
+    out = check_critique(_c(**change), t)
     assert out.verdict == "failed" and reason in out.error
     assert out.step == _c(**change).step  # what was proposed is kept for inspection
 
