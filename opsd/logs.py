@@ -1,15 +1,27 @@
 """`opsd validate` and `opsd render`: inspect trajectory logs.
 
-`opsd validate FILE... [--rejects PATH]`: check trajectory logs, print counts per format.
+`opsd validate INPUT... [--rejects PATH] [--out PATH]`: check logs in any format the loader reads
+(JSON lines or documents, compressed or not, Parquet/Arrow, `datasets` folders, cached hub ids),
+count them per format, and optionally write them normalised (JSONL or a `datasets` folder).
 
-Without --rejects, the first invalid line stops the run (exit 1) with
-`FILE:LINE: <json path>: <what was expected>`. With --rejects, bad lines go to PATH with their
+Without --rejects, the first invalid record stops the run (exit 1) with
+`FILE:LINE: <json path>: <what was expected>`. With --rejects, bad records go to PATH with their
 reason, validation continues, and the summary counts them (exit 1 if any were rejected).
+
+`opsd render FILE [--id ID | --all]`: show trajectories rendered with a model's chat template, with
+message boundaries and token counts, and a warning when one is longer than the model's context.
+
+    from opsd.logs import ValidateConfig, validate_main
+    result = validate_main(ValidateConfig(inputs=["data/sample_otel.jsonl"], rejects="rejects.jsonl"))
+    print(format_validate(result))
 """
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
+from opsd.io.records import RECORD_FORMATS, check_output_file, write_records
 from opsd.io.trajectories import (
     FORMATS,
     LoadSummary,
@@ -17,58 +29,151 @@ from opsd.io.trajectories import (
     iter_trajectories,
 )
 
+DEFAULT_RENDER_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class ValidateConfig:
+    inputs: list[str] = field(default_factory=list, metadata={
+        "help": "trajectory logs: JSONL/JSON files (optionally .gz/.zst), Parquet/Arrow files, folders, "
+                "datasets save_to_disk folders, or hub dataset ids already in the local cache"})
+    rejects: str | None = field(default=None, metadata={
+        "help": "write invalid records here (JSONL with file, line, path, error, raw) and continue"})
+    out: str | None = field(default=None, metadata={"help": "also write the valid trajectories here, normalised"})
+    out_format: str = field(default="jsonl", metadata={"help": "format of --out: jsonl (a file) | datasets (a folder)"})
+
+    def __post_init__(self) -> None:
+        if self.out_format not in RECORD_FORMATS:
+            raise ValueError(f"out_format: one of {', '.join(RECORD_FORMATS)}, got {self.out_format!r}")
+        if self.rejects is not None:
+            check_output_file(self.rejects, "rejects")
+        if self.out is not None and self.out_format == "jsonl":
+            check_output_file(self.out, "out")
+
+
+@dataclass
+class ValidateResult:
+    summary: LoadSummary
+    rejects: str | None = None
+    out: str | None = None
+    written: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.rejected == 0
+
+
+def validate_main(cfg: ValidateConfig) -> ValidateResult:
+    """Read every input; raises TrajectoryError on the first bad record unless `cfg.rejects` is set,
+    OSError for a missing input, ValueError for an empty input list."""
+    if not cfg.inputs:
+        raise ValueError("inputs: give at least one log file, folder or cached hub dataset id")
+    summary = LoadSummary()
+    result = ValidateResult(summary, cfg.rejects, cfg.out)
+    with ExitStack() as stack:
+        rejects = stack.enter_context(open(cfg.rejects, "w", encoding="utf-8")) if cfg.rejects else None
+        trajectories = iter_trajectories(cfg.inputs, rejects=rejects, summary=summary)
+        if cfg.out is None:
+            for _ in trajectories:  # streamed: memory stays bounded by one record
+                pass
+        else:
+            result.written = write_records(cfg.out, (t.to_dict() for t in trajectories), format=cfg.out_format)
+    return result
+
+
+def format_validate(result: ValidateResult) -> str:
+    s = result.summary
+    counts = ", ".join(f"{fmt} {s.per_format.get(fmt, 0)}" for fmt in FORMATS)
+    line = (f"{s.valid} valid trajectories in {s.files} input(s): {counts}; rejected {s.rejected}"
+            + (f" (see {result.rejects})" if s.rejected and result.rejects else ""))
+    return line + (f"\nwrote {result.written} to {result.out}" if result.out else "")
+
+
+@dataclass
+class RenderConfig:
+    input: str = field(default="", metadata={"help": "trajectory log (any input `opsd validate` reads)"})
+    id: str | None = field(default=None, metadata={"help": "only this trajectory id (default: the first)"})
+    model: str = field(default=DEFAULT_RENDER_MODEL, metadata={"help": "tokenizer / chat template to use"})
+    all: bool = field(default=False, metadata={"help": "render every trajectory in the input"})
+    max_positions: int | None = field(default=None, metadata={
+        "help": "context length to warn against (default: the model's max_position_embeddings)"})
+
+    def __post_init__(self) -> None:
+        if self.max_positions is not None and self.max_positions < 1:
+            raise ValueError(f"max_positions: must be >= 1, got {self.max_positions}")
+
+
+@dataclass
+class RenderedTrajectory:
+    id: str
+    text: str  # opsd.render.format_rendered: message boundaries and token counts
+    n_tokens: int
+    warning: str | None = None  # set when the trajectory does not fit the model's context
+
+
+def render_main(cfg: RenderConfig) -> list[RenderedTrajectory]:
+    """Render the chosen trajectories; raises TrajectoryError/ValueError (bad input, unknown id), OSError."""
+    from opsd.io.models import load_tokenizer
+    from opsd.render import context_limit, context_warning, format_rendered, render
+
+    if not cfg.input:
+        raise ValueError("input: give a trajectory log to render")
+    tok = load_tokenizer(cfg.model)
+    limit = cfg.max_positions or context_limit(cfg.model, tok)
+    shown: list[RenderedTrajectory] = []
+    for traj in iter_trajectories(cfg.input):
+        if cfg.id is not None and traj.id != cfg.id:
+            continue
+        r = render(traj, tok)
+        shown.append(RenderedTrajectory(traj.id, format_rendered(r, traj), len(r.input_ids),
+                                        context_warning(traj.id, len(r.input_ids), limit)))
+        if not cfg.all:
+            break
+    if not shown:
+        what = f"no trajectory with id {cfg.id!r}" if cfg.id is not None else "no valid trajectory"
+        raise ValueError(f"{what} in {cfg.input}")
+    return shown
+
+
+# -- argparse entry points (kept until the CLI builds these Configs with tyro) -----------------------
 
 def add_validate_arguments(p) -> None:
-    p.add_argument("files", nargs="+", help="JSONL trajectory logs (openai, bare message list, or ShareGPT)")
-    p.add_argument("--rejects", help="write invalid lines here (JSONL with file, line, path, error, raw) and continue")
+    p.add_argument("files", nargs="+", help=ValidateConfig.__dataclass_fields__["inputs"].metadata["help"])
+    p.add_argument("--rejects", help=ValidateConfig.__dataclass_fields__["rejects"].metadata["help"])
+    p.add_argument("--out", help=ValidateConfig.__dataclass_fields__["out"].metadata["help"])
+    p.add_argument("--out-format", default="jsonl", help=ValidateConfig.__dataclass_fields__["out_format"].metadata["help"])
 
 
 def run_validate(args) -> int:
-    summary = LoadSummary()
-    rejects = open(args.rejects, "w", encoding="utf-8") if args.rejects else None
     try:
-        for _ in iter_trajectories(args.files, rejects=rejects, summary=summary):
-            pass
-    except TrajectoryError as e:
+        result = validate_main(ValidateConfig(inputs=list(args.files), rejects=args.rejects,
+                                              out=getattr(args, "out", None), out_format=getattr(args, "out_format", "jsonl")))
+    except (TrajectoryError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if rejects:
-            rejects.close()
-    counts = ", ".join(f"{fmt} {summary.per_format.get(fmt, 0)}" for fmt in FORMATS)
-    print(f"{summary.valid} valid trajectories in {summary.files} file(s): {counts}; rejected {summary.rejected}"
-          + (f" (see {args.rejects})" if summary.rejected else ""))
-    return 1 if summary.rejected else 0
+    print(format_validate(result))
+    return 0 if result.ok else 1
+
 
 def add_render_arguments(p) -> None:
-    p.add_argument("file", help="JSONL trajectory log")
-    p.add_argument("--id", help="only this trajectory id (default: the first)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer / chat template to use")
-    p.add_argument("--all", action="store_true", help="render every trajectory in the file")
+    p.add_argument("file", help=RenderConfig.__dataclass_fields__["input"].metadata["help"])
+    p.add_argument("--id", help=RenderConfig.__dataclass_fields__["id"].metadata["help"])
+    p.add_argument("--model", default=DEFAULT_RENDER_MODEL, help=RenderConfig.__dataclass_fields__["model"].metadata["help"])
+    p.add_argument("--all", action="store_true", help=RenderConfig.__dataclass_fields__["all"].metadata["help"])
+    p.add_argument("--max-positions", type=int, default=None,
+                   help=RenderConfig.__dataclass_fields__["max_positions"].metadata["help"])
 
 
 def run_render(args) -> int:
-    from opsd.io.models import load_tokenizer
-    from opsd.render import format_rendered, render
-
-    tok = load_tokenizer(args.model)
-    shown = 0
     try:
-        for traj in iter_trajectories(args.file):
-            if args.id is not None and traj.id != args.id:
-                continue
-            print(f"════ {traj.id}")
-            print(format_rendered(render(traj, tok), traj))
-            shown += 1
-            if not args.all and args.id is None:
-                break
-    except TrajectoryError as e:
+        shown = render_main(RenderConfig(input=args.file, id=args.id, model=args.model, all=args.all,
+                                         max_positions=getattr(args, "max_positions", None)))
+    except (TrajectoryError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not shown:
-        print(f"error: no trajectory with id {args.id!r} in {args.file}", file=sys.stderr)
-        return 1
+    for item in shown:
+        print(f"════ {item.id}")
+        print(item.text)
+        if item.warning:
+            print(f"warning: {item.warning}", file=sys.stderr)
     return 0

@@ -289,3 +289,29 @@ def format_rendered(r: Rendered, traj: Trajectory) -> str:
         out.append(f"──── [{i}] {m['role']}  tokens [{s}, {e}) body [{bs}, {be}){src}\n{r.text(s, e)}")
     out.append(f"──── total {len(r.input_ids)} tokens, {sum(r.assistant_mask)} assistant tokens")
     return "\n".join(out)
+
+
+def context_limit(model, tokenizer=None) -> int | None:
+    """The model's context length in tokens (`max_position_embeddings` of its config), or None if unknown."""
+    try:
+        from transformers import AutoConfig
+
+        from opsd.io.models import resolve
+
+        config = AutoConfig.from_pretrained(resolve(model), local_files_only=True)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    except (OSError, ValueError):
+        pass
+    n = getattr(tokenizer, "model_max_length", None)  # often a huge sentinel when unknown
+    return n if isinstance(n, int) and 0 < n < 10**7 else None
+
+
+def context_warning(traj_id: str, n_tokens: int, limit: int | None) -> str | None:
+    """A warning when a rendered trajectory does not fit the model's context; None when it fits."""
+    if limit is None or n_tokens <= limit:
+        return None
+    return (f"trajectory {traj_id!r} is {n_tokens} tokens, longer than the model's context of {limit} positions: "
+            "the model cannot read it whole, so it cannot be scored or trained on as is")

@@ -1,16 +1,78 @@
-"""Append-only, resumable JSONL output shared by long stages (rollout, critique).
+"""Stage outputs: append-only resumable JSONL, `datasets` folders, and checks on paths.
 
 Each record carries a `key`. A stage opens the file with `ResumableJsonl`, skips keys already
 present, and appends one line per finished item, flushed and fsynced, so killing the process
 at any point loses at most the line being written. A torn last line (no trailing newline or
 invalid JSON) is cut off on reopen, so a rerun yields every item exactly once.
+
+`write_records(path, records, format="jsonl"|"datasets")` writes a finished output either way
+(a `datasets` folder reloads exactly: `read_records`). `check_input_file(path, what)` and
+`check_output_file(path, what)` give a clear ValueError for a folder (or a missing file) where a
+file is expected; Configs call them in `__post_init__`, e.g.
+
+    check_output_file(self.out, "out")   # ValueError: out: runs/ is a folder; give a file path ...
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from opsd.io.tables import is_dataset_folder, load_dataset_records, save_dataset
+
+RECORD_FORMATS = ("jsonl", "datasets")
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is an existing readable file; else ValueError('<what>: ...')."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a folder; give a file (for example {p / 'trajectories.jsonl'})")
+    if not p.exists():
+        raise ValueError(f"{what}: {p} does not exist")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{what}: {p} is not readable")
+    return p
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if a file can be written there (it may exist); else ValueError('<what>: ...')."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a folder; give a file path inside it (for example {p / 'out.jsonl'})")
+    parent = next((a for a in p.parents if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{what}: {p} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent if not p.exists() else p, os.W_OK):
+        raise ValueError(f"{what}: {p} is not writable")
+    return p
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict], *, format: str = "jsonl") -> int:
+    """Write a stage's output as JSONL (one record per line) or as a `datasets` folder; returns the count."""
+    if format not in RECORD_FORMATS:
+        raise ValueError(f"format: one of {', '.join(RECORD_FORMATS)}, got {format!r}")
+    if format == "datasets":
+        if Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"{path} is a file; a datasets output is a folder")
+        return save_dataset(path, records)
+    check_output_file(path, "output")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with Path(path).open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Records of a JSONL file or of a `datasets` folder written by `write_records`."""
+    if Path(path).is_dir() and is_dataset_folder(Path(path)):
+        yield from load_dataset_records(path)
+    else:
+        yield from read_jsonl(path)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:

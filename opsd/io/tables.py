@@ -79,10 +79,19 @@ def _rows(dataset, label: str, name: str) -> Iterator[RawRecord]:
                         error, unit="row", default_id=f"{name}:row{n}")
 
 
+def _empty_split(path: Path) -> bool:
+    try:
+        return json.loads((path / "state.json").read_text("utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def iter_dataset_folder(path: Path) -> Iterator[RawRecord]:
     """Rows of a `save_to_disk` folder (every split of a DatasetDict, in order)."""
     import datasets  # heavy: only when a table is read
 
+    if _empty_split(path):  # `datasets` cannot load a saved split with no data files: it has no rows
+        return
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         for split, part in ds.items():
@@ -156,7 +165,7 @@ def iter_hub(spec: str) -> Iterator[RawRecord]:
     arrows = sorted(p for p in prepared.glob("*/*/*/*.arrow") if not split or f"-{split}" in p.name)
     if not arrows:
         raise InputError(f"{spec}: a hub dataset in the local cache; it is not there and opsd never downloads "
-                         f"(fetch it first, e.g. `huggingface-cli download --repo-type dataset {repo_id}`)")
+                         f"(fetch it first: `hf download --repo-type dataset {repo_id}` or datasets.load_dataset('{repo_id}'))")
     for p in arrows:
         yield from _rows(datasets.Dataset.from_file(str(p)), f"{spec}[{p.stem}]", f"{spec}:{p.stem}")
 
@@ -191,13 +200,18 @@ def save_dataset(path: str | Path, records: Iterable[dict]) -> int:
     json_columns = [c for c in columns if not (all(c in r for r in rows) and _native([r[c] for r in rows]))]
     data = {c: [(json.dumps(r[c], ensure_ascii=False) if c in r else None) if c in json_columns else r[c]
                 for r in rows] for c in columns}
-    info = datasets.DatasetInfo(description=json.dumps({"opsd": {"json_columns": json_columns}}))
-    features = datasets.Features({c: datasets.Value("string") for c in json_columns}) if json_columns else None
-    if features is not None:
-        native = datasets.Dataset.from_dict({c: data[c] for c in columns if c not in json_columns})
-        features.update(native.features)
-        features = datasets.Features({c: features[c] for c in columns})
-    datasets.Dataset.from_dict(data, features=features, info=info).save_to_disk(str(path))
+    if not rows:  # Arrow cannot store a table with no columns
+        data = {"_empty": []}
+    ds = datasets.Dataset.from_dict(data, features=None if rows else datasets.Features({"_empty": datasets.Value("string")}))
+    # JSON columns hold strings (None where a record had no such key)
+    ds.info.description = json.dumps({"opsd": {"json_columns": json_columns}})
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # no "Saving the dataset" bar on a stage's stderr
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if not bars_were_off:
+            datasets.utils.enable_progress_bars()
     return len(rows)
 
 

@@ -34,3 +34,34 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"a": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2:"):
         list(read_jsonl(p))
+
+
+def test_a_folder_where_a_file_is_expected_is_a_clear_error(tmp_path):
+    from opsd.io.records import check_input_file, check_output_file
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"^out: .*runs is a folder; give a file path inside it \(for example .*runs/out.jsonl\)"):
+        check_output_file(tmp_path / "runs", "out")
+    with pytest.raises(ValueError, match=r"^file: .*runs is a folder; give a file"):
+        check_input_file(tmp_path / "runs", "file")
+    with pytest.raises(ValueError, match=r"^file: .*nope.jsonl does not exist"):
+        check_input_file(tmp_path / "nope.jsonl", "file")
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(ValueError, match=r"^out: .*cannot be created: .*plain is a file, not a folder"):
+        check_output_file(tmp_path / "plain" / "out.jsonl", "out")
+    assert check_output_file(tmp_path / "new" / "deeper" / "out.jsonl", "out").name == "out.jsonl"
+    assert check_input_file(tmp_path / "plain", "file") == tmp_path / "plain"
+
+
+def test_write_records_jsonl_or_datasets(tmp_path):
+    from opsd.io.records import read_records, write_records
+
+    recs = [{"key": "a", "n": 1}, {"key": "b", "n": None, "deep": {"x": [1, {"y": "é"}]}}]
+    assert write_records(tmp_path / "sub" / "out.jsonl", recs) == 2
+    assert list(read_jsonl(tmp_path / "sub" / "out.jsonl")) == recs == list(read_records(tmp_path / "sub" / "out.jsonl"))
+    assert write_records(tmp_path / "out_ds", recs, format="datasets") == 2
+    assert list(read_records(tmp_path / "out_ds")) == recs
+    with pytest.raises(ValueError, match="format: one of jsonl, datasets"):
+        write_records(tmp_path / "x", recs, format="csv")
+    with pytest.raises(ValueError, match="is a folder"):
+        write_records(tmp_path / "out_ds", recs)
