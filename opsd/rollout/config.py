@@ -18,7 +18,7 @@ class RolloutConfig:
     tasks: str = field(default="bfcl:simple_python:train", metadata={"help": "task spec (bfcl:CAT[:split]) or a task JSONL file"})
     out: str = field(default="rollouts.jsonl", metadata={"help": "output trajectories (JSONL, appended, resumable)"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "HF model name/path (hf backend) or label (openai)"})
-    backend: str = field(default="hf", metadata={"help": "hf | openai"})
+    backend: str = field(default="hf", metadata={"help": "hf | openai (chat) | completions (token-exact: opsd's prompt ids to /v1/completions)"})
     samples: int = field(default=1, metadata={"help": "samples per task"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (temperature > 0)"})
@@ -37,14 +37,14 @@ class RolloutConfig:
     extra_meta: dict = field(default_factory=dict, metadata={"help": "copied into every trajectory's meta"})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "openai"):
-            raise ValueError(f"backend must be hf or openai, got {self.backend!r}")
+        if self.backend not in ("hf", "openai", "completions"):
+            raise ValueError(f"backend must be hf, openai or completions, got {self.backend!r}")
         if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("samples, max_new_tokens, batch_size and concurrency must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("the openai backend needs --base-url")
+        if self.backend in ("openai", "completions") and not self.base_url:
+            raise ValueError(f"the {self.backend} backend needs --base-url")
 
     def resolved_prefill(self) -> str:
         if self.prefill is not None:

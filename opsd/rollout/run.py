@@ -243,6 +243,10 @@ def main(cfg: RolloutConfig) -> dict:
             torch.manual_seed(cfg.seed)
             if cfg.backend == "hf":
                 _run_hf(cfg, todo, out, errors, bar)
+            elif cfg.backend == "completions":  # token-exact server rollouts
+                from opsd.rollout.completions import run_completions
+
+                run_completions(cfg, todo, out, errors, bar)
             else:
                 asyncio.run(_run_openai_async(cfg, todo, out, errors, bar))
     n_err = sum(1 for _ in open(errors_path, encoding="utf-8"))

@@ -1,0 +1,101 @@
+"""VLLMServer lifecycle (start, readiness, log, crash, kill, restart with adapters reloaded) on a fake engine.
+
+The fake engine is tests/serve/fake_vllm.py behind a `python` wrapper, so the exact command line,
+environment, process group handling and readiness wait of opsd.serve.server are exercised without vLLM.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from opsd.serve.adapters import publish_adapter
+from opsd.serve.config import ServeConfig
+from opsd.serve.server import ServerError, VLLMServer, vllm_command, vllm_env
+from tests.serve.test_adapters import make_adapter
+
+FAKE = Path(__file__).with_name("fake_vllm.py")
+
+
+@pytest.fixture()
+def fake_python(tmp_path) -> str:
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_command_uses_the_module_entry_point_and_runtime_lora(tmp_path):
+    cfg = ServeConfig(python="/venv/bin/python", max_lora_rank=32, kv_cache_gb=0.5)
+    cmd = vllm_command(cfg, "/models/smol", 8123)
+    assert cmd[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in cmd
+    env = vllm_env(cfg)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(max_lora_rank=12), "max_lora_rank"), (dict(dtype="fp8"), "dtype"),
+                                     (dict(port=70000), "port")])
+def test_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ServeConfig(**kw)
+
+
+def test_missing_venv_says_how_to_make_it(tmp_path):
+    with pytest.raises(ServerError, match="make vllm"):
+        VLLMServer(ServeConfig(python=str(tmp_path / "nope" / "python"))).start()
+
+
+def test_engine_that_dies_at_start_is_reported_with_its_log(tmp_path, fake_python, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_EXIT", "3")
+    log = tmp_path / "server.log"
+    with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*no CPU backend"):
+        VLLMServer(ServeConfig(python=fake_python, log=str(log), startup_timeout=60)).start()
+    assert "no CPU backend" in log.read_text()
+
+
+def test_start_waits_for_health_and_stop_leaves_no_orphans(tmp_path, fake_python, monkeypatch):
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_VLLM_CHILD_PID", str(pidfile))
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "1.5")
+    srv = VLLMServer(ServeConfig(python=fake_python, log=str(tmp_path / "server.log"), startup_timeout=60))
+    with srv:
+        assert httpx.get(srv.root_url + "/health").status_code == 200  # ready means ready
+        assert srv.startup_seconds >= 1.5
+        child, server_pid = int(pidfile.read_text()), srv.proc.pid
+        assert _alive(child) and _alive(server_pid)
+    assert not _alive(server_pid)
+    assert not _alive(child), "the engine's child process outlived stop()"
+    assert "fake vLLM ready" in (tmp_path / "server.log").read_text()
+
+
+def test_restart_after_a_crash_reloads_published_adapters(tmp_path, fake_python, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_CHILD_PID", str(tmp_path / "child.pid"))
+    srv = VLLMServer(ServeConfig(python=fake_python, log=str(tmp_path / "server.log"), startup_timeout=60))
+    with srv:
+        name = publish_adapter(srv, make_adapter(tmp_path / "round_0" / "train" / "model"), label="round_0")
+        port = srv.port
+        srv.kill()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.base_url + "/models", timeout=2)
+        srv.start()
+        assert srv.port == port and srv.starts == 2
+        ids = [m["id"] for m in httpx.get(srv.base_url + "/models").json()["data"]]
+        assert name in ids
+    assert (tmp_path / "server.log").read_text().count("==== opsd: starting vLLM") == 2
