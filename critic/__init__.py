@@ -13,11 +13,14 @@ Critics available:
   semantics (`critic.reference`);
 - `llm`: any OpenAI-compatible endpoint (`critic.llm`);
 - `schema+reference`: schema first; the reference critic only when the schema critic says ok
-  (and the trajectory has ground truth).
+  (and the trajectory has ground truth);
+- `schema+llm`: the LLM critic decides, and the schema critic cross-checks every `ok`: when it
+  finds an error the LLM missed, its finding wins and `Critique.disagreement` records that the
+  LLM's `ok` was overruled.
 
 Every critique is validated before it is written (`critic.validate`); an invalid one becomes
-verdict `failed` with the reason. `opsd` core never imports this package; only the CLI command
-`opsd critique` (`opsd/commands/critique.py`) composes the two.
+verdict `failed` with the reason. `opsd` core never imports this package; `opsd.critique` (the
+one `CriticConfig`, `build_critic`, `main`) composes the two.
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ from critic.base import (
 )
 from critic.reference import ReferenceCritic
 from critic.schema import SchemaCritic
-from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint  # noqa: F401
+from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint
 from opsd.types import Critique, Trajectory
 
-CRITICS = ("schema", "reference", "llm", "schema+reference")
+CRITICS = ("schema", "reference", "llm", "schema+reference", "schema+llm")
 
 
 @runtime_checkable
@@ -69,8 +72,9 @@ class ChainCritic(BaseCritic):
         return {"first": self.first.info, "second": self.second.info}
 
     async def critique(self, traj: Trajectory) -> Critique:
-        c = await self.first.critique(traj)
-        if c.verdict == "ok" and getattr(self.second, "applies", lambda t: True)(traj):
+        subsumed = getattr(self.second, "subsumes", lambda t: False)(traj)  # multi-turn: `second` checks every step
+        c = await (self.second if subsumed else self.first).critique(traj)
+        if not subsumed and c.verdict == "ok" and getattr(self.second, "applies", lambda t: True)(traj):
             c = await self.second.critique(traj)
         c.critic = self.info
         return c
@@ -78,6 +82,38 @@ class ChainCritic(BaseCritic):
     async def aclose(self) -> None:
         await self.first.aclose()
         await self.second.aclose()
+
+    def secrets(self) -> list[str]:
+        return self.first.secrets() + self.second.secrets()
+
+    def preflight(self, traj: Trajectory) -> None:
+        for c in (self.first, self.second):
+            if hasattr(c, "preflight"):
+                c.preflight(traj)
+
+
+class CrossCheckCritic(ChainCritic):
+    """`primary` (an LLM) decides; `check` (a rule critic) cross-checks every `ok` of it.
+
+    When the rule critic finds an error in a trajectory the primary called ok, the rule finding
+    wins, carrying the primary's usage and `disagreement = {"overruled": {"name", "verdict": "ok"},
+    "by": <rule critic>}`. An `error` or `failed` of the primary stands.
+    """
+
+    def __init__(self, primary: BaseCritic, check: BaseCritic):
+        super().__init__(primary, check)
+        self.name = f"{check.name}+{primary.name}"
+
+    async def critique(self, traj: Trajectory) -> Critique:
+        c = await self.first.critique(traj)
+        if c.verdict == "ok":
+            rule = await self.second.critique(traj)
+            if rule.verdict == "error":
+                rule.usage = c.usage
+                rule.disagreement = {"overruled": {"name": self.first.name, "verdict": "ok"}, "by": self.second.name}
+                c = rule
+        c.critic = self.info
+        return c
 
 
 def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, llm_config=None) -> BaseCritic:
@@ -88,12 +124,14 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
         return ReferenceCritic(max_hint_tokens=max_hint_tokens)
     if name == "schema+reference":
         return ChainCritic(SchemaCritic(max_hint_tokens=max_hint_tokens), ReferenceCritic(max_hint_tokens=max_hint_tokens))
-    if name == "llm":
+    if name in ("llm", "schema+llm"):
         from critic.llm import LLMCritic
 
         if llm_config is None:
-            raise ValueError("the llm critic needs an LLMConfig (base_url, model, ...)")
-        return LLMCritic(llm_config)
+            raise ValueError(f"the {name} critic needs an LLMConfig (base_url, model, ...)")
+        if name == "llm":
+            return LLMCritic(llm_config)
+        return CrossCheckCritic(LLMCritic(llm_config), SchemaCritic(max_hint_tokens=max_hint_tokens))
     raise ValueError(f"unknown critic {name!r}; choose from {', '.join(CRITICS)}")
 
 
@@ -109,7 +147,7 @@ def __getattr__(name: str):  # lazy: importing openai costs ~0.5 s
     raise AttributeError(f"module 'critic' has no attribute {name!r}")
 
 
-__all__ = ["Critic", "BaseCritic", "RuleCritic", "ChainCritic", "SchemaCritic", "ReferenceCritic", "LLMCritic",
+__all__ = ["Critic", "BaseCritic", "RuleCritic", "ChainCritic", "CrossCheckCritic", "SchemaCritic", "ReferenceCritic", "LLMCritic",
            "LLMConfig", "CriticFatalError", "make_critic", "check_critique", "lint_hint", "run_critiques",
            "run_critiques_async", "format_summary", "RunSummary", "CRITICS", "SCHEMA_CATEGORIES",
            "REFERENCE_CATEGORIES"]

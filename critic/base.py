@@ -54,6 +54,10 @@ class BaseCritic:
     async def aclose(self) -> None:
         """Release resources (HTTP clients)."""
 
+    def secrets(self) -> list[str]:
+        """Values that must never be printed or logged (API keys); the runner redacts them from logs."""
+        return []
+
     # helpers for subclasses
     def ok(self, traj: Trajectory) -> Critique:
         return Critique(traj.id, "ok", critic=self.info, trajectory_hash=traj.content_hash())

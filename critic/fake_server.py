@@ -18,7 +18,8 @@ Each POST /v1/chat/completions consumes the next scripted action; when the scrip
 - `Raw(body, content_type)`: 200 with an arbitrary (e.g. malformed) body.
 
 `reject_response_format=True` answers 400 to any request carrying `response_format`.
-`Authorization` headers are never stored or logged. Run standalone for benchmarks:
+`Authorization` headers and query values (`?api-key=...`) are never stored or logged; the
+names of each request's query parameters are kept in `query_names`. Run standalone for benchmarks:
 
     python -m critic.fake_server --port 8011 --latency 0.2
 """
@@ -32,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+from urllib.parse import parse_qsl
 
 OK_REPLY = json.dumps({"verdict": "ok", "step": None, "quote": None, "hint": None, "category": None})
 
@@ -81,6 +83,7 @@ class FakeServer:
         self.latency = latency
         self.reject_response_format = reject_response_format
         self.requests: list[dict] = []
+        self.query_names: list[list[str]] = []  # per POST, the names of its query parameters (never values)
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -148,7 +151,10 @@ class FakeServer:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n)
-                if not self.path.rstrip("/").endswith("/chat/completions"):
+                path, _, query = self.path.partition("?")
+                with server._lock:
+                    server.query_names.append(sorted(k for k, _ in parse_qsl(query)))  # names only: values may be keys
+                if not path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
                 try:

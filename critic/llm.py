@@ -6,9 +6,13 @@
 
 Per trajectory:
 1. Render the Jinja2 prompt (default `prompts/critic/locate_error.j2`, or `--prompt FILE`;
-   StrictUndefined, and a template naming an undocumented variable is rejected when the critic
-   is built, before any request). Every message is labelled `[N]` with its 0-based index in
-   `messages`; the reply's `step` is that N. Variables: see `PROMPT_VARIABLES`.
+   StrictUndefined). A template that is not UTF-8, does not parse, uses an unknown filter or
+   names an undocumented variable is rejected when the critic is built; one that reads an
+   attribute the variables do not have is rejected by `preflight`, which the runner calls on
+   a real trajectory before the first request. Each error names the template file and line.
+   Every message is labelled `[N]` with its 0-based index in `messages` (the reply's `step`),
+   and its text is FENCED: written as a JSON string, so a tool output cannot forge a
+   `[4] assistant:` label or any other structure of the prompt. Variables: `PROMPT_VARIABLES`.
 2. Request with `response_format` = json_schema (`prompts/critic/reply.schema.json`). A server
    that rejects it (HTTP 400/422) is asked again without it, and from then on JSON is
    extracted from the text (a ```json fence or the first decodable `{...}`).
@@ -21,6 +25,9 @@ Per trajectory:
    quote). An invalid reply is re-asked with the reason, at most `max_reasks` times; then the
    critique is recorded as `failed` with the reason.
 Token usage of every request (re-asks included) is summed into `Critique.usage`.
+The API key and any credential in the base URL (`?api-key=...`) are redacted from every
+message, record and log line (`critic.redact`); a query in the base URL is sent as a query
+parameter of each request.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import re
+import traceback
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +59,7 @@ from critic.base import (
     BaseCritic,
     CriticFatalError,
 )
+from critic.redact import redact, split_query, url_secrets
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, problem
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory, content_hash
@@ -64,11 +73,17 @@ REASK = ("Your previous reply was not usable: {reason}\n"
 
 
 class PromptError(ValueError):
-    """The prompt template cannot be used (syntax error or undocumented variable)."""
+    """The prompt template cannot be used (not UTF-8, syntax error, unknown filter, undocumented
+    variable or attribute); the message names the template file and line."""
 
 
 class TransportError(RuntimeError):
-    """A request that still failed after all retries."""
+    """A request that still failed after all retries. `retryable`: a later run may succeed (5xx,
+    timeouts, connection errors); False for a request the server rejects as such (HTTP 400/422)."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -109,21 +124,43 @@ def _tojson(x, indent=None) -> str:
     return json.dumps(x, ensure_ascii=False, indent=indent)
 
 
+TEMPLATE_NAME = "<critic prompt>"  # the code-object filename of the compiled template (traceback lines)
+
+
 def load_prompt(path: str | None = None) -> tuple[jinja2.Template, str]:
-    """(template, source) of the critic prompt; raises PromptError for undocumented variables."""
-    src = Path(path).read_text("utf-8") if path else prompts.read("critic/locate_error.j2")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    env.filters["tojson"] = _tojson
+    """(template, source) of the critic prompt; raises PromptError naming the file and line."""
     where = path or "prompts/critic/locate_error.j2"
     try:
+        src = Path(path).read_bytes().decode("utf-8") if path else prompts.read("critic/locate_error.j2")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise PromptError(f"{where}:{line}: the template is not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
+    except OSError as e:
+        raise PromptError(f"{where}: cannot read the template: {e.strerror or e}") from None
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env.filters["tojson"] = _tojson
+    try:
         ast = env.parse(src)
-    except jinja2.TemplateSyntaxError as e:
-        raise PromptError(f"{where}:{e.lineno}: template syntax error: {e.message}") from None
-    unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - set(PROMPT_VARIABLES))
-    if unknown:
-        raise PromptError(f"{where}: undefined template variable(s) {', '.join(unknown)}; "
-                          f"available: {', '.join(PROMPT_VARIABLES)}")
-    return env.from_string(src), src
+        unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - set(PROMPT_VARIABLES))
+        if unknown:
+            raise PromptError(f"{where}: undefined template variable(s) {', '.join(unknown)}; "
+                              f"available: {', '.join(PROMPT_VARIABLES)}")
+        template = env.template_class.from_code(env, env.compile(src, filename=TEMPLATE_NAME), env.make_globals(None))
+    except jinja2.TemplateSyntaxError as e:  # also an unknown filter or test (TemplateAssertionError)
+        raise PromptError(f"{where}:{e.lineno}: template error: {e.message}") from None
+    return template, src
+
+
+def template_error(e: Exception, where: str) -> PromptError:
+    """A PromptError naming the template line where rendering failed (from the traceback)."""
+    line = None
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_filename == TEMPLATE_NAME:
+            line = lineno
+    msg = getattr(e, "message", None) or str(e)
+    return PromptError(f"{where}{f':{line}' if line else ''}: template error: {msg}; "
+                       f"the variables are {', '.join(PROMPT_VARIABLES)} (see prompts/critic/locate_error.j2)")
 
 
 @lru_cache(maxsize=None)
@@ -133,13 +170,21 @@ def reply_schema() -> dict:
     return schema
 
 
+def fence(text: str) -> str:
+    """Message text as a JSON string literal: one line, quotes and newlines escaped, so nothing
+    inside it can look like prompt structure (a `[4] assistant:` label) to the critic."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def prompt_variables(traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> dict:
     """The documented template variables for `traj` (see `prompts/critic/locate_error.j2`)."""
-    msgs = [{"index": i, "role": m.get("role", ""), "text": message_text(m) if m.get("role") == "assistant"
+    msgs = [{"index": i, "role": str(m.get("role", "")), "text": message_text(m) if m.get("role") == "assistant"
              else str(m.get("content") or "")} for i, m in enumerate(traj.messages)]
+    for m in msgs:
+        m["text_json"] = fence(m["text"])
     task = traj.meta.get("task") or next((m["text"] for m in msgs if m["role"] == "user"), "")
     return {
-        "trajectory": "\n\n".join(f"[{m['index']}] {m['role']}:\n{m['text']}" for m in msgs),
+        "trajectory": "\n".join(f"[{m['index']}] {m['role']}: {m['text_json']}" for m in msgs),
         "messages": msgs,
         "tools": traj.tools,
         "tools_json": _tojson(traj.tools, indent=1),
@@ -224,17 +269,20 @@ class LLMCritic(BaseCritic):
             raise CriticFatalError(f"no API key: set the environment variable {config.api_key_env} "
                                    "(any non-empty value for a server without authentication)")
         self._key = key
-        self._client = openai.AsyncOpenAI(base_url=config.base_url, api_key=key, max_retries=0,
-                                          timeout=config.timeout)
+        self._secrets = [key, *url_secrets(config.base_url)]
+        base_url, query = split_query(config.base_url)
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=config.timeout,
+                                          default_query=query or None)
         self._structured = config.structured
         reply_schema()
 
     def __repr__(self) -> str:  # never show the key
-        return f"LLMCritic(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+        return self.redact(f"LLMCritic(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})")
 
     def config(self) -> dict:
         c = asdict(self.cfg)
-        for k in ("api_key_env", "timeout", "max_attempts", "backoff", "max_wait"):  # transport only
+        # transport only: the same model behind another URL (a fixed port) keeps its records
+        for k in ("base_url", "api_key_env", "timeout", "max_attempts", "backoff", "max_wait"):
             c.pop(k)
         c["prompt"] = content_hash(self._template_src)
         c["reply_schema"] = content_hash(reply_schema())
@@ -243,19 +291,29 @@ class LLMCritic(BaseCritic):
     async def aclose(self) -> None:
         await self._client.close()
 
+    def secrets(self) -> list[str]:
+        """What must never be printed: the API key and credentials in the base URL."""
+        return list(self._secrets)
+
     def redact(self, text: str) -> str:
-        # keys shorter than 6 chars are not secrets worth masking (and would mangle every message)
-        return text.replace(self._key, "***") if len(self._key) >= 6 else text
+        return redact(text, self._secrets)
 
     def render_prompt(self, traj: Trajectory) -> str:
         return self.template.render(**prompt_variables(traj, max_hint_tokens=self.max_hint_tokens))
+
+    def preflight(self, traj: Trajectory) -> None:
+        """Render the prompt once for a real trajectory; raises PromptError naming the template line."""
+        try:
+            self.render_prompt(traj)
+        except jinja2.TemplateError as e:
+            raise template_error(e, self.cfg.prompt or "prompts/critic/locate_error.j2") from None
 
     async def critique(self, traj: Trajectory) -> Critique:
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "requests": 0}
         try:
             prompt = self.render_prompt(traj)
         except jinja2.TemplateError as e:
-            return self._failed(traj, f"prompt template error: {e}", usage)
+            return self._failed(traj, str(template_error(e, self.cfg.prompt or "prompts/critic/locate_error.j2")), usage)
         messages = [{"role": "user", "content": prompt}]
         reason = ""
         for round_ in range(self.cfg.max_reasks + 1):
@@ -264,7 +322,7 @@ class LLMCritic(BaseCritic):
             except CriticFatalError:
                 raise
             except TransportError as e:
-                return self._failed(traj, str(e), usage)
+                return self._failed(traj, str(e), usage, retryable=e.retryable)
             try:
                 reply = parse_reply(text)
                 c = Critique(traj.id, reply["verdict"], step=reply["step"], quote=reply["quote"], hint=reply["hint"],
@@ -275,13 +333,14 @@ class LLMCritic(BaseCritic):
                 reason = str(e)
             if not reason:
                 return c
-            log.debug("trajectory %s: invalid reply (round %d): %s", traj.id, round_, reason)
-            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": REASK.format(reason=reason)}]
+            log.debug("trajectory %s: invalid reply (round %d): %s", traj.id, round_, self.redact(reason))
+            messages += [{"role": "assistant", "content": self.redact(text)},  # a server may echo the key back
+                         {"role": "user", "content": REASK.format(reason=self.redact(reason))}]
         return self._failed(traj, f"no valid reply after {self.cfg.max_reasks} re-ask(s): {reason}", usage)
 
-    def _failed(self, traj: Trajectory, reason: str, usage: dict) -> Critique:
+    def _failed(self, traj: Trajectory, reason: str, usage: dict, *, retryable: bool = False) -> Critique:
         c = self.failed(traj, self.redact(reason))
-        c.usage = usage
+        c.usage, c.retryable = usage, retryable
         return c
 
     async def _complete(self, messages: list[dict], usage: dict) -> str:
@@ -294,14 +353,16 @@ class LLMCritic(BaseCritic):
             return await self._request(kw, usage)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
             if "response_format" not in kw:
-                raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}")) from None
+                raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}"),
+                                     retryable=False) from None
             log.info("server rejected response_format (HTTP %s); extracting JSON from text from now on", e.status_code)
             self._structured = False
             kw.pop("response_format")
         try:
             return await self._request(kw, usage)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-            raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}")) from None
+            raise TransportError(self.redact(f"request rejected: HTTP {e.status_code}: {e.message}"),
+                                 retryable=False) from None
 
     def _wait(self, state) -> float:
         exc = state.outcome.exception()

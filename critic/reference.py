@@ -50,7 +50,13 @@ from critic.calls import (
     render_value,
     string_content_span,
 )
-from critic.schema import call_issues, closing_span, key_name_span, name_span, tools_by_name
+from critic.schema import (
+    call_issues,
+    closing_span,
+    key_name_span,
+    name_span,
+    tools_by_name,
+)
 from opsd.io.tasks.bfcl_multi_turn import is_multi_turn
 from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory

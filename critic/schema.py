@@ -38,7 +38,6 @@ from critic.calls import (
     Node,
     extract_calls,
     json_error_span,
-    in_generated,
     render_value,
     string_content_span,
 )

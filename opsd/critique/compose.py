@@ -1,18 +1,19 @@
-"""Glue between `opsd` stages and the `critic` package (the CLI layer is the only place that imports both)."""
+"""Flags of the critic for eval and demo, until their flags are generated from `CriticConfig`.
+
+`build_critic` here maps those flags onto a `CriticConfig` (it builds no critic: the one
+`build_critic(CriticConfig)` is `opsd.critique.run.build_critic`), and `critique_fn` is
+`opsd.critique.run.critique_fn`. This module goes when the lead swaps the flags.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-from opsd.io.records import read_jsonl
-from opsd.types import Critique, Trajectory
+from opsd.critique.config import CRITIC_NAMES, CriticConfig
+from opsd.critique.run import critique_fn  # noqa: F401  (the callers import it from here)
 
 
 def add_critic_arguments(p, *, default: str = "schema+reference") -> None:
-    """Critic options for commands that critique as one of their stages (eval, demo, loop)."""
-    from critic import CRITICS
-
+    """Critic options for commands that critique as one of their stages (eval, demo)."""
     g = p.add_argument_group("critic")
-    g.add_argument("--critic", choices=CRITICS, default=default, help="critic (default: %(default)s)")
+    g.add_argument("--critic", choices=CRITIC_NAMES, default=default, help="critic (default: %(default)s)")
     g.add_argument("--base-url", default=None, help="llm critic: OpenAI-compatible endpoint")
     g.add_argument("--critic-model", default=None, help="llm critic: model name on that endpoint")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="llm critic: env var holding the API key")
@@ -21,28 +22,13 @@ def add_critic_arguments(p, *, default: str = "schema+reference") -> None:
     g.add_argument("--critic-timeout", type=float, default=60.0, help="llm critic: seconds per request")
 
 
-def build_critic(args):
-    from critic import make_critic
-
-    llm = None
-    if args.critic == "llm":
-        from critic.llm import LLMConfig
-
-        if not args.base_url:
-            raise ValueError("--critic llm needs --base-url (and --critic-model)")
-        llm = LLMConfig(base_url=args.base_url, model=args.critic_model or "", api_key_env=args.api_key_env,
-                        prompt=args.prompt, timeout=args.critic_timeout)
-    return make_critic(args.critic, llm_config=llm)
+def critic_config_from_args(args) -> CriticConfig:
+    """The `CriticConfig` of the flags above; raises ValueError naming the field."""
+    if args.critic in ("llm", "schema+llm") and not args.base_url:
+        raise ValueError(f"--critic {args.critic} needs --base-url (and --critic-model)")
+    kw = {"base_url": args.base_url} if args.base_url else {}
+    return CriticConfig(name=args.critic, model=args.critic_model or "", api_key_env=args.api_key_env,
+                        prompt=args.prompt, timeout=args.critic_timeout, concurrency=args.critic_concurrency, **kw)
 
 
-def critique_fn(critic, *, concurrency: int = 8, progress: bool = True):
-    """A `CritiqueFn` (trajectories, out_path) -> critiques, resumable through out_path."""
-    from critic.runner import format_summary, record_key, run_critiques
-
-    def fn(trajs: list[Trajectory], out_path: Path) -> list[Critique]:
-        summary = run_critiques(trajs, critic, out_path, concurrency=concurrency, progress=progress)
-        print(format_summary(summary))
-        wanted = {record_key(t, critic): t.id for t in trajs}
-        return [Critique.from_dict(r) for r in read_jsonl(out_path) if r["key"] in wanted]
-
-    return fn
+build_critic = critic_config_from_args  # the name eval/demo call today; it returns the config critique_fn takes

@@ -34,7 +34,7 @@ from typing import Iterable
 import jinja2
 
 import prompts
-from opsd.render import Rendered, render
+from opsd.render import Rendered, message_text, prefill_length, render
 from opsd.types import PLACEMENTS, SPANS, Critique, HintedExample, Trajectory
 
 DEFAULT_INLINE_TAGS = ("<hint>", "</hint>")
@@ -71,6 +71,16 @@ def _check(traj: Trajectory, c: Critique) -> None:
         raise HintError("no_quote", f"critique of {traj.id!r} has an empty quote")
     if not (c.hint or "").strip():
         raise HintError("no_hint", f"critique of {traj.id!r} has an empty hint")
+    text = message_text(traj.messages[c.step])
+    at = c.quote_at
+    if at is None:  # a critique without quote_at (older files): usable only when its quote is unambiguous
+        at = text.find(c.quote)
+        if text.find(c.quote, at + 1) >= 0:
+            raise HintError("ambiguous_quote", f"quote {c.quote[:60]!r} occurs more than once in message {c.step} "
+                                               f"of {traj.id!r} and the critique has no quote_at to say which")
+    if 0 <= at < prefill_length(traj, c.step):
+        raise HintError("quote_in_prefill", f"quote {c.quote[:60]!r} starts inside the reply prefill of message "
+                                            f"{c.step} of {traj.id!r}: those tokens were forced, not generated")
 
 
 def _target(r: Rendered, step: int, quote: tuple[int, int], span: str) -> tuple[int, int]:
@@ -96,8 +106,7 @@ def _with_hint(traj: Trajectory, step: int, hint: str, placement: str) -> tuple[
 
 
 def build_example(traj: Trajectory, critique: Critique, tokenizer, *, placement: str = "user",
-                  span: str = "quote", inline_tags: tuple[str, str] = DEFAULT_INLINE_TAGS,
-                  occurrence: int = 0) -> HintedExample:
+                  span: str = "quote", inline_tags: tuple[str, str] = DEFAULT_INLINE_TAGS) -> HintedExample:
     """Student/teacher ids with aligned target spans for one `error` critique (see module docstring).
 
     Raises `HintError` (with `.reason`) when the critique cannot be built, ValueError for a bad
@@ -115,7 +124,7 @@ def build_example(traj: Trajectory, critique: Critique, tokenizer, *, placement:
     student_traj = Trajectory(traj.id, traj.messages[:step + 1], traj.tools, traj.meta)
     rs = render(student_traj, tokenizer)
     try:
-        quote_s = rs.quote_span(step, critique.quote, occurrence)
+        quote_s = rs.quote_span(step, critique.quote, at=critique.quote_at)
     except ValueError as e:
         raise HintError("quote_not_found", f"{traj.id!r}: {e}") from None
     s0, s1 = _target(rs, step, quote_s, span)

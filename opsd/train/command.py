@@ -11,28 +11,9 @@ with `critic`.
 """
 from __future__ import annotations
 
-import asyncio
-from typing import Callable
-
+from opsd.critique.run import critic_reward  # noqa: F401  (moved to opsd.critique; imported here by callers)
 from opsd.train.run import add_arguments  # noqa: F401  (add_arguments is this command's parser)
 from opsd.train.run import run as _run
-from opsd.types import Trajectory
-
-
-def critic_reward(critic) -> Callable[[list[Trajectory]], list[float]]:
-    """reward_fn(trajectories) -> [1.0 | 0.0]: the critic's verdict on each trajectory's last reply."""
-
-    async def verdicts(trajs: list[Trajectory]):
-        return await asyncio.gather(*(critic.critique(t) for t in trajs))
-
-    def reward_fn(trajs: list[Trajectory]) -> list[float]:
-        out = []
-        for t, c in zip(trajs, asyncio.run(verdicts(trajs))):
-            called = bool(t.messages[-1].get("tool_calls")) and not t.meta.get("parse_error")
-            out.append(1.0 if c.verdict == "ok" and called else 0.0)
-        return out
-
-    return reward_fn
 
 
 def run(args) -> int:

@@ -5,7 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critic.calls import extract_calls, in_generated, json_error_span, parse_value, token_span
+from critic.calls import (
+    extract_calls,
+    in_generated,
+    json_error_span,
+    parse_value,
+    token_span,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)

@@ -10,8 +10,13 @@ import time
 import pytest
 
 from critic import make_critic
-from critic.fake_server import Reply, Status
-from critic.runner import format_summary, run_critiques
+from critic.fake_server import OK_REPLY, Reply, Status
+from critic.runner import (
+    critic_input_hash,
+    format_summary,
+    read_critiques,
+    run_critiques,
+)
 from opsd.io.records import read_jsonl
 from opsd.types import Critique
 from tests.conftest import DATA, ROOT, SAMPLE_LOGS
@@ -46,8 +51,9 @@ def test_rerun_skips_done_and_summary_counts(samples, tmp_path):
     assert (s2.new, s2.skipped) == (0, 13) and s2.verdicts == s1.verdicts
     recs = list(read_jsonl(out))
     assert len(recs) == 13 and len({r["key"] for r in recs}) == 13
+    by_id = {t.id: t for t in samples.values()}
     for r in recs:
-        assert r["key"] == f"{r['trajectory_hash']}:{r['critic']['config_hash']}"
+        assert r["key"] == f"{r['trajectory_id']}:{critic_input_hash(by_id[r['trajectory_id']])}:{r['critic']['config_hash']}"
         Critique.from_dict(r)  # round-trips
     # another critic config gets its own keys in the same file
     s3 = run_critiques(list(samples.values()), make_critic("schema", max_hint_tokens=40), out, progress=False)
@@ -119,30 +125,60 @@ def test_kill_and_resume_gives_every_trajectory_exactly_once(samples, server, tm
     assert f"{n - done} critiqued now, {done} already done" in stdout
 
 
-def test_api_key_never_reaches_disk_or_output(samples, server, tmp_path):
-    logs = _variants(samples, 6, tmp_path / "logs.jsonl")
+QUERY_KEY = "qk-QUERY-SECRET-9876543210"
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_secrets_never_reach_output_logs_or_records(samples, server, tmp_path, verbose):
+    """The API key (echoed back by the server in an error body and in a bad reply) and a key in the
+    base URL's query appear nowhere: stdout, stderr (-v debug lines and the HTTP client's request
+    log included), the critique records, or any other file."""
+    logs = _variants(samples, 8, tmp_path / "logs.jsonl")
     out = tmp_path / "c.jsonl"
-    leak = {"error": {"message": f"upstream rejected header 'Authorization: Bearer {FAKE_KEY}'"}}
-    srv = server([Status(500, leak)] * 3 + [Reply("not json")] * 3, responder=None)
-    p = _cli("-v", "critique", "--in", str(logs), "--out", str(out), "--critic", "llm", "--base-url", srv.base_url,
-             "--model", "m", "--api-key-env", "MY_CRITIC_KEY", "--max-attempts", "1", "--backoff", "0.01",
-             "--concurrency", "1", env={"MY_CRITIC_KEY": FAKE_KEY})
+    leak = {"error": {"message": f"upstream rejected header 'Authorization: Bearer {FAKE_KEY}' for ?api-key={QUERY_KEY}"}}
+    echo = json.dumps({"verdict": f"Bearer {FAKE_KEY} {QUERY_KEY}", "step": 2, "quote": "x", "hint": "y", "category": "z"})
+    srv = server([Status(500, leak)] * 2 + [Reply(echo)] * 3)
+    p = _cli(*(["-v"] if verbose else []), "critique", "--in", str(logs), "--out", str(out), "--critic", "llm",
+             "--base-url", f"{srv.base_url}?api-key={QUERY_KEY}", "--model", "m", "--api-key-env", "MY_CRITIC_KEY",
+             "--max-attempts", "1", "--backoff", "0.01", "--concurrency", "1", "--max-transport-failure-share", "0.5",
+             env={"MY_CRITIC_KEY": FAKE_KEY})
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
     recs = list(read_jsonl(out))
-    assert len(recs) == 6 and any(r["verdict"] == "failed" and "***" in r["error"] for r in recs)
-    assert FAKE_KEY not in stdout and FAKE_KEY not in stderr
-    for f in tmp_path.rglob("*"):
-        if f.is_file():
-            assert FAKE_KEY.encode() not in f.read_bytes(), f
+    assert len(recs) == 8 and sum(r["verdict"] == "failed" and "***" in r["error"] for r in recs) == 3
+    assert srv.query_names == [["api-key"]] * 10  # the query key is sent with every request, as a parameter
+    for secret in (FAKE_KEY, QUERY_KEY):
+        assert secret not in stdout and secret not in stderr
+        for f in tmp_path.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
     assert FAKE_KEY not in json.dumps(srv.requests)  # the server keeps bodies, never headers
+    if verbose:  # the request log and the failed validation's debug line are shown, redacted
+        assert "HTTP Request: POST" in stderr and "api-key=***" in stderr and "invalid reply" in stderr
+    else:
+        assert "HTTP Request" not in stderr and "invalid reply" not in stderr
     # a fatal auth error says what to check, without the key
     srv2 = server([Status(401, leak)])
     p = _cli("critique", "--in", str(logs), "--out", str(tmp_path / "d.jsonl"), "--critic", "llm", "--base-url",
-             srv2.base_url, "--model", "m", env={"OPENAI_API_KEY": FAKE_KEY})
+             f"{srv2.base_url}?api-key={QUERY_KEY}", "--model", "m", env={"OPENAI_API_KEY": FAKE_KEY})
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 1 and "401" in stderr and "OPENAI_API_KEY" in stderr
-    assert FAKE_KEY not in stdout + stderr
+    assert FAKE_KEY not in stdout + stderr and QUERY_KEY not in stdout + stderr
+
+
+def test_a_run_that_fails_as_a_whole_exits_non_zero(samples, server, tmp_path):
+    logs = _variants(samples, 4, tmp_path / "logs.jsonl")
+    srv = server([Status(503)] * 100)
+    args = ["critique", "--in", str(logs), "--out", str(tmp_path / "c.jsonl"), "--critic", "llm", "--base-url",
+            srv.base_url, "--model", "m", "--max-attempts", "2", "--backoff", "0.01", "--no-progress"]
+    p = _cli(*args, env={"OPENAI_API_KEY": FAKE_KEY})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "every critique of this run failed" in err and "retryable 4" in out
+    srv.script.clear()  # the server is back: the rerun retries the 4 retryable failures
+    p = _cli(*args, env={"OPENAI_API_KEY": FAKE_KEY})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "4 critiqued now, 0 already done (4 failed before and retried)" in out and "ok 4" in out
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -165,3 +201,72 @@ def test_cli_on_samples(tmp_path, critic):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "13 trajectories: 13 critiqued now" in out and "error 8" in out
+
+
+def test_one_record_per_input_trajectory_and_the_key_covers_meta(samples, tmp_path):
+    """Identical content under two ids gets two records; a fixed meta.ground_truth is re-critiqued."""
+    from opsd.io.tasks import bfcl
+    from tests.critic.perturb import to_trajectory
+
+    task = bfcl.load("simple_python")[0]
+    a = to_trajectory(task, [("calculate_triangle_area", {"base": 10, "height": 5})], raw=True, tid="session-A")
+    b = to_trajectory(task, [("calculate_triangle_area", {"base": 10, "height": 5})], raw=True, tid="session-B")
+    out = tmp_path / "c.jsonl"
+    s = run_critiques([a, b], make_critic("schema+reference"), out, progress=False)
+    assert s.new == 2 and sorted(r["trajectory_id"] for r in read_jsonl(out)) == ["session-A", "session-B"]
+    # the user fixes the ground truth (height 6 is right): the stale "ok" must not be reused
+    fixed = to_trajectory(task, [("calculate_triangle_area", {"base": 10, "height": 5})], raw=True, tid="session-A")
+    fixed.meta["ground_truth"] = [{"calculate_triangle_area": {"base": [10], "height": [6], "unit": ["", "units"]}}]
+    s = run_critiques([fixed, b], make_critic("schema+reference"), out, progress=False)
+    assert (s.new, s.skipped) == (1, 1)
+    last = read_critiques(out)
+    assert [c.category for c in last.values() if c.trajectory_id == "session-A" and c.verdict == "error"] == ["wrong_value"]
+
+
+def _flaky(samples, n):
+    base = samples["weather-enum"]
+    return [base.__class__(f"f{i}", [*base.messages[:1], {"role": "user", "content": f"request {i}"}, *base.messages[2:]],
+                           base.tools) for i in range(n)]
+
+
+def test_transport_failures_are_retryable_and_retried_by_the_next_run(samples, server, llm_critic, tmp_path):
+    trajs, out = _flaky(samples, 4), tmp_path / "c.jsonl"
+    down = server([Status(503)] * 100)
+    s = run_critiques(trajs, llm_critic(down, max_attempts=2), out, concurrency=1, progress=False,
+                      max_transport_failure_share=0.5)
+    assert (s.new, s.failed_now, s.transport_failed) == (4, 4, 4)
+    assert s.error and "every critique of this run failed" in s.error
+    assert all(r["retryable"] and r["verdict"] == "failed" for r in read_jsonl(out))
+    assert "retryable 4 transport failures" in format_summary(s)
+    # "none" keeps them; the default retries them and the new record supersedes the old one
+    up = server()
+    s = run_critiques(trajs, llm_critic(up), out, progress=False, retry_failed="none")
+    assert (s.new, s.skipped) == (0, 4) and up.requests == []
+    s = run_critiques(trajs, llm_critic(up), out, progress=False)
+    assert (s.new, s.retried, s.skipped) == (4, 4, 0) and s.verdicts == {"ok": 4} and s.error is None
+    assert len(list(read_jsonl(out))) == 8 and {c.verdict for c in read_critiques(out).values()} == {"ok"}
+    s = run_critiques(trajs, llm_critic(up), out, progress=False)
+    assert (s.new, s.skipped) == (0, 4)
+
+
+def test_bad_replies_stay_final_unless_retry_all(samples, server, llm_critic, tmp_path):
+    trajs, out = _flaky(samples, 3), tmp_path / "c.jsonl"
+    srv = server([Reply("no json here")] * 9)
+    s = run_critiques(trajs, llm_critic(srv, max_reasks=2), out, concurrency=1, progress=False)
+    assert s.failed_now == 3 and s.transport_failed == 0 and not any(r["retryable"] for r in read_jsonl(out))
+    s = run_critiques(trajs, llm_critic(srv), out, progress=False)
+    assert s.new == 0 and s.skipped == 3
+    s = run_critiques(trajs, llm_critic(srv), out, progress=False, retry_failed="all")
+    assert s.new == 3 and s.verdicts == {"ok": 3}
+
+
+def test_too_many_transport_failures_fail_the_run(samples, server, llm_critic, tmp_path):
+    trajs = _flaky(samples, 10)
+    srv = server([Status(500)] * 2 + [Reply(OK_REPLY)] * 100)
+    s = run_critiques(trajs, llm_critic(srv, max_attempts=1), tmp_path / "a.jsonl", concurrency=1, progress=False,
+                      max_transport_failure_share=0.1)
+    assert s.transport_failed == 2 and "2 of 10 critiques failed on transport errors" in s.error
+    srv2 = server([Status(500)] * 1 + [Reply(OK_REPLY)] * 100)
+    s = run_critiques(trajs, llm_critic(srv2, max_attempts=1), tmp_path / "b.jsonl", concurrency=1, progress=False,
+                      max_transport_failure_share=0.1)
+    assert s.transport_failed == 1 and s.error is None
