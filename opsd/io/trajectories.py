@@ -65,8 +65,55 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _is_str(x) -> bool:
+    return type(x) is str
+
+
+def _fast_call(c) -> bool:
+    fn = c.get("function") if type(c) is dict else None
+    return (type(fn) is dict and _is_str(fn.get("name")) and fn["name"] != "" and _is_str(fn.get("arguments"))
+            and ("id" not in c or _is_str(c["id"])) and c.get("type", "function") == "function")
+
+
+def _fast_message(m) -> bool:
+    if type(m) is not dict or m.get("role") not in _ROLES or ("name" in m and not _is_str(m["name"])):
+        return False
+    content = m.get("content")
+    if m["role"] == "assistant":
+        calls, ids = m.get("tool_calls"), m.get("token_ids")
+        return ((calls is None and "tool_calls" not in m) or (type(calls) is list and all(map(_fast_call, calls)))) \
+            and ("token_ids" not in m or (type(ids) is list and all(type(t) is int and t >= 0 for t in ids))) \
+            and ("prefill" not in m or _is_str(m["prefill"])) and (content is None or _is_str(content)) \
+            and (_is_str(content) or bool(calls))
+    if m["role"] == "tool":
+        return _is_str(m.get("tool_call_id")) and _is_str(content)
+    return _is_str(content)
+
+
+def _fast_tool(t) -> bool:
+    fn = t.get("function") if type(t) is dict else None
+    return (type(fn) is dict and t.get("type") == "function" and _is_str(fn.get("name")) and fn["name"] != ""
+            and ("description" not in fn or _is_str(fn["description"]))
+            and ("parameters" not in fn or type(fn["parameters"]) is dict))
+
+
+def fast_valid(traj) -> bool:
+    """True only for trajectories trajectory.schema.json surely accepts (a plain-Python fast path: it is
+    about 5x cheaper than jsonschema on logs with token ids). False means "ask the schema", never "invalid"."""
+    if type(traj) is not dict or type(traj.get("id")) not in (str, int):
+        return False
+    msgs, tools = traj.get("messages"), traj.get("tools", [])
+    return (type(msgs) is list and len(msgs) > 0 and all(map(_fast_message, msgs))
+            and type(tools) is list and all(map(_fast_tool, tools)) and type(traj.get("meta", {})) is dict)
+
+
 def _check(name: str, obj, prefix: str = "$") -> tuple[str, str] | None:
     """(json path, message) of the most relevant schema violation, or None if valid."""
+    if name == "trajectory" and fast_valid(obj):
+        return None
     err = jsonschema.exceptions.best_match(_validator(name).iter_errors(obj))
     if err is None:
         return None

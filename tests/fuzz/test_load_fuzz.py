@@ -168,3 +168,52 @@ def test_random_nesting_loads_up_to_the_limit_and_is_rejected_beyond(tmp_path, d
         assert [r["line"] for r in rows] == [2] and "nested at most" in rows[0]["error"]
     elif where == "meta":
         assert "deep" in {t.id for t in trajs} and not rows
+
+
+def _paths(node, path=()):
+    yield path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, path + (i,))
+
+
+SAMPLE_RECORDS = None
+
+
+def _samples():
+    global SAMPLE_RECORDS
+    if SAMPLE_RECORDS is None:
+        from tests.conftest import DATA
+
+        SAMPLE_RECORDS = [t.to_dict() for t in load_trajectories([DATA / "sample_openai.jsonl", DATA / "sample_otel.jsonl",
+                                                                  DATA / "sample_xlam.json"])]
+        SAMPLE_RECORDS[0]["messages"][2]["token_ids"] = [1, 2, 3]
+        SAMPLE_RECORDS[0]["messages"][2]["prefill"] = ""
+    return SAMPLE_RECORDS
+
+
+MUTANT = st.one_of(JSON, st.sampled_from([True, False, 1.0, -1, "", [], {}, None, "function", "assistant", "tool"]))
+
+
+@settings(FUZZ, max_examples=FUZZ.max_examples * 10)  # cheap (about 2 ms each): look harder
+@given(data=st.data())
+def test_fast_path_never_accepts_what_the_schema_rejects(data):
+    from opsd.io.trajectories import _validator, fast_valid
+
+    base = json.loads(json.dumps(data.draw(st.sampled_from(_samples()))))
+    assert fast_valid(base)  # the fast path does serve real records
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(base) if p]
+        path = data.draw(st.sampled_from(paths))
+        parent = base
+        for key in path[:-1]:
+            parent = parent[key]
+        if data.draw(st.booleans()) and isinstance(parent, dict):
+            parent.pop(path[-1])
+        else:
+            parent[path[-1]] = data.draw(MUTANT)
+    if fast_valid(base):
+        assert _validator("trajectory").is_valid(base), base
