@@ -1,72 +1,43 @@
-"""Evaluation: how much were the errors down-weighted, and at what collateral cost?
+"""Evaluation: did the errors go down on held-out tasks, measured so that it cannot flatter, and at what cost?
 
     opsd eval --before smollm2-135m-instruct --after runs/demo/model \
-        --tasks bfcl:simple_python,multiple:heldout --limit 64 --out runs/demo/report
+        --tasks bfcl:multiple,parallel_multiple:heldout --limit 128 --out runs/demo/report
 
-Stages (each writes its artifacts under OUT, rollouts and critiques are resumable):
-1. behaviour: fresh greedy rollouts of A (before) and B (after) on held-out tasks, critiqued
-   (schema+reference by default); per-category error rates and accuracy with 95% Wilson
-   intervals, plus the no-parseable-call rate read from the rollouts themselves.
-2. teacher-forced, on A's critiqued held-out errors: log-prob of the error span and of its first
+Stages (each writes its artifacts under OUT; rollouts and critiques are resumable):
+1. behaviour: fresh greedy rollouts of A (before) and B (after) on the same held-out tasks,
+   critiqued by the injected critic. Per reply (`opsd.eval.metrics`): the function name it
+   commits to (truncated calls included), the official BFCL AST checker's verdict next to the
+   reference critic's, every error in it (schema + reference checks over the whole reply, from
+   the injected `outcome_fn`), the critic's first error, the finish reason. All stored per task.
+2. paired comparisons (`opsd.eval.stats`): every outcome and every table row, before vs after on
+   the same tasks: difference with a bootstrap 95% CI over tasks, exact McNemar p, per category.
+3. teacher-forced, on A's critiqued held-out errors: log-prob of the error span and of its first
    token under A, B and the hinted A (the OPSD teacher); fraction lowered; argmax flip rate at
    the first error token; hinted-teacher gap closed = (B - A) / (hinted - A).
-3. collateral: per-token KL(A||B) on A's generated tokens outside error spans and on clean
-   trajectories; change in log-prob of the ground-truth correct call.
-Outputs report.json (keys documented in README "Evaluation report"), report.md and PNG plots.
+4. collateral: per-token KL(A||B) and the log-prob change on the ground-truth call rendered as
+   the reply (one per task, so n > 0 whenever tasks have ground truth), plus KL(A||B) on A's
+   generated tokens outside error spans and on A's replies the critic passed.
+Outputs report.json (keys documented in README "Evaluation report"), report.md (verdicts first)
+and PNG plots. `scripts/recompute_report.py` recomputes every headline rate from report.json.
 
-This module never imports `critic`: the caller passes `critique_fn`.
+This module never imports `critic`: the caller passes `critique_fn` (and `outcome_fn`).
 """
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from opsd.eval import metrics, stats
 from opsd.eval.config import EvalConfig
+from opsd.eval.stats import rate, wilson  # noqa: F401  (re-exported: used by callers of opsd.eval.run)
 from opsd.types import Critique, Trajectory
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 CritiqueFn = Callable[[list[Trajectory], Path], list[Critique]]
-
-
-# ----------------------------------------------------------------------------- statistics
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n (0, 0 for n = 0)."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
-def rate(k: int, n: int) -> dict:
-    lo, hi = wilson(k, n)
-    return {"count": k, "n": n, "rate": k / n if n else 0.0, "ci95": [lo, hi]}
-
-
-def behaviour_stats(trajs: list[Trajectory], critiques: list[Critique]) -> dict:
-    """Per-category error rates, accuracy and no-parseable-call rate for one model's rollouts."""
-    by_id = {c.trajectory_id: c for c in critiques}
-    n = len(trajs)
-    cats: dict[str, int] = {}
-    ok = failed = 0
-    for t in trajs:
-        c = by_id.get(t.id)
-        if c is None or c.verdict == "failed":
-            failed += 1
-        elif c.verdict == "ok":
-            ok += 1
-        else:
-            cats[c.category or "unknown"] = cats.get(c.category or "unknown", 0) + 1
-    no_call = sum(1 for t in trajs if t.meta.get("parse_error"))
-    return {"n": n, "accuracy": rate(ok, n), "no_parseable_call": rate(no_call, n), "critique_failed": failed,
-            "categories": {k: rate(v, n) for k, v in sorted(cats.items())}}
 
 
 # ----------------------------------------------------------------------------- teacher-forced + drift
@@ -150,10 +121,10 @@ def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], cri
         bucket = kl["err" if ex is not None else "clean"]
         bucket[0] += kl_L[keep].sum().item()
         bucket[1] += int(keep.sum())
-    drift = {"kl_outside_error_spans": {"mean": kl["err"][0] / kl["err"][1] if kl["err"][1] else float("nan"),
+    drift = {"kl_outside_error_spans": {"mean": kl["err"][0] / kl["err"][1] if kl["err"][1] else None,
                                         "n_tokens": kl["err"][1]},
-             "kl_clean_trajectories": {"mean": kl["clean"][0] / kl["clean"][1] if kl["clean"][1] else float("nan"),
-                                       "n_tokens": kl["clean"][1]}}
+             "kl_critic_ok_replies": {"mean": kl["clean"][0] / kl["clean"][1] if kl["clean"][1] else None,
+                                      "n_tokens": kl["clean"][1]}}
     res = {"n_examples": len(per), "build_counts": dict(counts)}
     if not per:
         return res, drift
@@ -167,6 +138,9 @@ def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], cri
     ft = {k: _mean(p[f"first_{k}"] for p in per) for k in ("before", "after", "hinted")}
     res.update({
         "error_span_logprob": {"before": mb, "after": ma, "hinted": mh, "delta": ma - mb},
+        "error_span_paired": stats.paired_mean([p["before"] for p in per], [p["after"] for p in per],
+                                               n_boot=cfg.bootstrap, seed=cfg.seed),
+        "lowered": rate(sum(p["after"] < p["before"] for p in per), len(per)),
         "first_token_logprob": ft | {"delta": ft["after"] - ft["before"]},
         "fraction_lowered": _mean(float(p["after"] < p["before"]) for p in per),
         "argmax_flip_rate": _mean(float(not p["argmax_after_is_error"]) for p in greedy) if greedy else None,
@@ -178,85 +152,167 @@ def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], cri
     return res, drift
 
 
+def first_acceptable(value):
+    """One concrete value from a BFCL possible answer: nested dicts map each key to a list of acceptable values
+    (the first non-omittable one is taken; a key whose first value is "" is omitted); lists are kept, with
+    their dict items resolved the same way."""
+    if isinstance(value, dict):
+        return {k: first_acceptable(vals[0]) for k, vals in value.items()
+                if isinstance(vals, list) and vals and vals[0] != ""}
+    if isinstance(value, list):
+        return [first_acceptable(v) for v in value]
+    return value
+
+
 def gt_call(ground_truth: list[dict]) -> list[dict]:
     """A correct call list from BFCL possible answers (first acceptable value; optional params omitted)."""
     calls = []
     for k, call in enumerate(ground_truth):
         (name, params), = call.items()
-        args = {p: vals[0] for p, vals in params.items() if vals and vals[0] != ""}
+        args = {p: first_acceptable(vals[0]) for p, vals in params.items() if vals and vals[0] != ""}
         calls.append({"id": f"gt_{k}", "type": "function",
                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
     return calls
 
 
-def gt_call_logprob(model_a, model_b, tok, trajs: list[Trajectory], cfg: EvalConfig) -> dict:
-    """Mean per-token log-prob of the ground-truth call under A and B (one per task)."""
-    from opsd.render import render
-    from opsd.train.scoring import span_logprobs
+def gt_call_collateral(model_a, model_b, tok, trajs: list[Trajectory], cfg: EvalConfig,
+                       prefill_ids: list[int] | tuple = ()) -> tuple[dict, dict]:
+    """KL(A||B) and log-probs on the ground-truth call rendered as the assistant reply (the clean trajectory).
 
-    ids, spans, seen = [], [], set()
+    One item per task with ground truth. Returns ({task id: {"n_tokens", "kl_sum", "logprob_before",
+    "logprob_after"}} (sums over the call's tokens; a forced prefill at its start is not scored), summary):
+    `kl_per_token` (token-weighted, bootstrap CI over tasks) and `logprob_per_token` (per-task mean
+    log-prob per token under A and B, paired).
+    """
+    from opsd.render import render
+
+    prefill_ids = list(prefill_ids)
+    ids, spans, tids = [], [], []
     for t in trajs:
         gt = t.meta.get("ground_truth")
         tid = t.meta.get("task_id", t.id)
-        if not gt or tid in seen:
+        if not gt or tid in tids:
             continue
-        seen.add(tid)
         ref = Trajectory(tid, t.messages[:-1] + [{"role": "assistant", "content": None, "tool_calls": gt_call(gt)}],
                          t.tools)
         r = render(ref, tok)
+        bs, be = r.body_spans[-1]
+        skip = len(prefill_ids) if prefill_ids and r.input_ids[bs:bs + len(prefill_ids)] == prefill_ids else 0
+        if be - bs - skip <= 0:
+            continue
         ids.append(r.input_ids)
-        spans.append(r.body_spans[-1])
-    if not ids:
-        return {"n": 0}
+        spans.append((bs + skip, be))
+        tids.append(tid)
+    per: dict[str, dict] = {}
     pad = tok.pad_token_id or 0
-    a = span_logprobs(model_a, ids, spans, batch_size=cfg.score_batch_size, pad_id=pad).token_logprobs
-    b = span_logprobs(model_b, ids, spans, batch_size=cfg.score_batch_size, pad_id=pad).token_logprobs
-    ma, mb = _mean(x.mean().item() for x in a), _mean(x.mean().item() for x in b)
-    return {"n": len(ids), "before": ma, "after": mb, "delta": mb - ma}
+    b = cfg.score_batch_size
+    for tid, x, (s0, s1), la, lb in zip(tids, ids, spans, _rows(model_a, ids, spans, b, pad),
+                                        _rows(model_b, ids, spans, b, pad)):
+        tgt = torch.tensor(x[s0:s1])[:, None]  # (L, 1)
+        kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) per token
+        per[tid] = {"n_tokens": s1 - s0, "kl_sum": kl_L.sum().item(),
+                    "logprob_before": la.gather(-1, tgt).sum().item(), "logprob_after": lb.gather(-1, tgt).sum().item()}
+    return per, summarise_gt_call(per, cfg.bootstrap, cfg.seed)
+
+
+def summarise_gt_call(per: dict[str, dict], n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> dict:
+    """The summary of `gt_call_collateral`'s per-task sums (also used by scripts/recompute_report.py)."""
+    vals = list(per.values())
+    return {"n": len(vals), "n_tokens": sum(v["n_tokens"] for v in vals),
+            "kl_per_token": stats.ratio_of_sums([v["kl_sum"] for v in vals], [v["n_tokens"] for v in vals],
+                                                n_boot=n_boot, seed=seed),
+            "logprob_per_token": stats.paired_mean([v["logprob_before"] / v["n_tokens"] for v in vals],
+                                                   [v["logprob_after"] / v["n_tokens"] for v in vals],
+                                                   n_boot=n_boot, seed=seed)}
 
 
 # ----------------------------------------------------------------------------- orchestration
+def _dtype(cfg: EvalConfig) -> torch.dtype:
+    from opsd.io import models
+
+    return torch.bfloat16 if models.resolve_precision(cfg.precision, cfg.device) == "bf16" else torch.float32
+
+
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str) -> list[Trajectory]:
     from opsd.rollout.run import RolloutConfig, load_rollouts
     from opsd.rollout.run import main as rollout_main
 
     path = Path(cfg.out) / f"rollouts_{name}.jsonl"
+    kw = {"precision": cfg.precision} if "precision" in {f.name for f in fields(RolloutConfig)} else {}
     rcfg = RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device)
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device, **kw)
     rollout_main(rcfg)
     return load_rollouts(rcfg)
 
 
-def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, log=print) -> dict:
+def behaviour(cfg: EvalConfig, tasks, trajs_a, trajs_b, crit_a, crit_b,
+              outcome_fn: metrics.OutcomeFn | None = None) -> tuple[list[dict], dict]:
+    """Per-task outcomes of both models and their paired comparison (no model needed)."""
+    per_task = metrics.per_task_outcomes(tasks, trajs_a, trajs_b, crit_a, crit_b, outcome_fn)
+    return per_task, metrics.compare(per_task, n_boot=cfg.bootstrap, seed=cfg.seed)
+
+
+def _data_summary(cfg: EvalConfig, tasks) -> dict:
+    cats: dict[str, int] = {}
+    for t in tasks:
+        c = t.meta.get("category", "tasks")
+        cats[c] = cats.get(c, 0) + 1
+    out = {"n_tasks": len(tasks), "by_category": cats,
+           "mean_tools_per_task": sum(len(t.tools) for t in tasks) / len(tasks) if tasks else 0.0}
+    if cfg.tasks.startswith("bfcl:"):
+        from opsd.io.tasks import bfcl
+
+        out["bfcl_splits"] = bfcl.split_report()
+    return out
+
+
+def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.OutcomeFn | None = None,
+         log=print) -> dict:
+    """Run the evaluation; returns the report (also written to cfg.out). `outcome_fn` lists every error of a
+    reply (`opsd.critique.outcomes.reply_outcomes`); without it the error tables say `not_checked`."""
+    from opsd.eval.report import write_report
+    from opsd.eval.targets import verdicts
     from opsd.io import models
+    from opsd.io.tasks import load_tasks
     from opsd.rollout.run import RolloutConfig
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prefill = cfg.prefill if cfg.prefill is not None else RolloutConfig(model=cfg.before).resolved_prefill()
-    log(f"[eval 1/4] rollouts of before={cfg.before} and after={cfg.after} on {cfg.tasks} (limit {cfg.limit})")
+    tasks = load_tasks(cfg.tasks, limit=cfg.limit)
+    log(f"[eval 1/5] rollouts of before={cfg.before} and after={cfg.after} on {cfg.tasks} ({len(tasks)} tasks)")
     trajs_a = _rollouts(cfg.before, "before", cfg, prefill)
     trajs_b = _rollouts(cfg.after, "after", cfg, prefill)
-    log("[eval 2/4] critiques")
+    log("[eval 2/5] critiques")
     crit_a = critique_fn(trajs_a, out / "critiques_before.jsonl")
     crit_b = critique_fn(trajs_b, out / "critiques_after.jsonl")
+    log("[eval 3/5] per-reply outcomes (names, official checker, every error) and paired comparisons")
+    per_task, comparison = behaviour(cfg, tasks, trajs_a, trajs_b, crit_a, crit_b, outcome_fn)
     report: dict = {"version": REPORT_VERSION, "config": asdict(cfg) | {"prefill": prefill},
-                    "behaviour": {"before": behaviour_stats(trajs_a, crit_a), "after": behaviour_stats(trajs_b, crit_b)}}
-    log("[eval 3/4] teacher-forced error-span metrics and collateral drift")
-    model_a, tok = models.load(cfg.before, device=cfg.device)
-    model_b, _ = models.load(cfg.after, device=cfg.device)
-    prefill_len = len(tok(prefill, add_special_tokens=False)["input_ids"]) if prefill else 0
+                    "data": _data_summary(cfg, tasks), "comparison": comparison}
+    log("[eval 4/5] teacher-forced error-span metrics and collateral on ground-truth calls")
+    dtype = _dtype(cfg)
+    model_a, tok = models.load(cfg.before, device=cfg.device, dtype=dtype)
+    model_b, _ = models.load(cfg.after, device=cfg.device, dtype=dtype)
+    prefill_ids = tok(prefill, add_special_tokens=False)["input_ids"] if prefill else []
     with torch.no_grad():
         report["teacher_forced"], drift = teacher_forced_and_drift(model_a, model_b, tok, trajs_a, crit_a, cfg,
-                                                                   prefill_len)
-        report["collateral"] = drift | {"gt_call_logprob": gt_call_logprob(model_a, model_b, tok, trajs_a, cfg)}
+                                                                   len(prefill_ids))
+        gt_per, gt_summary = gt_call_collateral(model_a, model_b, tok, trajs_a, cfg, prefill_ids)
+    before_ok = [t["before"] for t in per_task]
+    report["collateral"] = drift | {"gt_call": gt_summary, "base_fully_correct": {
+        "official": rate(sum(o["rows"]["official"] == "valid" for o in before_ok), len(before_ok)),
+        "reference": rate(sum(o.get("reference") == "ok" for o in before_ok), len(before_ok)),
+        "critic": rate(sum(o["rows"]["critic"] == "ok" for o in before_ok), len(before_ok))}}
+    for t in per_task:
+        t["gt_call"] = gt_per.get(t["task_id"])
+    report["per_task"] = per_task
     if cfg.train_run and (Path(cfg.train_run) / "metrics.jsonl").exists():
         from opsd.train.diagnostics import summarise
 
         report["training_metrics"] = str(Path(cfg.train_run) / "metrics.jsonl")
         report["training_diagnostics"] = summarise(Path(cfg.train_run) / "metrics.jsonl")
-    log("[eval 4/4] writing report")
-    from opsd.eval.report import write_report
-
+    report["verdicts"] = verdicts(report)
+    log("[eval 5/5] writing report")
     write_report(report, out)
     return report

@@ -1,4 +1,5 @@
-"""Evaluation metrics, the report, and the demo/loop commands end to end (tiny model for plumbing)."""
+"""Evaluation end to end: teacher-forced metrics, collateral on ground-truth calls, `opsd eval` and the demo/loop
+commands (tiny random models for plumbing, the embedded model for behaviour)."""
 import json
 import subprocess
 import sys
@@ -7,38 +8,30 @@ import pytest
 
 from opsd.eval.run import (
     EvalConfig,
-    behaviour_stats,
     gt_call,
+    gt_call_collateral,
     teacher_forced_and_drift,
-    wilson,
 )
 from opsd.types import Critique, Trajectory
 from tests.conftest import DATA, ROOT
 
 
-def test_wilson_interval_known_values():
-    lo, hi = wilson(5, 10)
-    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
-    assert wilson(0, 0) == (0.0, 0.0)
-    lo, hi = wilson(0, 20)
-    assert lo == 0.0 and 0.15 < hi < 0.17
-
-
 def test_gt_call_uses_first_value_and_omits_optional():
-    calls = gt_call([{"f": {"a": [10], "b": ["", "x"], "c": ["units", ""]}}])
+    calls = gt_call([{"f": {"a": [10], "b": ["", "x"], "c": ["units", ""],
+                            "d": [{"math": [90], "art": ["", 3]}], "e": [[{"k": ["v", "w"]}]]}}])
     assert calls[0]["function"]["name"] == "f"
-    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 10, "c": "units"}
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 10, "c": "units", "d": {"math": 90},
+                                                             "e": [{"k": "v"}]}
 
 
-def test_behaviour_stats_counts_each_trajectory_once():
-    trajs = [Trajectory(f"t{i}", [{"role": "user", "content": "q"}], meta={"parse_error": "x" if i < 2 else None})
-             for i in range(5)]
-    crits = [Critique("t0", "error", 1, "q", "h", "unknown_tool"), Critique("t1", "error", 1, "q", "h", "unparsable_call"),
-             Critique("t2", "ok"), Critique("t3", "failed", error="boom")]  # t4: no critique at all
-    s = behaviour_stats(trajs, crits)
-    assert s["n"] == 5 and s["accuracy"]["count"] == 1 and s["critique_failed"] == 2
-    assert s["no_parseable_call"]["count"] == 2
-    assert s["categories"]["unknown_tool"]["rate"] == pytest.approx(0.2)
+def test_eval_config_checks_its_fields():
+    with pytest.raises(ValueError, match="precision"):
+        EvalConfig(precision="fp16")
+    with pytest.raises(ValueError, match="limit"):
+        EvalConfig(limit=0)
+    with pytest.raises(ValueError, match="bootstrap"):
+        EvalConfig(bootstrap=10)
+    assert EvalConfig().precision == "auto"
 
 
 @pytest.mark.slow
@@ -58,9 +51,81 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
     assert tf["gap_closed"] == pytest.approx(0, abs=1e-4)
     for p in tf["per_example"]:
         assert p["before"] <= 0 and p["hinted"] <= 0 and p["before"] == p["after"]
-    assert col["kl_outside_error_spans"]["n_tokens"] > 0 and col["kl_clean_trajectories"]["n_tokens"] > 0
+    assert col["kl_outside_error_spans"]["n_tokens"] > 0 and col["kl_critic_ok_replies"]["n_tokens"] > 0
     assert col["kl_outside_error_spans"]["mean"] == pytest.approx(0, abs=1e-6)
-    assert col["kl_clean_trajectories"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert col["kl_critic_ok_replies"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert tf["error_span_paired"]["diff"] == pytest.approx(0, abs=1e-5) and tf["lowered"]["count"] == 0
+
+
+def _bfcl_trajs(n=6):
+    from opsd.io.tasks import load_tasks
+
+    out = []
+    for t in load_tasks("bfcl:multiple,parallel_multiple:heldout", limit=n):
+        msg = {"role": "assistant", "content": "<tool_call>\n{}", "token_ids": [0]}
+        out.append(Trajectory(t.id + "#s0", t.messages + [msg], t.tools,
+                              {"task_id": t.id, "ground_truth": t.ground_truth, **t.meta}))
+    return out
+
+
+@pytest.mark.slow
+def test_gt_call_collateral_same_model_is_zero_and_never_empty(smol_model):
+    model, tok = smol_model
+    trajs = _bfcl_trajs()
+    prefill = tok("<tool_call>\n", add_special_tokens=False)["input_ids"]
+    per, summary = gt_call_collateral(model, model, tok, trajs, EvalConfig(bootstrap=200), prefill)
+    assert summary["n"] == len(trajs) == len(per) and summary["n_tokens"] > 20 * len(trajs)
+    assert summary["kl_per_token"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert summary["logprob_per_token"]["diff"] == pytest.approx(0, abs=1e-6)
+    # the base model finds a correct call fairly likely: per-token log-prob well above uniform (-10.8)
+    assert -3 < summary["logprob_per_token"]["before"] < 0
+
+
+def test_gt_call_collateral_sees_a_different_model(tiny_model_dir, smol_tokenizer):
+    from opsd.io.models import load
+    from tests.conftest import save_tiny
+
+    a, tok = load(str(tiny_model_dir), device="cpu")
+    b, _ = load(str(save_tiny(tiny_model_dir.parent / "tiny-b", smol_tokenizer, seed=1)), device="cpu")
+    trajs = _bfcl_trajs(4)
+    prefill = tok("<tool_call>\n", add_special_tokens=False)["input_ids"]
+    per, summary = gt_call_collateral(a, b, tok, trajs, EvalConfig(bootstrap=200), prefill)
+    assert summary["n"] == 4 and summary["kl_per_token"]["mean"] > 1e-4
+    lo, hi = summary["kl_per_token"]["ci95"]
+    assert 0 < lo <= summary["kl_per_token"]["mean"] <= hi
+    # the forced prefill is not scored: the span starts after it
+    one, _ = gt_call_collateral(a, b, tok, trajs[:1], EvalConfig(bootstrap=200), [])
+    assert one[trajs[0].meta["task_id"]]["n_tokens"] == per[trajs[0].meta["task_id"]]["n_tokens"] + len(prefill)
+
+
+def test_eval_main_writes_per_task_outcomes_that_recompute(tiny_model_dir, smol_tokenizer, tmp_path):
+    """`opsd eval` on two different tiny models: per-task outcomes for every task, verdicts first in report.md,
+    and scripts/recompute_report.py reproduces every number from report.json."""
+    from opsd.critique.config import CriticConfig
+    from opsd.critique.outcomes import reply_outcomes
+    from opsd.critique.run import critique_fn
+    from opsd.eval.run import main
+    from tests.conftest import save_tiny
+
+    other = save_tiny(tmp_path / "after", smol_tokenizer, seed=3)
+    cfg = EvalConfig(before=str(tiny_model_dir), after=str(other), tasks="bfcl:multiple,parallel_multiple:heldout",
+                     out=str(tmp_path / "report"), limit=6, max_new_tokens=8, prefill="<tool_call>\n",
+                     device="cpu", precision="fp32", bootstrap=200)
+    rep = main(cfg, critique_fn(CriticConfig(name="schema+reference"), progress=False), outcome_fn=reply_outcomes,
+               log=lambda *_: None)
+    assert rep["version"] == 2 and len(rep["per_task"]) == 6 == rep["comparison"]["n"]
+    assert set(rep["data"]["by_category"]) == {"multiple", "parallel_multiple"}
+    assert rep["collateral"]["gt_call"]["n"] == 6 and rep["collateral"]["gt_call"]["kl_per_token"]["mean"] > 0
+    assert [v["key"] for v in rep["verdicts"]] == ["undeclared_tool_falls", "declared_tool_rises",
+                                                    "official_accuracy_holds", "gt_call_kl"]
+    for t in rep["per_task"]:
+        assert t["before"]["reply"] and t["after"]["reply"] and t["before"]["errors"] is not None
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.index("Verdicts") < md.index("## Outcomes")
+    assert (tmp_path / "report" / "paired_differences.png").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_report.py"),
+                        str(tmp_path / "report" / "report.json")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and " 0 mismatches" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_error_span_logprobs_match_direct_scoring(smol_model):
@@ -96,12 +161,12 @@ def test_demo_end_to_end_plumbing(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((out / "rollouts").glob("train-*.jsonl"))) == 1
     for sub in ("critiques/train.jsonl", "model/config.json", "metrics.jsonl",
-                "report/report.json", "report/report.md", "report/category_rates.png"):
+                "report/report.json", "report/report.md", "report/paired_differences.png"):
         assert (out / sub).exists(), sub
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["version"] == 1 and rep["behaviour"]["before"]["n"] == 4
+    assert rep["version"] == 2 and rep["comparison"]["n"] == 4 and len(rep["per_task"]) == 4
     assert "teacher_forced" in rep and "collateral" in rep
-    assert "| metric (held-out, n=4) | before | after |" in r.stdout
+    assert "Verdicts (n=4 held-out tasks" in r.stdout and "| names an undeclared tool |" in r.stdout
     # rerun resumes: nothing is rolled out or critiqued twice
     r2 = _opsd("demo", "--model", str(tiny_model_dir), "--prefill", "<tool_call>\\n", "--train-limit", "6",
                "--eval-limit", "4", "--max-new-tokens", "8", "--epochs", "1", "--min-hint-effect=-inf", "--out", str(out))

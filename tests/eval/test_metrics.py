@@ -1,0 +1,246 @@
+"""Per-reply outcomes, tables that sum to n, the official checker, verdicts and the recompute script (no model)."""
+import asyncio
+import copy
+import json
+import subprocess
+import sys
+
+from critic import make_critic
+from opsd.critique.outcomes import reply_outcomes
+from opsd.eval import metrics, targets
+from opsd.eval.metrics import first_name, name_row
+from opsd.eval.official import official_verdict
+from opsd.eval.run import gt_call
+from opsd.io.tasks import bfcl
+from opsd.types import Critique, Trajectory
+from tests.conftest import ROOT
+
+TASKS = bfcl.load("multiple", "heldout")[:40]
+
+
+def _reply(task, content, finish="stop", suffix=""):
+    """A trajectory as `opsd rollout` writes it (raw generated text, parse error, finish reason)."""
+    from opsd.rollout.run import parse_reply
+
+    calls, err = parse_reply(content)
+    msg = {"role": "assistant", "content": content, "token_ids": [0]}
+    if calls:
+        msg["tool_calls"] = calls
+    meta = {"task_id": task.id, "sample": 0, "finish_reason": finish, "parse_error": err, "ground_truth":
+            task.ground_truth, **task.meta}
+    return Trajectory(f"{task.id}#s0{suffix}", task.messages + [msg], task.tools, meta)
+
+
+def _call(name, args):
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+
+def _correct(task):
+    c = gt_call(task.ground_truth)[0]["function"]
+    return _call(c["name"], json.loads(c["arguments"]))
+
+
+def _critique(trajs):
+    critic = make_critic("schema+reference")
+    return [asyncio.run(critic.critique(t)) for t in trajs]
+
+
+def _compare(before, after, tasks=TASKS, **kw):
+    per_task = metrics.per_task_outcomes(tasks, before, after, _critique(before), _critique(after), reply_outcomes)
+    return per_task, metrics.compare(per_task, n_boot=500, **kw)
+
+
+def test_first_name_reads_truncated_looping_and_reordered_calls():
+    assert first_name('<tool_call>\n{"name": "get_weather", "arguments": {"city": "x"}}\n</tool_call>') == (
+        "get_weather", True)
+    assert first_name('<tool_call>\n{"name": "calc.calc.calc.calc') == ("calc.calc.calc.calc", False)
+    assert first_name('<tool_call>\n{"arguments": {"name": "John"}, "name": "f"}</tool_call>') == ("f", True)
+    assert first_name('<tool_call>\n{"type": "function", "function": {"name": "g"}}</tool_call>') == ("g", True)
+    assert first_name('<tool_call>\n{"name": "f" "arguments": {}}</tool_call>') == ("f", True)  # broken JSON after it
+    assert first_name('<tool_call>\n{"arguments": {"a": 1}}</tool_call><tool_call>{"name": "h"}') == ("h", True)
+    assert first_name('<tool_call>\n{"list": [{"name": "inner"}], "name": "outer"}</tool_call>') == ("outer", True)
+    assert first_name('<tool_call>\n{"name": 5}</tool_call>') == (None, False)
+    assert first_name("Sure, I can help with that.") == (None, False)
+
+
+def test_name_row_counts_a_runaway_name_as_undeclared_and_a_cut_prefix_as_no_name():
+    declared, gt = {"math.sqrt", "math.pow"}, {"math.sqrt"}
+    assert name_row("math.sqrt", True, declared, gt) == "gt_function"
+    assert name_row("math.pow", True, declared, gt) == "other_declared"
+    assert name_row("math.pow", True, declared, None) == "declared_no_ground_truth"
+    assert name_row("math.sqr", True, declared, gt) == "undeclared"
+    assert name_row("math.sqrt.sqrt.sqrt", False, declared, gt) == "undeclared"  # looping, never closed
+    assert name_row("math.sq", False, declared, gt) == "no_name"  # cut off inside a declared name
+    assert name_row(None, False, declared, gt) == "no_name"
+
+
+def test_a_model_that_hides_its_wrong_names_in_broken_calls_does_not_lower_the_undeclared_rate():
+    """Before: clean calls to invented names. After: the same invented names, but the calls loop, never
+    close, put the name after the arguments or break the JSON right after the name (the old report
+    classed such replies `unparsable_call`, so its "hallucinated name" rate fell). The name metric does
+    not move, and the target is not met."""
+    before, after = [], []
+    for k, task in enumerate(TASKS):
+        wrong = task.tools[0]["function"]["name"] + "_v2"
+        before.append(_reply(task, _call(wrong, {"x": 1})))
+        hidden = [f'<tool_call>\n{{"name": "{wrong}' + "_v2" * 30,  # looping, never closed
+                  f'<tool_call>\n{{"arguments": {{"x": 1}}, "name": "{wrong}"}}\n</tool_call>',  # name not first
+                  f'<tool_call>\n{{"name": "{wrong}" "arguments": {{"x": 1}}}}\n</tool_call>',  # broken after it
+                  f'<tool_call>\n{{"name": "{wrong}", "arguments": {{"x": 1, "y": [1, 2'][k % 4]  # cut off
+        after.append(_reply(task, hidden, finish="length" if k % 4 in (0, 3) else "stop"))
+    per_task, cmp = _compare(before, after)
+    o = cmp["outcomes"]["names_undeclared_tool"]
+    assert o["before"]["count"] == o["after"]["count"] == len(TASKS)
+    assert o["diff"] == 0 and o["direction"] == "no significant change"
+    assert cmp["outcomes"]["no_parseable_call"]["after"]["count"] == 3 * len(TASKS) // 4  # 3 of 4 forms are broken
+    v = {x["key"]: x["verdict"] for x in targets.verdicts({"comparison": cmp, "collateral": {}})}
+    assert v["undeclared_tool_falls"] == "not met" and v["declared_tool_rises"] == "not met"
+
+
+def test_a_model_that_emits_no_names_at_all_fails_the_declared_target():
+    """Dropping names lowers the undeclared rate only by raising "names no tool": the declared-tool target
+    (which a real improvement must meet too) is not met."""
+    before = [_reply(t, _call(t.tools[0]["function"]["name"] + "_v2", {})) for t in TASKS]
+    after = [_reply(t, '<tool_call>\n{"arguments": {"x": 1}}\n</tool_call>') for t in TASKS]
+    _, cmp = _compare(before, after)
+    assert cmp["outcomes"]["names_no_tool"]["direction"] == "up"
+    v = {x["key"]: x["verdict"] for x in targets.verdicts({"comparison": cmp, "collateral": {}})}
+    assert v["declared_tool_rises"] == "not met"
+
+
+def test_every_reply_lands_in_one_row_of_each_table_with_failed_and_missing_critiques():
+    tasks = TASKS[:12]
+    before = [_reply(t, _correct(t) if k % 3 == 0 else _call("nope", {})) for k, t in enumerate(tasks)]
+    after = [_reply(t, _correct(t)) for t in tasks[:-1]]  # the last task's rollout failed
+    crit_b = _critique(before)
+    crit_b[1] = Critique(crit_b[1].trajectory_id, "failed", error="critic raised")
+    crit_b = crit_b[:-1]  # ... and one reply was never critiqued
+    per_task = metrics.per_task_outcomes(tasks, before, after, crit_b, _critique(after), reply_outcomes)
+    cmp = metrics.compare(per_task, n_boot=200)
+    for table, t in cmp["tables"].items():
+        for side in ("before", "after"):
+            assert sum(o[side]["count"] for o in t["rows"].values()) == len(tasks), (table, side)
+    critic = cmp["tables"]["critic"]["rows"]
+    assert critic["critique_failed"]["before"]["count"] == 2
+    assert critic["no_reply"]["after"]["count"] == 1 and cmp["tables"]["name"]["rows"]["no_reply"]["after"]["count"] == 1
+    assert cmp["outcomes"]["critique_failed"]["before"]["count"] == 2
+    assert per_task[-1]["after"]["rows"] == {t: "no_reply" for t in metrics.TABLES}
+
+
+def test_official_checker_next_to_the_reference_critic():
+    tasks = TASKS[:20]
+    trajs = []
+    for k, t in enumerate(tasks):
+        good = json.loads(gt_call(t.ground_truth)[0]["function"]["arguments"])
+        name = gt_call(t.ground_truth)[0]["function"]["name"]
+        bad = copy.deepcopy(good)
+        bad[next(iter(bad))] = "definitely wrong"
+        trajs.append(_reply(t, _call(name, good if k % 2 == 0 else bad)))
+    verdicts = [official_verdict(t)["verdict"] for t in trajs]
+    assert verdicts == ["valid" if k % 2 == 0 else "invalid" for k in range(20)]
+    per_task, cmp = _compare(trajs, trajs, tasks=tasks)
+    rows = cmp["tables"]["agreement"]["rows"]
+    assert rows["both_valid"]["before"]["count"] == 10 and rows["both_invalid"]["before"]["count"] == 10
+    assert cmp["outcomes"]["official_accuracy"]["before"]["count"] == 10
+    # a reply that is not a BFCL task is not scored by the official checker, and says so
+    other = Trajectory("x", trajs[0].messages, trajs[0].tools, {**trajs[0].meta, "source": "file"})
+    assert official_verdict(other)["verdict"] == "n/a"
+    broken = _reply(tasks[0], '<tool_call>\n{"name": "x", "arguments": {')
+    assert official_verdict(broken) == {"verdict": "invalid", "error": "a <tool_call> block was never closed"}
+
+
+def test_the_rendered_ground_truth_call_is_what_the_official_checker_accepts():
+    """The clean trajectory of the collateral metrics (the ground-truth call as the reply) is a correct reply:
+    nested acceptable values are resolved (a dict parameter is not sent as a dict of lists)."""
+    from opsd.eval.official import official_valid
+
+    n = bad = 0
+    for c in ("simple_python", "multiple", "parallel_multiple", "live_multiple"):
+        for t in bfcl.load(c)[::3]:
+            calls = [(x["function"]["name"], json.loads(x["function"]["arguments"])) for x in gt_call(t.ground_truth)]
+            n += 1
+            bad += not official_valid(c, t.id, calls, t.ground_truth)
+    assert n > 500 and bad / n < 0.01, (bad, n)
+
+
+def test_every_error_is_listed_not_only_the_first():
+    t = TASKS[0]
+    name = t.tools[0]["function"]["name"]
+    two = _call(name + "_x", {}) + "\n" + _call(name, {"not_a_param": 1})
+    out = reply_outcomes(_reply(t, two))
+    cats = {e["category"] for e in out["errors"]}
+    assert {"unknown_tool", "unknown_parameter"} <= cats
+    assert out["reference"] == "error"
+
+
+def _report(per_task, cmp):
+    rep = {"version": 2, "config": {"bootstrap": 500, "seed": 0, "before": "a", "after": "b", "tasks": "t",
+                                    "limit": None}, "comparison": cmp, "per_task": per_task, "collateral": {}}
+    rep["verdicts"] = targets.verdicts(rep)
+    return rep
+
+
+def test_recompute_script_reproduces_every_number_and_catches_a_tampered_one(tmp_path):
+    before = [_reply(t, _call(t.tools[0]["function"]["name"] + "_v2", {})) for t in TASKS]
+    after = [_reply(t, _correct(t) if k % 2 else _call("nope", {})) for k, t in enumerate(TASKS)]
+    per_task, cmp = _compare(before, after)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(_report(per_task, cmp)))
+    script = [sys.executable, str(ROOT / "scripts" / "recompute_report.py"), str(path)]
+    r = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " 0 mismatches" in r.stdout
+    # a stored rate that does not follow from the per-task outcomes is caught
+    rep = json.loads(path.read_text())
+    rep["comparison"]["outcomes"]["names_undeclared_tool"]["after"]["count"] -= 1
+    path.write_text(json.dumps(rep))
+    r = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "outcomes.names_undeclared_tool.after.count" in r.stdout
+    # so is a per-task fact that was edited after the report was written
+    rep = _report(per_task, cmp)
+    rep["per_task"][0]["after"]["name"] = rep["per_task"][0]["tool_names"][0]
+    path.write_text(json.dumps(rep))
+    r = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "MISMATCH outcomes.names_declared_tool" in r.stdout
+
+
+def _binary(b, a, n, **kw):
+    from opsd.eval import stats
+
+    return stats.paired_binary([True] * b + [False] * (n - b), [True] * a + [False] * (n - a), **kw)
+
+
+def test_verdicts_follow_the_targets():
+    # 40 -> 10 of 128: -75% relative, p tiny: met
+    assert targets.undeclared_tool_falls(_binary(40, 10, 128))[0] == "met"
+    # 6 -> 2 of 20: -67% but p = 0.29: not significant
+    assert targets.undeclared_tool_falls(_binary(6, 2, 20))[0] == "not significant"
+    # 60 -> 40 of 128: significant but only -33%: not met
+    assert targets.undeclared_tool_falls(_binary(60, 40, 128))[0] == "not met"
+    assert targets.undeclared_tool_falls(_binary(0, 0, 128))[0] == "not testable"
+    assert targets.declared_tool_rises(_binary(20, 60, 128))[0] == "met"
+    assert targets.declared_tool_rises(_binary(20, 22, 128))[0] == "not significant"
+    assert targets.declared_tool_rises(_binary(20, 20, 128))[0] == "not met"
+    assert targets.official_accuracy_holds(_binary(0, 0, 128))[0] == "not testable"  # cannot fall: never "met"
+    assert targets.official_accuracy_holds(_binary(20, 5, 128))[0] == "not met"
+    assert targets.official_accuracy_holds(_binary(20, 18, 128))[0] == "met"
+    ok, ev = targets.official_accuracy_holds(_binary(5, 20, 128))
+    assert ok == "met" and "a rise" in ev and "(significant)" in ev
+    kl = {"n": 10, "n_tokens": 300, "kl_per_token": {"mean": 0.01, "ci95": [0.005, 0.02]}}
+    assert targets.gt_call_kl(kl)[0] == "met"
+    assert targets.gt_call_kl(kl | {"kl_per_token": {"mean": 0.04, "ci95": [0.02, 0.07]}})[0] == "not significant"
+    assert targets.gt_call_kl(kl | {"kl_per_token": {"mean": 0.08, "ci95": [0.06, 0.1]}})[0] == "not met"
+    assert targets.gt_call_kl({"n": 0})[0] == "not testable"
+
+
+def test_per_category_rates():
+    tasks = bfcl.load("simple_python", "heldout")[:10] + TASKS[:10]
+    before = [_reply(t, _call("nope", {})) for t in tasks]
+    after = [_reply(t, _correct(t) if t.meta["category"] == "multiple" else _call("nope", {})) for t in tasks]
+    _, cmp = _compare(before, after, tasks=tasks)
+    pc = cmp["per_category"]
+    assert set(pc) == {"simple_python", "multiple"} and pc["multiple"]["n"] == 10
+    assert pc["multiple"]["n_tools_mean"] > 1 and pc["simple_python"]["n_tools_mean"] == 1
+    assert pc["multiple"]["outcomes"]["official_accuracy"]["after"]["count"] == 10
+    assert pc["simple_python"]["outcomes"]["official_accuracy"]["after"]["count"] == 0
+    assert pc["multiple"]["outcomes"]["names_undeclared_tool"]["direction"] == "down"
