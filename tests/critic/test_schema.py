@@ -144,3 +144,17 @@ def test_truncated_repetition_loop_quotes_the_first_repeated_key(samples):
     assert c.category == "unparsable_call" and "repeated" in c.hint
     first_repeat = text.index('"origin"', text.index('"origin"') + 1)
     assert (c.quote, c.quote_at) == ('"origin"', first_repeat)
+
+
+@pytest.mark.parametrize("text, quote", [
+    ('<tool_call>\n{"name": "get_weather" "arguments": {"city": "Oslo"}}\n</tool_call>', '"arguments"'),
+    ('<tool_call>\n{"name": "get_weather", "name": "get_weather", "name": "get_weather", "na', '"name"'),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}, "arguments": {"city": "Oslo"}, "argu',
+     '"arguments"'),
+])
+def test_a_quoted_json_key_still_gets_a_hint_that_passes_the_lint(samples, text, quote):
+    """Issue 10, 2(a): the JSON hints name "name" and "arguments"; when that is the quote, a variant
+    that names no key is used, so the error is trained on instead of becoming `failed`."""
+    c = _check(_with_calls(samples["weather-ok"], text))
+    assert (c.verdict, c.quote) == ("error", quote), c.error
+    assert "JSON" in c.hint and lint_hint(c.hint, c.quote) is None
