@@ -92,15 +92,18 @@ def _eval(argv: list[str]) -> int:
 
 
 def _loop(argv: list[str]) -> int:
-    from opsd.pipelines.loop import add_arguments, run
+    from opsd.pipelines.loop import LoopConfig, format_rounds, main
 
-    return _legacy("loop", argv, add_arguments, run)
+    history = main(parse(LoopConfig, argv, prog="opsd loop", description=COMMANDS["loop"][0]))
+    print("\n" + format_rounds(history))
+    return 0
 
 
 def _demo(argv: list[str]) -> int:
-    from opsd.pipelines.demo import add_arguments, run
+    from opsd.pipelines.demo import DemoConfig, main
 
-    return _legacy("demo", argv, add_arguments, run)
+    main(parse(DemoConfig, argv, prog="opsd demo", description=COMMANDS["demo"][0]))
+    return 0
 
 
 def _legacy(name: str, argv: list[str], add_arguments, run) -> int:

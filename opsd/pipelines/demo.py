@@ -1,110 +1,126 @@
-"""`opsd demo` (= `make demo`): the whole OPSD loop on real BFCL tasks, end to end.
+"""`opsd demo` (= `make demo`): on-policy OPSD rounds on real BFCL tasks, then one held-out evaluation.
 
-    opsd demo                                   # embedded SmolLM2-135M-Instruct, CPU, ~15 min
-    opsd demo --model path/to/hf-chat-model --critic llm --base-url http://localhost:8000/v1 --critic-model M
+    opsd demo                                          # embedded SmolLM2-135M-Instruct, CPU
+    opsd demo --rounds 3 --train.lr 3e-5 --rollout.limit 64
+    opsd demo --train.model path/to/hf-chat-model --critic.name llm --critic.base-url http://localhost:8000/v1 \\
+        --critic.model M
 
-1. rollouts of the student on the BFCL train split        -> OUT/rollouts/train.jsonl
-2. critiques (schema+reference by default)               -> OUT/critiques/train.jsonl
-3. OPSD training on the critiqued errors                  -> OUT/model/, OUT/metrics.jsonl, ...
-4. evaluation on the disjoint held-out split (fresh rollouts of before and after, teacher-forced
-   error-span metrics, collateral drift)                  -> OUT/report/
-5. a before/after table printed at the end.
-Every stage is resumable: rerunning the command reuses what is already on disk.
+1. `opsd loop`: R rounds of rollout -> critique -> train on fresh train-split tasks, each round
+   scored on the validation split; the best round is kept (OUT/round_K/, OUT/loop.md);
+2. the held-out split, scored once at the end: the base student against the best round, with
+   paired statistics and a verdict per target (OUT/report/report.md), plus every round's model
+   against the base on the same held-out tasks (OUT/report/rounds.md);
+3. the verdicts and tables are printed.
+Every stage resumes: rerunning the command reuses what is already on disk.
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from opsd.critique.compose import add_critic_arguments, build_critic, critique_fn
+from opsd.critique.outcomes import reply_outcomes
+from opsd.critique.run import critique_fn
+from opsd.eval.config import EvalConfig
+from opsd.eval.report import summary_table
+from opsd.eval.run import _rollouts, behaviour
+from opsd.eval.run import main as eval_main
+from opsd.eval.targets import fmt_p
+from opsd.io.tasks import load_tasks
+from opsd.pipelines.loop import LoopConfig, format_rounds
+from opsd.pipelines.loop import main as loop_main
+from opsd.rollout.config import RolloutConfig
 
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="student model (default: %(default)s)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--train-tasks", default="bfcl:simple_python,multiple:train", help="rollout tasks for training")
-    p.add_argument("--train-limit", type=int, default=128, help="first N training tasks (default %(default)s)")
-    p.add_argument("--samples", type=int, default=1, help="samples per training task (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="rollout temperature for training data")
-    p.add_argument("--eval-tasks", default="bfcl:simple_python,multiple:heldout", help="held-out tasks")
-    p.add_argument("--eval-limit", type=int, default=64, help="first N held-out tasks (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="rollout budget per reply (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="rollout batch size")
-    p.add_argument("--prefill", default=None, help="reply prefill (default: '<tool_call>\\n' for the embedded model)")
-    p.add_argument("--epochs", type=float, default=1.0, help="training epochs over the critiqued errors")
-    p.add_argument("--lr", type=float, default=5e-5, help="training learning rate")
-    p.add_argument("--train-batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--span", default="quote", choices=["quote", "step_from_error", "step"], help="target span")
-    p.add_argument("--loss", default="jsd", choices=["jsd", "forward_kl", "reverse_kl"])
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--teacher", default="initial", choices=["self", "initial", "ema"],
-                   help="hinted teacher weights (default initial: frozen start, precomputed top-k targets)")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
-    p.add_argument("--min-hint-effect", type=float, default=0.0,
-                   help="keep examples whose hint lowers the error tokens by more than this (nats; -inf keeps all)")
-    p.add_argument("--device", default=None)
-    add_critic_arguments(p)
+HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"
+ROUND_KEYS = ("official_accuracy", "names_undeclared_tool", "names_declared_tool", "names_gt_function",
+              "no_parseable_call")
 
 
-def run(args) -> int:
-    from opsd.eval.report import summary_table
-    from opsd.eval.run import EvalConfig
-    from opsd.eval.run import main as eval_main
-    from opsd.rollout.run import RolloutConfig, load_rollouts, prefill_arg
-    from opsd.rollout.run import main as rollout_main
-    from opsd.train.config import TrainConfig
-    from opsd.train.run import main as train_main
+def _demo_eval() -> EvalConfig:
+    return EvalConfig(tasks=HELDOUT_SPEC, limit=128, max_new_tokens=96, batch_size=16)
 
+
+@dataclass
+class DemoConfig(LoopConfig):
+    out: str = field(default="runs/demo", metadata={"help": "output folder: round_K/, loop.md, report/"})
+    rounds: int = field(default=2, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
+    eval: EvalConfig = field(default_factory=_demo_eval, metadata={
+        "help": "the held-out evaluation at the end; before, after, out and train_run are set by the demo"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d = EvalConfig()
+        set_here = [f"eval.{n}" for n in ("before", "after", "out", "train_run") if getattr(self.eval, n) != getattr(d, n)]
+        if set_here:
+            raise ValueError(f"{', '.join(set_here)}: set by the demo (base student vs the best round, in OUT/report)")
+
+
+def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str) -> list[dict]:
+    """Every round's model against the base on the held-out tasks (the base rollouts are the evaluation's)."""
+    tasks = load_tasks(ecfg.tasks, limit=ecfg.limit)
+    base = _rollouts(ecfg.before, "before", ecfg, prefill)
+    crit_base = critique(base, Path(ecfg.out) / "critiques_before.jsonl")
+    rows = []
+    for r in history["rounds"]:
+        model = r.get("trained_model")
+        if not model:
+            continue
+        name = f"round_{r['round']}"
+        trajs = _rollouts(model, name, ecfg, prefill)
+        crits = critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")
+        _, cmp = behaviour(ecfg, tasks, base, trajs, crit_base, crits, reply_outcomes)
+        rows.append({"round": r["round"], "model": model, "n": cmp["n"],
+                     "outcomes": {k: cmp["outcomes"][k] for k in ROUND_KEYS}})
+    return rows
+
+
+def format_round_rows(rows: list[dict]) -> str:
+    """Markdown: one row per round, each outcome as after − before (pts) with its paired 95% CI and McNemar p."""
+    if not rows:
+        return "no trained rounds"
+    labels = {"official_accuracy": "accuracy (official)", "names_undeclared_tool": "names an undeclared tool",
+              "names_declared_tool": "names a declared tool", "names_gt_function": "names the right function",
+              "no_parseable_call": "no parseable call"}
+    lines = [f"Held-out, n={rows[0]['n']} tasks, each round's model paired with the base on the same tasks; "
+             "cells: rate after (change in points [95% CI], McNemar p)", "",
+             "| round | " + " | ".join(labels[k] for k in ROUND_KEYS) + " |", "|---" * (len(ROUND_KEYS) + 1) + "|"]
+    base = rows[0]["outcomes"]
+    lines.append("| base | " + " | ".join(f"{100 * base[k]['before']['rate']:.1f}%" for k in ROUND_KEYS) + " |")
+    for r in rows:
+        cells = []
+        for k in ROUND_KEYS:
+            o = r["outcomes"][k]
+            ci = o["ci95"]
+            ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+            cells.append(f"{100 * o['after']['rate']:.1f}% ({100 * o['diff']:+.1f}{ci_s}, p={fmt_p(o['p'])})")
+        lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
+    """Run the demo (see module docstring); returns the held-out report."""
     t0 = time.time()
-    out = Path(args.out)
-    for sub in ("rollouts", "critiques", "report"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    try:
-        critic = build_critic(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    crit = critique_fn(critic, concurrency=args.critic_concurrency)
-    prefill = prefill_arg(args.prefill)
-    rcfg = RolloutConfig(tasks=args.train_tasks, out=str(out / "rollouts" / "train.jsonl"), model=args.model,
-                         samples=args.samples, temperature=args.temperature, limit=args.train_limit,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prefill=prefill,
-                         device=args.device)
-    prefill = rcfg.resolved_prefill()
-    rcfg.out = str(out / "rollouts" / f"train-{rcfg.hash()}.jsonl")  # one file per rollout config: train reads it whole
-
-    print(f"[demo 1/5] rollouts of {args.model} on {args.train_tasks} (limit {args.train_limit})", flush=True)
-    print(f"  {rollout_main(rcfg)}", flush=True)
-    trajs = load_rollouts(rcfg)
-
-    print(f"[demo 2/5] critiques ({args.critic}) of {len(trajs)} rollouts", flush=True)
-    crit_path = out / "critiques" / "train.jsonl"
-    critiques = crit(trajs, crit_path)
-    n_err = sum(c.verdict == "error" for c in critiques)
-    print(f"  {n_err} errors to learn from", flush=True)
-    if n_err == 0:
-        print("no errors found: nothing to train on", file=sys.stderr)
-        return 1
-
-    print(f"[demo 3/5] OPSD training ({args.teacher} hinted teacher, error spans only)", flush=True)
-    # only the trajectories of this critic's run: the critique file may hold other critics' lines
-    tcfg = TrainConfig(model=args.model, trajectories=rcfg.out, critiques=str(crit_path), out=str(out), span=args.span,
-                  loss=args.loss, beta=args.beta, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size,
-                  lora_r=args.lora_r, min_hint_effect=args.min_hint_effect, resume=True, teacher=args.teacher,
-                  precompute_targets=args.teacher == "initial" and args.lora_r == 0, cpu=args.device == "cpu", warmup_steps=2)
-    try:
-        model_dir = train_main(tcfg)
-    except RuntimeError as e:
-        print(f"error: training failed: {e}", file=sys.stderr)
-        return 1
-
-    print(f"[demo 4/5] evaluation on held-out {args.eval_tasks} (limit {args.eval_limit})", flush=True)
-    ecfg = EvalConfig(before=args.model, after=str(model_dir), tasks=args.eval_tasks, out=str(out / "report"),
-                      limit=args.eval_limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      prefill=prefill, span=args.span, train_run=str(out), device=args.device)
-    report = eval_main(ecfg, crit)
-
-    print(f"[demo 5/5] before/after ({time.time() - t0:.0f} s in all; report: {out / 'report' / 'report.md'})\n")
-    print(summary_table(report))
-    return 0
+    out = Path(cfg.out)
+    echo(f"[demo 1/3] {cfg.rounds} on-policy round(s) of {cfg.train.model} on {cfg.rollout.tasks} "
+         f"({cfg.rollout.limit} tasks per round), validated on {cfg.validation_tasks or 'nothing'}")
+    history = loop_main(cfg, echo=echo)
+    echo("\n" + format_rounds(history) + "\n")
+    base = cfg.train.model
+    best = history["best_model"]
+    prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
+    best_run = out / f"round_{history['best_round']}" / "train" if history["best_round"] else None
+    ecfg = dataclasses.replace(cfg.eval, before=base, after=best, out=str(out / "report"), prefill=prefill,
+                               train_run=str(best_run) if best_run else None)
+    echo(f"[demo 2/3] held-out evaluation, scored once: base vs the best round ({history['best_round']})")
+    critique = critique_fn(cfg.critic, echo=echo)
+    report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)
+    rows = round_rows(ecfg, history, critique, prefill)
+    (out / "report" / "rounds.json").write_text(json.dumps(rows, indent=2))
+    (out / "report" / "rounds.md").write_text("# every round on the held-out tasks\n\n" + format_round_rows(rows) + "\n")
+    echo(f"[demo 3/3] done in {time.time() - t0:.0f} s; report: {out / 'report' / 'report.md'}\n")
+    echo(summary_table(report))
+    echo("\n" + format_round_rows(rows))
+    return report

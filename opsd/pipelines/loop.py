@@ -1,84 +1,250 @@
-"""`opsd loop --rounds R`: on-policy rounds of rollout -> critique -> train, each round starting
-from the previous round's student. Every round's artifacts are kept under OUT/round_K/.
+"""`opsd loop`: on-policy rounds of rollout -> critique -> train, each round from the previous round's student.
 
-    opsd loop --rounds 3 --tasks bfcl:simple_python,multiple:train --limit 96 --out runs/loop
+    opsd loop --out runs/loop --rounds 3 --rollout.tasks bfcl:multiple,parallel_multiple:train \\
+        --rollout.limit 96 --train.lr 5e-5 --critic.name schema+reference
 
-Rerunning the same command resumes: finished rounds are reused, an interrupted stage continues.
+Round k = 1..R (artifacts in OUT/round_k/; the base student's validation in OUT/base_validation/):
+1. draw this round's training tasks: the next `rollout.limit` tasks of a seeded shuffle of
+   `rollout.tasks` (fresh tasks every round; `--no-fresh-tasks` reuses the same ones);
+2. roll out the current student on them (its prefill travels with it), critique the replies;
+3. train on the critiqued errors with a teacher frozen at the start of the round (the
+   `TrainConfig` default: `initial`, precomputed targets or LoRA disabled);
+4. score the new student on the validation split (rollouts + critiques: official-checker accuracy
+   and total error rate). The base student is scored the same way first.
+The loop stops early when the validation outcome gets worse than the best round so far
+(accuracy, or while accuracy is 0 for both, the share of replies with an error), and reports the
+best round. The held-out split is never used here: score it once, at the end (`opsd eval`, or
+`opsd demo`, which runs this loop and then the held-out evaluation).
+
+Outputs: OUT/loop.json (config, per-round summary: error mix, hint effect, validation outcome)
+and OUT/loop.md. Rerunning the same command resumes: every stage reuses what is on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from opsd.critique.compose import add_critic_arguments, build_critic, critique_fn
+from opsd.critique.config import CriticConfig
+from opsd.critique.outcomes import reply_outcomes
+from opsd.critique.run import critique_fn
+from opsd.eval import stats
+from opsd.eval.metrics import HEADLINE, reply_outcome
+from opsd.hint.run import category_effects
+from opsd.io.records import read_jsonl
+from opsd.io.tasks import Task, load_tasks
+from opsd.rollout.config import RolloutConfig
+from opsd.rollout.run import load_rollouts
+from opsd.rollout.run import main as rollout_main
+from opsd.train.config import TrainConfig
+from opsd.train.run import main as train_main
+from opsd.types import Critique, Trajectory
+
+TRAIN_SPEC = "bfcl:multiple,parallel_multiple:train"  # several tools per task: a real choice of function
+VALIDATION_SPEC = "bfcl:multiple,parallel_multiple:validation"
+PIPELINE_FIELDS = {"rollout": ("out", "model"), "train": ("model", "trajectories", "critiques", "out")}
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--rounds", type=int, default=2, help="number of rollout->critique->train rounds")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="initial student")
-    p.add_argument("--tasks", default="bfcl:simple_python,multiple:train", help="training tasks")
-    p.add_argument("--limit", type=int, default=96, help="first N tasks per round")
-    p.add_argument("--samples", type=int, default=1, help="samples per task")
-    p.add_argument("--temperature", type=float, default=0.0, help="rollout temperature")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16, help="rollout batch size")
-    p.add_argument("--prefill", default=None, help="reply prefill (default: from the initial model)")
-    p.add_argument("--out", required=True, help="output folder (round_K/ per round)")
-    p.add_argument("--config", default=None, help="training YAML config (opsd train --config), applied every round")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--min-hint-effect", type=float, default=0.0, help="hint-effect filter (nats; -inf keeps all)")
-    p.add_argument("--device", default=None)
-    add_critic_arguments(p)
+def _loop_rollout() -> RolloutConfig:
+    return RolloutConfig(tasks=TRAIN_SPEC, out="", limit=96, max_new_tokens=96, batch_size=16)
 
 
-def run(args) -> int:
-    from opsd.rollout.run import RolloutConfig, load_rollouts, prefill_arg
-    from opsd.rollout.run import main as rollout_main
-    from opsd.train.config import TrainConfig, load_yaml
-    from opsd.train.run import main as train_main
+def _loop_train() -> TrainConfig:
+    return TrainConfig(mode="opsd", lr=5e-5, warmup_steps=2, epochs=1.0, batch_size=8, teacher="initial",
+                       precompute_targets=True)
 
-    if args.rounds < 1:
-        print("error: --rounds must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        crit = critique_fn(build_critic(args), concurrency=args.critic_concurrency)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    base = RolloutConfig(model=args.model, prefill=prefill_arg(args.prefill))
-    prefill = base.resolved_prefill()
-    yaml_cfg = load_yaml(args.config) if args.config else {}
-    student = args.model
-    history = []
-    for k in range(args.rounds):
-        rd = Path(args.out) / f"round_{k}"
-        print(f"[round {k}] student = {student}", flush=True)
-        rcfg = RolloutConfig(tasks=args.tasks, out=str(rd / "rollouts.jsonl"), model=student, limit=args.limit,
-                             samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, prefill=prefill, seed=k, device=args.device)
-        rsum = rollout_main(rcfg)
-        crits = crit(load_rollouts(rcfg), rd / "critiques.jsonl")
-        n_err = sum(c.verdict == "error" for c in crits)
-        rec = {"round": k, "student": student, "rollouts": rsum, "errors": n_err,
-               "error_rate": n_err / max(1, len(crits))}
-        if n_err == 0:
-            print(f"[round {k}] no errors left to learn from; stopping", flush=True)
-            history.append(rec)
+
+@dataclass
+class LoopConfig:
+    out: str = field(default="runs/loop", metadata={"help": "output folder: round_K/ per round, loop.json, loop.md"})
+    rounds: int = field(default=3, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
+    fresh_tasks: bool = field(default=True, metadata={
+        "help": "each round trains on the next rollout.limit tasks of a seeded shuffle of rollout.tasks "
+                "(--no-fresh-tasks: the same tasks every round)"})
+    validation_tasks: str = field(default=VALIDATION_SPEC, metadata={
+        "help": "tasks that score every round (never the held-out split); '' = no validation, no early stop"})
+    validation_limit: int = field(default=64, metadata={"help": "validation tasks (a stratified sample)"})
+    early_stop: bool = field(default=True, metadata={
+        "help": "stop when the validation outcome gets worse than the best round so far"})
+    rollout: RolloutConfig = field(default_factory=_loop_rollout, metadata={
+        "help": "training rollouts: tasks is the spec rounds draw from, limit the tasks per round; out and model "
+                "are set by the loop"})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the critic of every round"})
+    train: TrainConfig = field(default_factory=_loop_train, metadata={
+        "help": "training of every round; train.model is the initial student; trajectories, critiques and out are "
+                "set by the loop"})
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds: must be >= 1, got {self.rounds}")
+        if self.validation_limit < 1:
+            raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
+        if self.rollout.limit is None or self.rollout.limit < 1:
+            raise ValueError("rollout.limit: the tasks per round, must be >= 1")
+        defaults = {"rollout": RolloutConfig(), "train": TrainConfig()}
+        set_here = [f"{stage}.{name}" for stage, names in PIPELINE_FIELDS.items() for name in names
+                    if getattr(getattr(self, stage), name) not in ("", None, self.train.model,
+                                                                   getattr(defaults[stage], name))]
+        if set_here:
+            raise ValueError(f"{', '.join(set_here)}: set by the loop for every round; give the initial student as "
+                             "--train.model and the output folder as --out")
+
+
+@dataclass
+class Validation:
+    """One model's outcome on the validation tasks."""
+
+    n: int
+    accuracy: float  # official BFCL AST checker
+    error_rate: float  # replies with at least one error (schema or reference, whole reply)
+    undeclared_name: float  # replies naming an undeclared tool
+    accuracy_ci: tuple[float, float]
+    error_rate_ci: tuple[float, float]
+
+    def better_than(self, other: "Validation") -> bool:
+        """Accuracy first; while both are 0, fewer replies with errors."""
+        if self.accuracy != other.accuracy:
+            return self.accuracy > other.accuracy
+        return self.error_rate < other.error_rate
+
+    def worse_than(self, other: "Validation") -> bool:
+        return other.better_than(self)
+
+
+def round_tasks(spec: str, k: int, per_round: int, *, seed: int, fresh: bool) -> list[Task]:
+    """Round k's training tasks: slice k of a seeded shuffle of every task of `spec` (wrapping around)."""
+    tasks = load_tasks(spec)
+    order = list(range(len(tasks)))
+    random.Random(f"loop:{seed}").shuffle(order)
+    start = (k * per_round if fresh else 0) % max(1, len(tasks))
+    picked = [order[(start + i) % len(order)] for i in range(min(per_round, len(order)))]
+    return [tasks[i] for i in picked]
+
+
+def write_tasks(tasks: list[Task], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for t in tasks:
+            f.write(json.dumps(dataclasses.asdict(t), ensure_ascii=False) + "\n")
+
+
+def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill: str) -> Validation:
+    """Greedy rollouts of `model` on the validation tasks, critiqued; outcomes read from every reply."""
+    rcfg = dataclasses.replace(cfg.rollout, tasks=cfg.validation_tasks, limit=cfg.validation_limit, out=str(out / "rollouts.jsonl"),
+                               model=model, samples=1, temperature=0.0, prefill=prefill)
+    rollout_main(rcfg)
+    trajs = load_rollouts(rcfg)
+    crits = critique(trajs, out / "critiques.jsonl")
+    return summarise_validation(trajs, crits)
+
+
+def summarise_validation(trajs: list[Trajectory], crits: list[Critique]) -> Validation:
+    outcomes = [reply_outcome(t, c, reply_outcomes) for t, c in zip(trajs, crits)]
+    n = len(outcomes)
+    acc = sum(HEADLINE["official_accuracy"][1](o) for o in outcomes)
+    err = sum(o["rows"]["n_errors"] not in ("0", "not_checked") for o in outcomes)
+    und = sum(HEADLINE["names_undeclared_tool"][1](o) for o in outcomes)
+    return Validation(n, acc / max(n, 1), err / max(n, 1), und / max(n, 1), stats.wilson(acc, n), stats.wilson(err, n))
+
+
+def _hint_summary(train_out: Path) -> dict:
+    """Error mix and hint effect of a round's training data (data.json, examples.jsonl of `opsd train`)."""
+    data = json.loads((train_out / "data.json").read_text()) if (train_out / "data.json").exists() else {}
+    rows = list(read_jsonl(train_out / "examples.jsonl")) if (train_out / "examples.jsonl").exists() else []
+    for r in rows:
+        r.setdefault("category", (r.get("meta") or {}).get("category"))
+    kept = [r for r in rows if "hint_effect" in r and "hint_effect_first" in r]
+    return {"built": data.get("built"), "kept": data.get("kept"), "hint_effect_mean": data.get("hint_effect_mean"),
+            "kept_by_category": {c.category: {"n": c.n, "hint_effect": c.mean} for c in category_effects(kept)}}
+
+
+def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
+    """Run the rounds (see module docstring); returns what OUT/loop.json holds."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    critique = critique_fn(cfg.critic, echo=echo)
+    base = cfg.train.model
+    prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
+    history: dict = {"config": dataclasses.asdict(cfg), "rounds": [], "best_round": 0, "best_model": base,
+                     "stopped_early": False}
+    best: Validation | None = None
+    if cfg.validation_tasks:
+        echo(f"[loop] validation of the initial student {base}")
+        best = validate(base, cfg, out / "base_validation", critique, prefill)
+        history["base_validation"] = dataclasses.asdict(best)
+    student = base
+    for k in range(1, cfg.rounds + 1):
+        rd = out / f"round_{k}"
+        tasks = round_tasks(cfg.rollout.tasks, k - 1, cfg.rollout.limit, seed=cfg.rollout.seed, fresh=cfg.fresh_tasks)
+        write_tasks(tasks, rd / "tasks.jsonl")
+        echo(f"[loop round {k}] rollouts of {student} on {len(tasks)} tasks")
+        rcfg = dataclasses.replace(cfg.rollout, tasks=str(rd / "tasks.jsonl"), limit=None, out=str(rd / "rollouts.jsonl"),
+                                   model=student, seed=cfg.rollout.seed + k - 1, prefill=prefill)
+        rollout_main(rcfg)
+        crits = critique(load_rollouts(rcfg), rd / "critiques.jsonl")
+        mix: dict[str, int] = {}
+        for c in crits:
+            if c.verdict == "error":
+                mix[c.category or "unknown"] = mix.get(c.category or "unknown", 0) + 1
+        rec = {"round": k, "student": student, "tasks": len(tasks), "errors": sum(mix.values()),
+               "error_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+               "critique_failed": sum(c.verdict == "failed" for c in crits)}
+        if not mix:
+            echo(f"[loop round {k}] no errors left to learn from; stopping")
+            history["rounds"].append(rec)
             break
-        fields = {"lr": args.lr, "epochs": args.epochs, "warmup_steps": 2, "min_hint_effect": args.min_hint_effect} | yaml_cfg
-        tcfg = TrainConfig(**fields | {"model": student, "trajectories": rcfg.out, "critiques": str(rd / "critiques.jsonl"),
-                                  "out": str(rd / "train"), "resume": True})
-        try:
-            student = str(train_main(tcfg))
-        except RuntimeError as e:
-            print(f"error: round {k} training failed: {e}", file=sys.stderr)
-            return 1
-        rec["trained_model"] = student
-        history.append(rec)
-        (Path(args.out) / "loop.json").write_text(json.dumps(history, indent=2))
-    (Path(args.out) / "loop.json").write_text(json.dumps(history, indent=2))
-    for rec in history:
-        print(f"round {rec['round']}: error rate {rec['error_rate']:.3f} ({rec['errors']} errors) -> {rec.get('trained_model', '-')}")
-    return 0
+        echo(f"[loop round {k}] training on {rec['errors']} critiqued errors")
+        tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(rd / "critiques.jsonl"),
+                                   out=str(rd / "train"), resume=True)
+        student = str(train_main(tcfg))
+        rec |= {"trained_model": student, "training": _hint_summary(rd / "train")}
+        if cfg.validation_tasks:
+            v = validate(student, cfg, rd / "validation", critique, prefill)
+            rec["validation"] = dataclasses.asdict(v)
+            echo(f"[loop round {k}] validation: accuracy {v.accuracy:.3f}, replies with an error {v.error_rate:.3f} "
+                 f"(n={v.n})")
+            if v.better_than(best):
+                best, history["best_round"], history["best_model"] = v, k, student
+            elif cfg.early_stop and v.worse_than(best):
+                history["rounds"].append(rec)
+                history["stopped_early"] = True
+                echo(f"[loop round {k}] validation got worse than the best round; stopping")
+                break
+        else:
+            history["best_round"], history["best_model"] = k, student
+        history["rounds"].append(rec)
+        _write(out, history)
+    _write(out, history)
+    return history
+
+
+def format_rounds(history: dict) -> str:
+    """Markdown table: one row per round (the base student first)."""
+    lines = ["| round | student | errors (train) | top errors | hint effect | kept | val. accuracy [95% CI] | "
+             "val. replies with an error [95% CI] | val. undeclared name |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def val(v: dict | None) -> str:
+        if not v:
+            return "n/a | n/a | n/a"
+        a, e = v["accuracy_ci"], v["error_rate_ci"]
+        return (f"{v['accuracy']:.3f} [{a[0]:.3f}, {a[1]:.3f}] (n={v['n']}) | {v['error_rate']:.3f} "
+                f"[{e[0]:.3f}, {e[1]:.3f}] | {v['undeclared_name']:.3f}")
+
+    lines.append(f"| base | {history['config']['train']['model']} | | | | | {val(history.get('base_validation'))} |")
+    for r in history["rounds"]:
+        t = r.get("training") or {}
+        top = ", ".join(f"{c} {n}" for c, n in list(r["error_mix"].items())[:3])
+        he = t.get("hint_effect_mean")
+        lines.append(f"| {r['round']} | {r.get('trained_model', '-')} | {r['errors']}/{r['tasks']} | {top} | "
+                     f"{'n/a' if he is None else f'{he:+.3f}'} | {t.get('kept', 'n/a')} | {val(r.get('validation'))} |")
+    lines.append(f"\nbest round: {history['best_round']} ({history['best_model']})"
+                 + ("; stopped early: validation got worse" if history.get("stopped_early") else ""))
+    return "\n".join(lines)
+
+
+def _write(out: Path, history: dict) -> None:
+    (out / "loop.json").write_text(json.dumps(history, indent=2, default=str))
+    (out / "loop.md").write_text("# opsd loop\n\n" + format_rounds(history) + "\n")
