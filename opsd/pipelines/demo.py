@@ -68,7 +68,7 @@ def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str
         model = r.get("trained_model")
         if not model:
             continue
-        name = f"round_{r['round']}"
+        name = "after" if model == ecfg.after else f"round_{r['round']}"  # the best round was rolled out already
         trajs = _rollouts(model, name, ecfg, prefill)
         crits = critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")
         _, cmp = behaviour(ecfg, tasks, base, trajs, crit_base, crits, reply_outcomes)
