@@ -140,15 +140,18 @@ def _semantic_problem(traj: dict) -> tuple[str, str] | None:
     return None
 
 
-def _source_path(path: str, origins: list[str], fmt: str) -> tuple[str, str]:
+def _source_path(path: str, conv: Converted, fmt: str) -> tuple[str, str]:
     """Map a path in the converted trajectory (`$.messages[4].tool_call_id`) back to the user's record."""
     if fmt == "messages":
         return path.replace("$.messages", "$", 1), ""
+    if path.startswith("$.tools") and conv.tools_origin != "$.tools":  # tools from a system prompt
+        return conv.tools_origin, f"in the <tools> block, {path[2:]}: "
+    origins = conv.origins
     if fmt == "openai" or not path.startswith("$.messages["):
         return path, ""
     index, _, rest = path[len("$.messages["):].partition("]")
     if index.isdigit() and int(index) < len(origins) and origins[int(index)]:
-        return origins[int(index)], f"(in the converted message {rest.lstrip('.') or 'itself'}) " if rest else ""
+        return origins[int(index)], f"in the message made from it, {rest.lstrip('.')}: " if rest.lstrip(".") else ""
     return path, ""
 
 
@@ -161,7 +164,7 @@ def _validated(conv: Converted, fmt: str, default_id: str | None) -> Trajectory:
     problem = _check("trajectory", traj) or _semantic_problem(traj)
     if problem:
         path, msg = problem
-        source, detail = _source_path(path, conv.origins, fmt)
+        source, detail = _source_path(path, conv, fmt)
         raise FormatError(source, detail + msg)
     traj["id"] = str(traj["id"])
     return Trajectory.from_dict(traj)

@@ -311,6 +311,8 @@ def test_llama_factory_function_call_turns_and_system_key():
     ([{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{not json"}],
      "$.conversations[1].value", "not JSON"),
     ([{"from": "human", "value": 5}], "$.conversations[0].value", "is not of type 'string'"),
+    ([{"from": "system", "value": '<tools>[{"description": "no name"}]</tools>'}, {"from": "human", "value": "hi"}],
+     "$.conversations[0].value", "in the <tools> block, tools[0].function: 'name' is a required property"),
 ])
 def test_sharegpt_errors_name_the_users_own_turn_and_field(tmp_path, conversations, path, expected):
     f = tmp_path / "sg.jsonl"

@@ -41,6 +41,7 @@ class Converted:
 
     traj: dict
     origins: list[str] = field(default_factory=list)  # origins[i] = source path of messages[i] ("" = unknown)
+    tools_origin: str = "$.tools"  # where the tools came from (a system prompt's <tools> block, say)
 
 
 def _describe(obj) -> str:

@@ -119,6 +119,7 @@ def convert(obj: dict) -> Converted:
     pending: list[str] = []  # ids of calls not yet answered, in order
     n_calls = 0
     tools = _tools(obj["tools"], "$.tools") if obj.get("tools") is not None else None
+    tools_origin = "$.tools"
     meta = {k: v for k, v in obj.items() if k not in ("id", "conversations", "tools", "system")}
     turns = [(t["from"], t["value"], f"$.conversations[{i}].value") for i, t in enumerate(obj["conversations"])]
     if isinstance(obj.get("system"), str) and obj["system"] and turns[0][0] != "system":
@@ -128,6 +129,7 @@ def convert(obj: dict) -> Converted:
         if role == "system" and tools is None:
             found = _tools_from_system(value, path)
             tools = _tools(found, path) if found is not None else None
+            tools_origin = path
         if role == "assistant":
             content, calls, errors = parse_tool_call_text(value)
             if not calls and not errors and source == "function_call":
@@ -155,4 +157,4 @@ def convert(obj: dict) -> Converted:
             messages.append({"role": role, "content": value})
             origins.append(path)
     traj = {"id": obj.get("id"), "messages": messages, "tools": tools or [], "meta": meta}
-    return Converted(traj, origins)
+    return Converted(traj, origins, tools_origin)
