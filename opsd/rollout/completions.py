@@ -120,7 +120,7 @@ def probe_token_ids(cfg: RolloutConfig, model: str, ids: list[int]) -> bool:
     """Whether the server takes prompt ids on /v1/completions and returns token ids (one 1-token request)."""
     body = completion_body(cfg, model, ids, stop=False, sample=0) | {"max_tokens": 1}
     try:
-        r = httpx.post(cfg.base_url.rstrip("/") + "/completions", json=body, timeout=cfg.timeout)
+        r = httpx.post(cfg.base_url.rstrip("/") + "/completions", json=body, timeout=max(cfg.timeout, 60.0))
     except httpx.HTTPError as e:
         raise RuntimeError(f"{cfg.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
     if r.status_code in (400, 404, 405, 422, 501):

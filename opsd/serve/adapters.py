@@ -230,12 +230,15 @@ def _message(body) -> str:
 
 
 def client_for(server) -> AdapterClient:
-    """An AdapterClient for a VLLMServer (or anything with root_url, engine and model_name)."""
+    """An AdapterClient for a VLLMServer (or anything with root_url, engine and model_name); a client as is."""
+    if isinstance(server, AdapterClient):
+        return server
     return AdapterClient(server.root_url, engine=getattr(server, "engine", "vllm"), base_model=server.model_name)
 
 
 def publish_adapter(server, round_dir: str | Path, *, previous: str | None = None, label: str | None = None) -> str:
-    """Load the student trained in `round_dir` (a train run or its model dir) into `server`, unload `previous`,
+    """Load the student trained in `round_dir` (a train run or its model dir) into `server` (a VLLMServer, or
+    an AdapterClient for a server started elsewhere), unload `previous`,
     and return the name rollouts must ask for. Raises AdapterError (nothing changed on the server except a
     possibly half-loaded new name) when the adapter is not servable, is refused, or is not listed afterwards."""
     from opsd.io.models import resolve
@@ -260,6 +263,8 @@ def publish_adapter(server, round_dir: str | Path, *, previous: str | None = Non
             raise AdapterError(f"adapter {name!r} was accepted but /v1/models does not list it")
     if getattr(server, "adapters", None) is not None:
         server.adapters[name] = str(path.resolve())
+    if previous and client.engine == "sglang" and ":" in previous:
+        previous = previous.split(":", 1)[1]  # the request name BASE:ADAPTER -> the adapter's name
     if previous and previous != name:
         try:
             client.unload(previous)

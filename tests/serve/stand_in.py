@@ -11,8 +11,8 @@ It speaks the endpoints opsd uses:
   trajectory shows which model answered; `prompt_token_ids` echo the ids (or are altered when
   `mangle_prompt=True`); `accept_ids=False` answers 400 to id prompts, like a server without them;
 - POST /v1/chat/completions: the same reply as text;
-- vLLM: /v1/load_lora_adapter, /v1/unload_lora_adapter (400 with an OpenAI error when the path holds
-  no adapter_config.json); SGLang: /load_lora_adapter, /unload_lora_adapter (answers `success`,
+- vLLM: /v1/load_lora_adapter, /v1/unload_lora_adapter (404 with vLLM's error when the path holds
+  no adapter); SGLang: /load_lora_adapter, /unload_lora_adapter (answers `success`,
   `error_message`, `loaded_adapters`) and /update_weights_from_disk {"model_path"}.
 Faults: `hang_after=N` makes every completion after the first N hang for `hang_seconds`
 (a client timeout); `stop_after=N` closes the server after N completions (a crash mid-round).
@@ -151,7 +151,7 @@ class StandIn:
                     srv.adapters[name] = path
                 if srv.engine == "vllm":
                     return self._send(200, f"Success: LoRA adapter '{name}' added successfully.") if ok else \
-                        self._error(400, f"Loading lora {name} failed: No adapter found for {path}")
+                        self._error(404, f"Loading lora {name} failed: No adapter found for {path}")
                 self._send(200 if ok else 400, {"success": ok, "error_message": None if ok else f"cannot load {path}",
                                                 "loaded_adapters": dict(srv.adapters)})
 
