@@ -28,8 +28,8 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
 
 def _call(obj, k: int) -> dict:
     """One {"name", "arguments"} object as an OpenAI tool call; ValueError if it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        raise ValueError("expected an object with a non-empty string 'name'")
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError("expected an object with a string 'name'")
     args = obj.get("arguments", obj.get("parameters", {}))
     args_s = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
     return {"id": f"call_{k}", "type": "function", "function": {"name": obj["name"], "arguments": args_s}}
