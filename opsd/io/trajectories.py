@@ -30,7 +30,15 @@ from typing import Iterable, Iterator
 
 import jsonschema
 
-from opsd.io.formats import FORMATS, Converted, FormatError, detect_format, otel, sharegpt, xlam
+from opsd.io.formats import (
+    FORMATS,
+    Converted,
+    FormatError,
+    detect_format,
+    otel,
+    sharegpt,
+    xlam,
+)
 from opsd.io.formats.sharegpt import parse_tool_call_text
 from opsd.io.sources import RawRecord
 from opsd.io.tables import InputError, iter_path_records

@@ -5,7 +5,13 @@ import random
 import pytest
 
 from opsd.io.formats.xlam import json_schema_type
-from opsd.io.trajectories import LoadSummary, TrajectoryError, load_trajectories, normalise, write_trajectories
+from opsd.io.trajectories import (
+    LoadSummary,
+    TrajectoryError,
+    load_trajectories,
+    normalise,
+    write_trajectories,
+)
 from tests.conftest import DATA
 
 XLAM = DATA / "sample_xlam.json"
@@ -256,7 +262,7 @@ def test_otel_bad_messages_attribute_names_the_span_attribute(tmp_path):
     assert {t.id for t in trajs} == {"5b8efff798038103d269b633813fc60c"} and s.rejected == 1
     k = chat["attributes"].index(attr)
     line = 1 if any(sp is chat for _, _, sp in spans[:3]) else 2
-    assert rej[0]["line"] == line and rej[0]["path"].startswith(f"$.resourceSpans[0].scopeSpans[0].spans[")
+    assert rej[0]["line"] == line and rej[0]["path"].startswith("$.resourceSpans[0].scopeSpans[0].spans[")
     assert f".attributes[{k}].value (gen_ai.output.messages)[0].parts[0].name" in rej[0]["path"]
 
 

@@ -11,7 +11,6 @@ from opsd.logs import (
     ValidateConfig,
     format_validate,
     render_main,
-    run_render,
     run_validate,
     validate_main,
 )
