@@ -87,7 +87,11 @@ def _empty_split(path: Path) -> bool:
 
 
 def iter_dataset_folder(path: Path) -> Iterator[RawRecord]:
-    """Rows of a `save_to_disk` folder (every split of a DatasetDict, in order)."""
+    """Rows of a `save_to_disk` folder (every split of a DatasetDict, in order); a broken folder is a reject."""
+    yield from _guarded(_dataset_folder_rows(path), str(path), "a readable datasets save_to_disk folder")
+
+
+def _dataset_folder_rows(path: Path) -> Iterator[RawRecord]:
     import datasets  # heavy: only when a table is read
 
     if _empty_split(path):  # `datasets` cannot load a saved split with no data files: it has no rows
@@ -100,18 +104,35 @@ def iter_dataset_folder(path: Path) -> Iterator[RawRecord]:
         yield from _rows(ds, str(path), path.name)
 
 
-def iter_table_file(path: Path) -> Iterator[RawRecord]:
-    """Rows of a Parquet or Arrow file, streamed (nothing is copied into a cache)."""
+def _guarded(rows: Iterator[RawRecord], file: str, what: str) -> Iterator[RawRecord]:
+    """Rows until the reader fails; then one record saying where reading stopped (rows before it are kept)."""
+    n = 0
+    try:
+        for rec in rows:
+            n = rec.line
+            yield rec
+    except Exception as e:  # pyarrow/datasets raise many types (ArrowInvalid, DatasetGenerationError, OSError, ...)
+        yield RawRecord(file, n + 1, unit="row", error=f"{what}; reading stopped at row {n + 1}: "
+                                                       f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _table_rows(path: Path) -> Iterator[RawRecord]:
     import datasets
 
     if path.suffix.lower() == ".arrow":
         try:
-            ds = datasets.Dataset.from_file(str(path))  # memory-mapped; files written by `datasets`
-        except Exception:  # an Arrow IPC *file* rather than a stream: let the arrow builder read it
+            ds = datasets.Dataset.from_file(str(path))  # memory-mapped; the files `datasets` writes
+        except ValueError:  # ArrowInvalid: an Arrow IPC *file* rather than a stream: the arrow builder reads it
             ds = datasets.load_dataset("arrow", data_files=str(path), split="train", streaming=True)
     else:
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
     yield from _rows(ds, str(path), path.name)
+
+
+def iter_table_file(path: Path) -> Iterator[RawRecord]:
+    """Rows of a Parquet or Arrow file, streamed (nothing is copied into a cache); a broken file is a reject."""
+    kind = "Arrow" if path.suffix.lower() == ".arrow" else "Parquet"
+    yield from _guarded(_table_rows(path), str(path), f"a readable {kind} file")
 
 
 def iter_folder(path: Path) -> Iterator[RawRecord]:
@@ -142,7 +163,7 @@ def hub_cache_folder(repo_id: str) -> Path | None:
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True,
                                       cache_dir=os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE))
-    except Exception:  # LocalEntryNotFoundError and friends: not cached
+    except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not a repo id)
         return None
 
 

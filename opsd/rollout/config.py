@@ -35,6 +35,10 @@ class RolloutConfig:
     concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight"})
     timeout: float = field(default=120.0, metadata={"help": "openai backend: per-request timeout (s)"})
     extra_meta: dict = field(default_factory=dict, metadata={"help": "copied into every trajectory's meta"})
+    # multi-turn tasks (bfcl:multi_turn_*; opsd.rollout.multi_turn)
+    max_steps_per_turn: int = field(default=8, metadata={"help": "multi-turn: replies per user turn; still calling at the cap ends the episode"})
+    episode_seconds: float = field(default=600.0, metadata={"help": "multi-turn: wall-time cap per episode (s)"})
+    prefill_steps: str = field(default="turn_start", metadata={"help": "multi-turn: which replies get the prefill: turn_start | every_step | never"})
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "openai", "completions"):
@@ -43,6 +47,10 @@ class RolloutConfig:
             raise ValueError("samples, max_new_tokens, batch_size and concurrency must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.max_steps_per_turn < 1 or self.episode_seconds <= 0:
+            raise ValueError("max_steps_per_turn: must be >= 1; episode_seconds: must be > 0")
+        if self.prefill_steps not in ("turn_start", "every_step", "never"):
+            raise ValueError(f"prefill_steps: must be turn_start, every_step or never, got {self.prefill_steps!r}")
         if self.backend in ("openai", "completions") and not self.base_url:
             raise ValueError(f"the {self.backend} backend needs --base-url")
 
@@ -55,7 +63,9 @@ class RolloutConfig:
         from opsd.io.models import fingerprint
 
         keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
-        return content_hash({k: getattr(self, k) for k in keys} | {"prefill": self.resolved_prefill(),
+        mt = {k: getattr(self, k) for k, d in (("max_steps_per_turn", 8), ("prefill_steps", "turn_start"))
+              if getattr(self, k) != d}  # only when set: single-turn keys stay as they were
+        return content_hash({k: getattr(self, k) for k in keys} | mt | {"prefill": self.resolved_prefill(),
                             "model": fingerprint(self.model) if self.backend == "hf" else str(self.model)})[:10]
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.trajectories import parse_tool_call_text
+from opsd.rollout import multi_turn
 from opsd.rollout.config import STOP_TEXT, RolloutConfig, prefill_arg
 
 log = logging.getLogger(__name__)
@@ -241,14 +242,17 @@ def main(cfg: RolloutConfig) -> dict:
         if todo:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-            if cfg.backend == "hf":
-                _run_hf(cfg, todo, out, errors, bar)
-            elif cfg.backend == "completions":  # token-exact server rollouts
+            todo_single, todo_multi = multi_turn.split_todo(todo)  # multi-turn tasks: the agent loop
+            if todo_multi:
+                multi_turn.run(cfg, todo_multi, out, errors, bar)
+            if todo_single and cfg.backend == "hf":
+                _run_hf(cfg, todo_single, out, errors, bar)
+            elif todo_single and cfg.backend == "completions":  # token-exact server rollouts
                 from opsd.rollout.completions import run_completions
 
-                run_completions(cfg, todo, out, errors, bar)
-            else:
-                asyncio.run(_run_openai_async(cfg, todo, out, errors, bar))
+                run_completions(cfg, todo_single, out, errors, bar)
+            elif todo_single:
+                asyncio.run(_run_openai_async(cfg, todo_single, out, errors, bar))
     n_err = sum(1 for _ in open(errors_path, encoding="utf-8"))
     if not n_err:
         errors_path.unlink()

@@ -140,3 +140,19 @@ def test_datasets_output_round_trips_exactly(tmp_path, samples):
     assert [t.to_dict() for t in load_trajectories(tmp_path / "trajs")] == [t.to_dict() for t in samples]
     write_records(tmp_path / "none", [], format="datasets")
     assert list(read_records(tmp_path / "none")) == [] and load_trajectories(tmp_path / "none") == []
+
+
+def test_a_broken_table_file_is_a_reject_naming_file_and_row(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "kept", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for name in ("broken.parquet", "broken.arrow"):
+        bad = tmp_path / name
+        bad.write_bytes(b"PAR1 this is not a table file")
+        s = LoadSummary()
+        with open(tmp_path / "rej.jsonl", "w") as rej:
+            trajs = load_trajectories([bad, good], rejects=rej, summary=s)
+        (r,) = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
+        assert [t.id for t in trajs] == ["kept"] and (r["file"], r["line"], r["unit"]) == (str(bad), 1, "row")
+        assert "a readable" in r["error"] and "reading stopped at row 1" in r["error"]
+        with pytest.raises(TrajectoryError, match=f"{name}: row 1: "):
+            load_trajectories(bad)
