@@ -28,15 +28,22 @@ from opsd.config import parse
 
 
 def _validate(argv: list[str]) -> int:
-    from opsd.logs import add_validate_arguments, run_validate
+    from opsd.logs import ValidateConfig, format_validate, validate_main
 
-    return _legacy("validate", argv, add_validate_arguments, run_validate)
+    result = validate_main(parse(ValidateConfig, argv, prog="opsd validate", description=COMMANDS["validate"][0]))
+    print(format_validate(result))
+    return 0 if result.ok else 1
 
 
 def _render(argv: list[str]) -> int:
-    from opsd.logs import add_render_arguments, run_render
+    from opsd.logs import RenderConfig, render_main
 
-    return _legacy("render", argv, add_render_arguments, run_render)
+    for item in render_main(parse(RenderConfig, argv, prog="opsd render", description=COMMANDS["render"][0])):
+        print(f"════ {item.id}")
+        print(item.text)
+        if item.warning:
+            print(f"warning: {item.warning}", file=sys.stderr)
+    return 0
 
 
 def _critique(argv: list[str]) -> int:
@@ -161,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as e:  # bad input data, a missing file, a stage that cannot go on: no traceback
+        if verbose:
+            logging.getLogger("opsd").exception("opsd %s failed", command)
+        print(f"opsd {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

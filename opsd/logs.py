@@ -17,9 +17,11 @@ message boundaries and token counts, and a warning when one is longer than the m
 """
 from __future__ import annotations
 
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Annotated
+
+import tyro
 
 from opsd.io.records import RECORD_FORMATS, check_output_file, write_records
 from opsd.io.trajectories import (
@@ -34,7 +36,7 @@ DEFAULT_RENDER_MODEL = "smollm2-135m-instruct"
 
 @dataclass
 class ValidateConfig:
-    inputs: list[str] = field(default_factory=list, metadata={
+    inputs: Annotated[list[str], tyro.conf.Positional] = field(default_factory=list, metadata={
         "help": "trajectory logs: JSONL/JSON files (optionally .gz/.zst), Parquet/Arrow files, folders, "
                 "datasets save_to_disk folders, or hub dataset ids already in the local cache"})
     rejects: str | None = field(default=None, metadata={
@@ -91,7 +93,8 @@ def format_validate(result: ValidateResult) -> str:
 
 @dataclass
 class RenderConfig:
-    input: str = field(default="", metadata={"help": "trajectory log (any input `opsd validate` reads)"})
+    input: Annotated[str, tyro.conf.Positional] = field(default="", metadata={
+        "help": "trajectory log (any input `opsd validate` reads)"})
     id: str | None = field(default=None, metadata={"help": "only this trajectory id (default: the first)"})
     model: str = field(default=DEFAULT_RENDER_MODEL, metadata={"help": "tokenizer / chat template to use"})
     all: bool = field(default=False, metadata={"help": "render every trajectory in the input"})
@@ -133,47 +136,3 @@ def render_main(cfg: RenderConfig) -> list[RenderedTrajectory]:
         what = f"no trajectory with id {cfg.id!r}" if cfg.id is not None else "no valid trajectory"
         raise ValueError(f"{what} in {cfg.input}")
     return shown
-
-
-# -- argparse entry points (kept until the CLI builds these Configs with tyro) -----------------------
-
-def add_validate_arguments(p) -> None:
-    p.add_argument("files", nargs="+", help=ValidateConfig.__dataclass_fields__["inputs"].metadata["help"])
-    p.add_argument("--rejects", help=ValidateConfig.__dataclass_fields__["rejects"].metadata["help"])
-    p.add_argument("--out", help=ValidateConfig.__dataclass_fields__["out"].metadata["help"])
-    p.add_argument("--out-format", default="jsonl", help=ValidateConfig.__dataclass_fields__["out_format"].metadata["help"])
-
-
-def run_validate(args) -> int:
-    try:
-        result = validate_main(ValidateConfig(inputs=list(args.files), rejects=args.rejects,
-                                              out=getattr(args, "out", None), out_format=getattr(args, "out_format", "jsonl")))
-    except (TrajectoryError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_validate(result))
-    return 0 if result.ok else 1
-
-
-def add_render_arguments(p) -> None:
-    p.add_argument("file", help=RenderConfig.__dataclass_fields__["input"].metadata["help"])
-    p.add_argument("--id", help=RenderConfig.__dataclass_fields__["id"].metadata["help"])
-    p.add_argument("--model", default=DEFAULT_RENDER_MODEL, help=RenderConfig.__dataclass_fields__["model"].metadata["help"])
-    p.add_argument("--all", action="store_true", help=RenderConfig.__dataclass_fields__["all"].metadata["help"])
-    p.add_argument("--max-positions", type=int, default=None,
-                   help=RenderConfig.__dataclass_fields__["max_positions"].metadata["help"])
-
-
-def run_render(args) -> int:
-    try:
-        shown = render_main(RenderConfig(input=args.file, id=args.id, model=args.model, all=args.all,
-                                         max_positions=getattr(args, "max_positions", None)))
-    except (TrajectoryError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for item in shown:
-        print(f"════ {item.id}")
-        print(item.text)
-        if item.warning:
-            print(f"warning: {item.warning}", file=sys.stderr)
-    return 0

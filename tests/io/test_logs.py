@@ -1,5 +1,4 @@
 """`opsd validate` / `opsd render` library side: ValidateConfig/RenderConfig, validate_main/render_main."""
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,6 @@ from opsd.logs import (
     ValidateConfig,
     format_validate,
     render_main,
-    run_validate,
     validate_main,
 )
 from tests.conftest import DATA, SAMPLE_LOGS
@@ -54,11 +52,13 @@ def test_a_folder_given_as_an_output_is_a_config_error(tmp_path):
         validate_main(ValidateConfig())
 
 
-def test_argparse_entry_points_still_work(tmp_path, capsys):
-    rc = run_validate(argparse.Namespace(files=ALL_SAMPLES, rejects=None))
+def test_cli_validate_counts_and_errors_without_traceback(tmp_path, capsys):
+    from opsd.cli import main
+
+    rc = main(["validate", *ALL_SAMPLES])
     assert rc == 0 and "19 valid trajectories" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
-    rc = run_validate(argparse.Namespace(files=[str(tmp_path / "empty")], rejects=str(tmp_path / "r.jsonl")))
+    rc = main(["validate", str(tmp_path / "empty"), "--rejects", str(tmp_path / "r.jsonl")])
     err = capsys.readouterr().err
     assert rc == 1 and "error:" in err and "found none in it" in err and "Traceback" not in err
 
