@@ -298,7 +298,9 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     with torch.no_grad():
         report["teacher_forced"], drift = teacher_forced_and_drift(model_a, model_b, tok, trajs_a, crit_a, cfg,
                                                                    len(prefill_ids))
-        gt_per, gt_summary = gt_call_collateral(model_a, model_b, tok, trajs_a, cfg, prefill_ids)
+        gt_per, _ = gt_call_collateral(model_a, model_b, tok, trajs_a, cfg, prefill_ids)
+    gt_per = {t["task_id"]: gt_per[t["task_id"]] for t in per_task if t["task_id"] in gt_per}  # task order
+    gt_summary = summarise_gt_call(gt_per, cfg.bootstrap, cfg.seed)  # what scripts/recompute_report.py redoes
     before_ok = [t["before"] for t in per_task]
     report["collateral"] = drift | {"gt_call": gt_summary, "base_fully_correct": {
         "official": rate(sum(o["rows"]["official"] == "valid" for o in before_ok), len(before_ok)),
