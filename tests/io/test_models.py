@@ -41,3 +41,37 @@ def test_default_model_loads_from_cache_and_local_dir(smol_model, tmp_path):
     assert (cached / "model.safetensors").exists()
     m2, _ = models.load(str(cached))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+
+
+def test_load_precision(tiny_model_dir):
+    m32, _ = models.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    m16, _ = models.load(str(tiny_model_dir), device="cpu", precision="bf16")
+    assert next(m32.parameters()).dtype == torch.float32 and models.precision_of(m32) == "fp32"
+    assert next(m16.parameters()).dtype == torch.bfloat16 and models.precision_of(m16) == "bf16"
+    auto, _ = models.load(str(tiny_model_dir), device="cpu", precision="auto")
+    assert models.precision_of(auto) == ("bf16" if models.bf16_supported("cpu") else "fp32")
+    assert models.precision_of(models.load(str(tiny_model_dir), device="cpu")[0]) == "fp32"  # CPU default
+    with pytest.raises(ValueError, match="give precision .* or dtype .*, not both"):
+        models.load(str(tiny_model_dir), device="cpu", precision="bf16", dtype=torch.float32)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        models.load(str(tiny_model_dir), device="cpu", precision="fp16")
+
+
+def test_lora_merged_in_fp32_then_cast(tiny_model_dir, tmp_path):
+    """A bf16 LoRA model is the fp32 merge rounded once, not a merge done in bf16 (which rounds twice)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = models.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    import json
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_model_dir)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    merged32, _ = models.load(str(tmp_path / "adapter"), device="cpu", precision="fp32")
+    merged16, _ = models.load(str(tmp_path / "adapter"), device="cpu", precision="bf16")
+    for (name, a), b in zip(merged32.state_dict().items(), merged16.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
