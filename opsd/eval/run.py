@@ -25,7 +25,7 @@ This module never imports `critic`: the caller passes `critique_fn` (and `outcom
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -227,20 +227,14 @@ def summarise_gt_call(per: dict[str, dict], n_boot: int = stats.N_BOOT, seed: in
 
 
 # ----------------------------------------------------------------------------- orchestration
-def _dtype(cfg: EvalConfig) -> torch.dtype:
-    from opsd.io import models
-
-    return torch.bfloat16 if models.resolve_precision(cfg.precision, cfg.device) == "bf16" else torch.float32
-
-
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str) -> list[Trajectory]:
     from opsd.rollout.run import RolloutConfig, load_rollouts
     from opsd.rollout.run import main as rollout_main
 
     path = Path(cfg.out) / f"rollouts_{name}.jsonl"
-    kw = {"precision": cfg.precision} if "precision" in {f.name for f in fields(RolloutConfig)} else {}
     rcfg = RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device, **kw)
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
+                         precision=cfg.precision)
     rollout_main(rcfg)
     return load_rollouts(rcfg)
 
@@ -291,9 +285,8 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     report: dict = {"version": REPORT_VERSION, "config": asdict(cfg) | {"prefill": prefill},
                     "data": _data_summary(cfg, tasks), "comparison": comparison}
     log("[eval 4/5] teacher-forced error-span metrics and collateral on ground-truth calls")
-    dtype = _dtype(cfg)
-    model_a, tok = models.load(cfg.before, device=cfg.device, dtype=dtype)
-    model_b, _ = models.load(cfg.after, device=cfg.device, dtype=dtype)
+    model_a, tok = models.load(cfg.before, device=cfg.device, precision=cfg.precision)
+    model_b, _ = models.load(cfg.after, device=cfg.device, precision=cfg.precision)
     prefill_ids = tok(prefill, add_special_tokens=False)["input_ids"] if prefill else []
     with torch.no_grad():
         report["teacher_forced"], drift = teacher_forced_and_drift(model_a, model_b, tok, trajs_a, crit_a, cfg,

@@ -20,9 +20,9 @@ TASKS = bfcl.load("multiple", "heldout")[:40]
 
 def _reply(task, content, finish="stop", suffix=""):
     """A trajectory as `opsd rollout` writes it (raw generated text, parse error, finish reason)."""
-    from opsd.rollout.run import parse_reply
+    from opsd.rollout.run import parse_calls
 
-    calls, err = parse_reply(content)
+    calls, err = parse_calls(content)
     msg = {"role": "assistant", "content": content, "token_ids": [0]}
     if calls:
         msg["tool_calls"] = calls
