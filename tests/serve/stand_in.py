@@ -38,7 +38,7 @@ class StandIn:
         self.tok, self.engine, self.base_model, self.base_root = tokenizer, engine, base_model, base_root
         self.accept_ids, self.mangle_prompt = accept_ids, mangle_prompt
         self.hang_after, self.hang_seconds, self.stop_after = hang_after, hang_seconds, stop_after
-        self.adapters: dict[str, str] = {}
+        self.loaded: dict[str, str] = {}  # adapters the server holds (not opsd's record of them)
         self.weights_path = base_root
         self.completions: list[dict] = []
         self.chats: list[dict] = []
@@ -83,14 +83,14 @@ class StandIn:
 
     def models(self) -> dict:
         data = [{"id": self.base_model, "object": "model", "root": self.weights_path, "parent": None}]
-        data += [{"id": n, "object": "model", "root": p, "parent": self.base_model} for n, p in self.adapters.items()]
+        data += [{"id": n, "object": "model", "root": p, "parent": self.base_model} for n, p in self.loaded.items()]
         return {"object": "list", "data": data}
 
     def known(self, model: str) -> bool:
         if self.engine == "sglang" and ":" in model:
             base, _, adapter = model.partition(":")
-            return base == self.base_model and adapter in self.adapters
-        return model == self.base_model or model in self.adapters
+            return base == self.base_model and adapter in self.loaded
+        return model == self.base_model or model in self.loaded
 
     def _handler(self):
         srv = self
@@ -148,21 +148,21 @@ class StandIn:
                 name, path = body.get("lora_name"), body.get("lora_path", "")
                 ok = (Path(path) / "adapter_config.json").is_file() and (Path(path) / "adapter_model.safetensors").is_file()
                 if ok:
-                    srv.adapters[name] = path
+                    srv.loaded[name] = path
                 if srv.engine == "vllm":
                     return self._send(200, f"Success: LoRA adapter '{name}' added successfully.") if ok else \
                         self._error(404, f"Loading lora {name} failed: No adapter found for {path}")
                 self._send(200 if ok else 400, {"success": ok, "error_message": None if ok else f"cannot load {path}",
-                                                "loaded_adapters": dict(srv.adapters)})
+                                                "loaded_adapters": dict(srv.loaded)})
 
             def _unload(self, body: dict) -> None:
                 name = body.get("lora_name")
-                if name not in srv.adapters:
+                if name not in srv.loaded:
                     return self._error(404, f"The lora adapter '{name}' cannot be found.")
-                del srv.adapters[name]
+                del srv.loaded[name]
                 if srv.engine == "vllm":
                     return self._send(200, f"Success: LoRA adapter '{name}' removed successfully.")
-                self._send(200, {"success": True, "error_message": None, "loaded_adapters": dict(srv.adapters)})
+                self._send(200, {"success": True, "error_message": None, "loaded_adapters": dict(srv.loaded)})
 
             def _fault(self) -> bool:
                 with srv._lock:

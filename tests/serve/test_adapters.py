@@ -52,10 +52,10 @@ def test_vllm_publish_loads_lists_and_unloads_the_previous_round(tmp_path, smol_
         srv.model_name = "smollm2"
         name0 = publish_adapter(srv, tmp_path / "round_0" / "train", label="round_0")
         assert name0 == "round_0-" + files_hash(r0)[:10]
-        assert srv.adapters == {name0: str(r0.resolve())}
+        assert srv.loaded == {name0: str(r0.resolve())}
         rows0 = _rollout(srv, tmp_path / "r0.jsonl", name0)
         name1 = publish_adapter(srv, tmp_path / "round_1" / "train", previous=name0, label="round_1")
-        assert name1 != name0 and list(srv.adapters) == [name1]  # the previous round is unloaded
+        assert name1 != name0 and list(srv.loaded) == [name1]  # the previous round is unloaded
         rows1 = _rollout(srv, tmp_path / "r1.jsonl", name1)
         listed = {m["id"]: m for m in AdapterClient(srv.root_url).models()}
     assert listed[name1]["root"] == str(r1.resolve())
@@ -86,7 +86,7 @@ def test_refused_load_raises_and_keeps_the_previous_adapter(tmp_path, smol_token
         name = publish_adapter(srv, good)
         with pytest.raises(AdapterError, match=r"refused adapter 'broken-.*HTTP 404.*No adapter found"):
             publish_adapter(srv, broken, previous=name)
-        assert list(srv.adapters) == [name]  # still serving the previous round
+        assert list(srv.loaded) == [name]  # still serving the previous round
 
 
 def test_full_weights_and_missing_adapters_are_clear_errors(tmp_path, smol_tokenizer):
@@ -137,11 +137,12 @@ def test_flattened_chain_equals_the_stacked_adapters(tmp_path, tiny_model_dir):
     from opsd.io import models
 
     def train_like(base_dir: str, dest: Path, seed: int) -> Path:
-        lm, _ = models.load(base_dir, device="cpu")
+        lm, tok = models.load(base_dir, device="cpu")
         torch.manual_seed(seed)
         peft = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                                              init_lora_weights=False))
         peft.save_pretrained(dest)
+        tok.save_pretrained(dest)  # as opsd train saves it
         meta = json.loads((dest / "adapter_config.json").read_text())
         meta["base_model_name_or_path"] = str(Path(base_dir).resolve())
         (dest / "adapter_config.json").write_text(json.dumps(meta))
