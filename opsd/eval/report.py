@@ -36,7 +36,9 @@ _HIDDEN_WHEN_EMPTY = ("no_reply", "declared_no_ground_truth", "n/a", "other", "n
 def _fmt(x, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "n/a"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+    if not isinstance(x, float):
+        return str(x)
+    return f"{round(x, nd) or 0.0:.{nd}f}"  # never "-0.000"
 
 
 def _cell(r: dict) -> str:
