@@ -128,8 +128,8 @@ def parse_value(s: str, i: int, dups: list | None = None) -> Node:
     if c == '"':
         v, end = _string(s, i)
         return Node(v, i, end)
-    m = _NUMBER_RE.match(s, i)
-    if m and m.end() > i:
+    m = _NUMBER_RE.match(s, i)  # never empty: a number has a digit
+    if m:
         txt = m.group(0)
         v = float(txt) if any(ch in txt for ch in ".eE") else int(txt)
         return Node(v, i, m.end())
@@ -182,8 +182,8 @@ def extract_calls(text: str) -> list[CallBlock]:
         body = a + len(OPEN)
         b = text.find(CLOSE, body)
         nxt = text.find(OPEN, body)
-        closed = b >= 0 and (nxt < 0 or b < nxt)
-        inner_end = b if closed else (nxt if nxt >= 0 else len(text))
+        closed = b != -1 and (nxt == -1 or b < nxt)
+        inner_end = b if closed else (len(text) if nxt == -1 else nxt)
         blk = CallBlock(len(blocks), a, b + len(CLOSE) if closed else inner_end, closed)
         _parse_block(text, body, inner_end, blk)
         blocks.append(blk)
@@ -221,7 +221,8 @@ def _parse_block(text: str, start: int, end: int, blk: CallBlock) -> None:
     blk.name = name.value.value
     blk.name_span = (name.value.start + 1, name.value.end - 1)
     args = root.fields.get("arguments") or root.fields.get("parameters")
-    blk.args = args.value if args is not None else Node({}, root.close_brace, root.close_brace)
+    # no arguments key: an empty object closed where the call was (its `}` is where they were left out)
+    blk.args = args.value if args is not None else Node({}, root.close_brace, root.end)
 
 
 _WORD_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -232,11 +233,11 @@ def string_content_span(node: Node) -> tuple[int, int]:
     """The error tokens of a string value: its characters without the quotes (the quotes are right:
     a string was expected), or its closing quote when it is empty (closing it at once was the error).
     Any other value is quoted whole."""
-    if isinstance(node.value, str) and node.end - node.start >= 2:
-        if node.end - node.start == 2:
-            return node.end - 1, node.end
-        return node.start + 1, node.end - 1
-    return node.start, node.end
+    if not isinstance(node.value, str):
+        return node.start, node.end
+    if node.end - node.start == 2:
+        return node.end - 1, node.end
+    return node.start + 1, node.end - 1
 
 
 def token_span(text: str, pos: int) -> tuple[int, int] | None:
@@ -255,17 +256,14 @@ def token_span(text: str, pos: int) -> tuple[int, int] | None:
         try:
             _, end = scanstring(text, pos + 1, True)
             return pos, end
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # unterminated: to the end of its line (never empty: text[pos] is '"')
             line_end = text.find("\n", pos)
-            line_end = len(text) if line_end < 0 else line_end
-            return pos, max(pos + 1, min(line_end, pos + _MAX_STRING_QUOTE))
-    m = _NUMBER_RE.match(text, pos) or _WORD_RE.match(text, pos)
-    if m and m.end() > pos:
-        return pos, m.end()
-    return pos, pos + 1
+            return pos, min(len(text) if line_end == -1 else line_end, pos + _MAX_STRING_QUOTE)
+    m = _NUMBER_RE.match(text, pos) or _WORD_RE.match(text, pos)  # never empty
+    return (pos, m.end()) if m else (pos, pos + 1)
 
 
-def json_error_span(text: str, pos: int, start: int = 0) -> tuple[int, int] | None:
+def json_error_span(text: str, pos: int, start: int) -> tuple[int, int] | None:
     """The error tokens of a call that is not valid JSON: the token at the decoder's error position.
 
     When the text ended first (the reply was cut off), it is the last generated character and
@@ -274,11 +272,9 @@ def json_error_span(text: str, pos: int, start: int = 0) -> tuple[int, int] | No
     generated nothing there to quote.
     """
     span = token_span(text, pos)
-    if span is None:  # cut off
-        a = len(text)
-        while a > start and text[a - 1] in _WS:
-            a -= 1
-        span = (max(a - 1, start), len(text))
+    if span is None:  # cut off: from the last generated non-space char (or the prefill's end) to the end
+        last = start + len(text[start:].rstrip(_WS))
+        span = (max(last - 1, start), len(text))
     a, b = max(span[0], start), span[1]
     return (a, b) if b > a else None
 

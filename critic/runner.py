@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from critic.base import CriticFatalError
 from critic.redact import redacting_logs
-from critic.validate import check_critique, failed
+from critic.validate import check_critique
 from opsd.io.records import ResumableJsonl, read_jsonl
 from opsd.types import Critique, Trajectory, content_hash
 
@@ -108,7 +108,7 @@ async def _critique_one(critic, traj: Trajectory) -> Critique:
         raise
     except Exception as e:  # a critic bug on one trajectory must not stop the run
         log.debug("critic raised on %s", traj.id, exc_info=True)
-        c = failed(traj, critic.info, f"critic raised {type(e).__name__}: {e}")
+        c = Critique(traj.id, "failed", error=f"critic raised {type(e).__name__}: {e}")  # the rest is set below
     c.critic = critic.info
     c.trajectory_id = traj.id
     c.trajectory_hash = traj.content_hash()

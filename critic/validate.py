@@ -99,9 +99,9 @@ def problem(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX
     if not isinstance(c.quote, str) or not c.quote:
         return "quote is empty"
     text = message_text(traj.messages[step])
-    at, why = locate_quote(c.quote, c.quote_at, text, step)
-    if why:
-        return why
+    at = locate_quote(c.quote, c.quote_at, text, step)
+    if isinstance(at, str):
+        return at
     forced = prefill_length(traj, step)
     if at < forced:
         return (f"quote starts inside the forced reply prefill {text[:forced]!r} of message {step} (chars 0-{forced - 1}); "
@@ -120,34 +120,32 @@ def occurrences(quote: str, text: str) -> list[int]:
     return out
 
 
-def locate_quote(quote: str, quote_at, text: str, step: int) -> tuple[int, str | None]:
-    """(offset of the quote in `text`, None), or (-1, reason) when it is not there or ambiguous."""
+def _shown(quote: str) -> str:
+    return repr(quote[:80])
+
+
+def locate_quote(quote: str, quote_at, text: str, step: int) -> int | str:
+    """The quote's offset in `text`, or the reason (a str) when it is not there or is ambiguous."""
     if quote_at is not None:
         if isinstance(quote_at, bool) or not isinstance(quote_at, int):
-            return -1, f"quote_at must be an integer char offset or null, got {quote_at!r}"
+            return f"quote_at must be an integer char offset or null, got {quote_at!r}"
         if quote_at < 0 or text[quote_at:quote_at + len(quote)] != quote:
-            return -1, f"quote {quote[:80]!r} is not at char {quote_at} of message {step}"
-        return quote_at, None
+            return f"quote {_shown(quote)} is not at char {quote_at} of message {step}"
+        return quote_at
     hits = occurrences(quote, text)
     if not hits:
-        return -1, f"quote {quote[:80]!r} does not occur verbatim in message {step}"
+        return f"quote {_shown(quote)} does not occur verbatim in message {step}"
     if len(hits) > 1:
-        return -1, (f"quote {quote[:80]!r} occurs {len(hits)} times in message {step}; quote a longer part of "
-                    "the message that occurs only once")
-    return hits[0], None
+        return (f"quote {_shown(quote)} occurs {len(hits)} times in message {step}; quote a longer part of the "
+                "message that occurs only once")
+    return hits[0]
 
 
 def check_critique(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS) -> Critique:
     """`c` if it is valid, else a `failed` copy carrying the reason (and what was proposed)."""
     reason = problem(c, traj, max_hint_tokens=max_hint_tokens)
     if reason is None:
-        if c.verdict == "error" and c.quote_at is None:
-            return dataclasses.replace(c, quote_at=message_text(traj.messages[c.step]).find(c.quote))
+        if c.verdict == "error" and c.quote_at is None:  # unique: validated above
+            return dataclasses.replace(c, quote_at=occurrences(c.quote, message_text(traj.messages[c.step]))[0])
         return c
     return dataclasses.replace(c, verdict="failed", error=f"invalid critique: {reason}")
-
-
-def failed(traj: Trajectory, critic: dict, reason: str, usage: dict | None = None) -> Critique:
-    """A `failed` critique for `traj` with `reason`."""
-    return Critique(trajectory_id=traj.id, verdict="failed", critic=critic, usage=usage or {}, error=reason,
-                    trajectory_hash=traj.content_hash())

@@ -48,6 +48,8 @@ SCHEMA_CASES = {
     "enum_violation/empty string": CALL.format(name=W, args='{"city": "Oslo", "unit": "«"»}'),
     "type_mismatch/number for an enum of strings": CALL.format(name=W, args='{"city": "Oslo", "unit": «3»}'),
     "constraint_violation": CALL.format(name=F, args='{"origin": "A", "destination": "B", "passengers": «0»}'),
+    "constraint_violation/two chars": CALL.format(name=F, args='{"origin": "A", "destination": "B", "passengers": «-5»}'),
+    "missing_required/no arguments key": '<tool_call>\n{"name": "get_weather"«}»\n</tool_call>',
 }
 TOOL_ERROR_CASES = {
     "tool_error/value named": (CALL.format(name=W, args='{"city": "«Atlantis»"}'), '{"error": "unknown city Atlantis"}'),

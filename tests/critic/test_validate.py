@@ -94,3 +94,62 @@ def test_approx_tokens_grows_with_text():
     assert 1 <= approx_tokens("hello") <= 3
     assert approx_tokens("a b c d e f g h") > approx_tokens("a b c")
     assert approx_tokens("extraordinarily_long_identifier_name") > approx_tokens("short")
+
+
+@pytest.mark.parametrize("text, n", [
+    ("", 0), ("x", 2), ("_x", 2), ("abcdefgh", 3), ("abcdefg", 2), ("a, b.", 5), ("a b c", 4), ("{}", 2),
+])
+def test_approx_tokens_exact(text, n):
+    """words x 1.3 (one more per 8 chars of a long identifier, `_x` is a word) + 1 per punctuation mark, rounded up."""
+    assert approx_tokens(text) == n
+
+
+@pytest.mark.parametrize("hint, quote, repeats", [
+    ("Use x-5 here.", "-5", True),  # a core starting with punctuation: no word boundary on that side
+    ("Use 5-x here.", "5-", True),
+    ("Use my_rate.", "_rate", False),  # '_' is a word char: `_rate` inside `my_rate` is not the word
+    ("Use _rate.", "_rate", True),
+    ("Use rate_x.", "rate_", False),
+    ("Use rate_ now.", "rate_", True),
+])
+def test_repeat_check_word_boundaries_at_punctuation_and_underscores(hint, quote, repeats):
+    assert hint_repeats_quote(hint, quote) is repeats
+
+
+def test_exact_reasons(samples):
+    t = samples["weather-unknown-tool"]
+    n = len(t.messages)
+
+    def reason(**kw):
+        return check_critique(_c(**kw), t).error
+
+    assert lint_hint("", "x") == "hint is empty" and lint_hint(None, "x") == "hint is empty"
+    assert reason(step=n) == f"invalid critique: step {n} is out of range: the trajectory has {n} messages (0..{n - 1})"
+    assert reason(step=0).endswith("step 0 is a 'system' message, not an assistant message")
+    assert reason(quote="") == "invalid critique: quote is empty"
+    assert reason(category=5) == "invalid critique: category must be a string, got int"
+    long = "x" * 100
+    assert reason(quote=long) == f"invalid critique: quote {long[:80]!r} does not occur verbatim in message 2"
+    assert reason(quote=long, quote_at=3) == f"invalid critique: quote {long[:80]!r} is not at char 3 of message 2"
+    pre = dataclasses.replace(t, messages=[*t.messages[:2], {**t.messages[2], "prefill": "<tool_call>\n"}])
+    assert check_critique(_c(quote="<tool_call>"), pre).error == (
+        "invalid critique: quote starts inside the forced reply prefill '<tool_call>\\n' of message 2 (chars 0-11); "
+        "quote only text the model generated")
+    ok = "invalid critique: an 'ok' critique must not point to a step or quote"
+    for extra in (dict(step=2), dict(quote="x"), dict(quote_at=0)):
+        assert check_critique(Critique(t.id, "ok", **extra), t).error == ok
+
+
+def test_overlapping_and_repeated_occurrences_are_ambiguous():
+    from opsd.types import Trajectory
+
+    t = Trajectory("o", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "aaa b b b"}])
+    out = check_critique(Critique("o", "error", step=1, quote="aa", hint="Say it once.", category="x"), t)
+    assert out.error == ("invalid critique: quote 'aa' occurs 2 times in message 1; quote a longer part of the "
+                         "message that occurs only once")
+    out = check_critique(Critique("o", "error", step=1, quote=" b", hint="Say it once.", category="x"), t)
+    assert "occurs 3 times" in out.error
+    out = check_critique(Critique("o", "error", step=1, quote="aaa", hint="Say it once.", category="x"), t)
+    assert (out.verdict, out.quote_at) == ("error", 0)
+    out = check_critique(Critique("o", "error", step=1, quote="b b b", hint="Say it once.", category="x"), t)
+    assert (out.verdict, out.quote_at) == ("error", 4)
