@@ -35,6 +35,7 @@ from opsd.io.tasks import Task
 from opsd.render import prompt_ids
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
 from opsd.serve.adapters import AdapterClient, served_weights
+from opsd.serve.server import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,11 @@ def probe_token_ids(cfg: RolloutConfig, model: str, ids: list[int]) -> bool:
     try:
         r = httpx.post(cfg.base_url.rstrip("/") + "/completions", json=body, timeout=max(cfg.timeout, 60.0))
     except httpx.HTTPError as e:
-        raise RuntimeError(f"{cfg.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
+        raise ServerError(f"{cfg.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
     if r.status_code in (400, 404, 405, 422, 501):
         return False
     if r.status_code != 200:
-        raise RuntimeError(f"{cfg.base_url}/completions: HTTP {r.status_code}: {r.text[:300]}")
+        raise ServerError(f"{cfg.base_url}/completions: HTTP {r.status_code}: {r.text[:300]}")
     choice = (r.json().get("choices") or [{}])[0]
     return "token_ids" in choice and "prompt_token_ids" in choice
 

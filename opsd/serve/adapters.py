@@ -165,14 +165,14 @@ class AdapterClient:
         try:
             return httpx.post(self.root_url + route, json=body, timeout=self.timeout)
         except httpx.HTTPError as e:
-            raise ServerError(f"{self.root_url}{route}: {type(e).__name__}: {e}") from None
+            raise ServerError(f"{self.root_url}{route}: cannot reach the server ({type(e).__name__}: {e})") from None
 
     def models(self) -> list[dict]:
         try:
             r = httpx.get(self.root_url + "/v1/models", timeout=self.timeout)
             r.raise_for_status()
         except httpx.HTTPError as e:
-            raise ServerError(f"{self.root_url}/v1/models: {type(e).__name__}: {e}") from None
+            raise ServerError(f"{self.root_url}/v1/models: cannot reach the server ({type(e).__name__}: {e})") from None
         return r.json().get("data", [])
 
     def request_model(self, adapter: str | None) -> str:

@@ -29,8 +29,9 @@ from opsd.serve.config import ServeConfig, default_vllm_python
 log = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
-    """The server could not be started, died, or refused an operation; the message says why."""
+class ServerError(OSError):
+    """The server could not be started or reached, died, or refused an operation; the message says why.
+    (An OSError, like a refused connection, so the CLI reports it as one line, without a traceback.)"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -120,3 +120,19 @@ def test_parse_choice_drops_the_end_of_turn_id_and_names_finish_reasons():
     assert parse_choice(ended, [5, 6], eos) == ([7], "eos")
     cut = {"choices": [{"prompt_token_ids": [5, 6], "token_ids": [7, 9], "finish_reason": "length", "text": "xy"}]}
     assert parse_choice(cut, [5, 6], eos) == ([7, 9], "length")
+
+
+def test_cli_rollout_with_the_completions_backend(tmp_path, smol_tokenizer, capsys):
+    from opsd.cli import main as cli
+
+    out = tmp_path / "r.jsonl"
+    with StandIn(smol_tokenizer) as srv:
+        common = ["rollout", "--tasks", TASKS, "--limit", "2", "--out", str(out), "--backend", "completions",
+                  "--base-url", srv.base_url, "--max-new-tokens", "16"]
+        assert cli(common + ["--api-model", "smollm2"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["total"] == 2
+        assert cli(common + ["--api-model", "round_9-gone", "--out", str(tmp_path / "other.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "does not serve 'round_9-gone'" in err and "Traceback" not in err
+    assert cli(common + ["--api-model", "smollm2", "--out", str(tmp_path / "down.jsonl")]) == 1  # server gone
+    assert "cannot reach the server" in capsys.readouterr().err
