@@ -265,7 +265,7 @@ def publish_adapter(server, round_dir: str | Path, *, previous: str | None = Non
         server.adapters[name] = str(path.resolve())
     if previous and client.engine == "sglang" and ":" in previous:
         previous = previous.split(":", 1)[1]  # the request name BASE:ADAPTER -> the adapter's name
-    if previous and previous != name:
+    if previous and previous not in (name, client.base_model):  # the base model is never unloaded
         try:
             client.unload(previous)
         except AdapterError as e:  # the new adapter is in place; a stale one left loaded only costs memory

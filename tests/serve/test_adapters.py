@@ -50,9 +50,10 @@ def test_vllm_publish_loads_lists_and_unloads_the_previous_round(tmp_path, smol_
     r1 = make_adapter(tmp_path / "round_1" / "train" / "model", seed=1)
     with StandIn(smol_tokenizer) as srv:
         srv.model_name = "smollm2"
-        name0 = publish_adapter(srv, tmp_path / "round_0" / "train", label="round_0")
+        name0 = publish_adapter(srv, tmp_path / "round_0" / "train", previous="smollm2", label="round_0")
         assert name0 == "round_0-" + files_hash(r0)[:10]
         assert srv.loaded == {name0: str(r0.resolve())}
+        assert [r for r, _ in srv.admin] == ["/v1/load_lora_adapter"]  # round 0 replaced the base: nothing unloaded
         rows0 = _rollout(srv, tmp_path / "r0.jsonl", name0)
         name1 = publish_adapter(srv, tmp_path / "round_1" / "train", previous=name0, label="round_1")
         assert name1 != name0 and list(srv.loaded) == [name1]  # the previous round is unloaded
