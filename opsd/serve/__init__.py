@@ -5,9 +5,11 @@
         name = publish_adapter(srv, "runs/loop/round_0/train")          # LoRA hot-load; -> model name
         # opsd rollout --backend completions --base-url {srv.base_url} --api-model {name} ...
 """
-from opsd.serve.adapters import AdapterClient, AdapterError, files_hash, publish_adapter, served_weights
+from opsd.serve.adapters import (
+    AdapterClient, AdapterError, files_hash, publish_adapter, publish_full_weights, served_weights,
+)
 from opsd.serve.config import ServeConfig
 from opsd.serve.server import ServerError, VLLMServer
 
 __all__ = ["AdapterClient", "AdapterError", "ServeConfig", "ServerError", "VLLMServer", "files_hash",
-           "publish_adapter", "served_weights"]
+           "publish_adapter", "publish_full_weights", "served_weights"]

@@ -292,3 +292,24 @@ def served_weights(client: AdapterClient, model: str) -> dict:
     is_adapter = bool(entry.get("parent")) or (root is not None and (Path(root) / ADAPTER_CONFIG).is_file())
     digest = files_hash(root) if root and Path(root).is_dir() else None
     return {"model": model, "adapter": entry.get("id") if is_adapter else None, "path": root, "hash": digest}
+
+
+def publish_full_weights(server, model_dir: str | Path) -> str:
+    """Serve a fully fine-tuned student: SGLang swaps the weights in place (/update_weights_from_disk); a
+    VLLMServer is restarted on `model_dir` (runtime adapters are reloaded). Returns the model name to ask for;
+    AdapterError when the server does not then serve `model_dir`."""
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise AdapterError(f"{model_dir}: no config.json (expected full weights saved by opsd train --lora-r 0)")
+    client = client_for(server)
+    if client.engine == "sglang":
+        client.update_weights(model_dir)
+    elif hasattr(server, "restart") and hasattr(server, "cfg"):
+        server.cfg.model = str(model_dir)
+        server.restart()
+    else:
+        raise AdapterError("vLLM cannot swap full weights at runtime: restart it with --model on the new dir")
+    weights = served_weights(client, client.base_model)
+    if weights["path"] is not None and Path(weights["path"]).resolve() != model_dir:
+        raise AdapterError(f"the server still serves {weights['path']}, not {model_dir}")
+    return client.base_model

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opsd.serve.adapters import publish_adapter
+from opsd.serve.adapters import publish_adapter, publish_full_weights, served_weights, client_for
 from opsd.serve.config import ServeConfig
 from opsd.serve.server import ServerError, VLLMServer, vllm_command, vllm_env
 from tests.serve.test_adapters import make_adapter
@@ -99,3 +99,13 @@ def test_restart_after_a_crash_reloads_published_adapters(tmp_path, fake_python,
         ids = [m["id"] for m in httpx.get(srv.base_url + "/models").json()["data"]]
         assert name in ids
     assert (tmp_path / "server.log").read_text().count("==== opsd: starting vLLM") == 2
+
+
+def test_full_weights_are_served_by_a_restart(tmp_path, fake_python, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("FAKE_VLLM_CHILD_PID", str(tmp_path / "child.pid"))
+    srv = VLLMServer(ServeConfig(python=fake_python, log=str(tmp_path / "server.log"), startup_timeout=60))
+    with srv:
+        assert publish_full_weights(srv, tiny_model_dir) == "smollm2"
+        assert srv.starts == 2
+        w = served_weights(client_for(srv), "smollm2")
+        assert w["path"] == str(Path(tiny_model_dir).resolve()) and w["adapter"] is None and w["hash"]
