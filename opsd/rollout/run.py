@@ -133,7 +133,7 @@ def main(cfg: RolloutConfig) -> dict:
         if todo:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-            todo_single, todo_multi = todo, []  # multi-turn tasks: the agent loop
+            todo_single, todo_multi = multi_turn.split_todo(todo)  # multi-turn tasks: the agent loop
             if todo_multi:
                 multi_turn.run(cfg, todo_multi, out, errors, bar)
             if todo_single and cfg.backend == "hf":

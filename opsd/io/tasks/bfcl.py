@@ -167,6 +167,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def load(category: str, split: str = "all") -> list[Task]:
     """Tasks of one BFCL category in file order, filtered to `split` (see the module docstring)."""
+    if category.startswith(("multi_turn_", "web_search_", "memory_")):  # multi-turn: opsd.io.tasks.bfcl_multi_turn
+        from opsd.io.tasks import bfcl_multi_turn
+
+        return bfcl_multi_turn.load(category, split)
     if category not in CATEGORIES:
         raise ValueError(f"unknown BFCL category {category!r}; choose from {', '.join(CATEGORIES)}")
     if split not in SPLITS:
