@@ -89,6 +89,17 @@ def partition_table(cmp: dict, table: str) -> list[str]:
     return rows
 
 
+def agreement_line(cmp: dict) -> str:
+    """How often the official checker and the reference critic agree, over the replies both judged."""
+    rows = cmp["tables"]["agreement"]["rows"]
+    parts = []
+    for side in ("before", "after"):
+        agree = rows["both_valid"][side]["count"] + rows["both_invalid"][side]["count"]
+        n = agree + rows["official_only"][side]["count"] + rows["reference_only"][side]["count"]
+        parts.append(f"{side} {agree}/{n}" + (f" ({100 * agree / n:.1f}%)" if n else ""))
+    return "Official checker and reference critic agree on: " + ", ".join(parts) + " of the replies both judged."
+
+
 def errors_table(cmp: dict) -> list[str]:
     if not cmp["errors"]:
         return []
@@ -175,6 +186,8 @@ def write_report(report: dict, out: str | Path) -> None:
           *verdict_lines(report), "", "## Outcomes", "", *outcome_table(cmp), ""]
     for table in TABLES:
         md += [f"### {cmp['tables'][table]['title']}", "", *partition_table(cmp, table), ""]
+        if table == "agreement":
+            md += [agreement_line(cmp), ""]
     md += ["### Every error in the reply", "", *(errors_table(cmp) or ["(no outcome function: not checked)"]), "",
            "## Per category", "", *per_category_table(cmp), "",
            "## Teacher-forced", "", *teacher_forced_table(report.get("teacher_forced") or {}), "",

@@ -142,6 +142,9 @@ def test_official_checker_next_to_the_reference_critic():
     rows = cmp["tables"]["agreement"]["rows"]
     assert rows["both_valid"]["before"]["count"] == 10 and rows["both_invalid"]["before"]["count"] == 10
     assert cmp["outcomes"]["official_accuracy"]["before"]["count"] == 10
+    from opsd.eval.report import agreement_line
+
+    assert "before 20/20 (100.0%)" in agreement_line(cmp)
     # a reply that is not a BFCL task is not scored by the official checker, and says so
     other = Trajectory("x", trajs[0].messages, trajs[0].tools, {**trajs[0].meta, "source": "file"})
     assert official_verdict(other)["verdict"] == "n/a"
