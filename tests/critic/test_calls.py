@@ -149,6 +149,8 @@ def test_blocks_positions_indices_and_leading_names():
     assert c.closed and c.end == len(text) and c.error == "the call has no string 'name'"
     (d,) = extract_calls('Sure.\n<tool_call>\n{"name": "nope", "arguments": {"x": ')
     assert d.name == "nope" and not d.closed
+    (e,) = extract_calls('<tool_call>\n{"name": "nope"')  # cut right after the name
+    assert e.name == "nope" and e.error_pos == len('<tool_call>\n{"name": "nope"')
 
 
 @pytest.mark.parametrize("text, span", [

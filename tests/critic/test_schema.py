@@ -158,3 +158,13 @@ def test_a_quoted_json_key_still_gets_a_hint_that_passes_the_lint(samples, text,
     c = _check(_with_calls(samples["weather-ok"], text))
     assert (c.verdict, c.quote) == ("error", quote), c.error
     assert "JSON" in c.hint and lint_hint(c.hint, c.quote) is None
+
+
+def test_tool_error_of_a_call_without_arguments_quotes_its_closing_brace():
+    tools = [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+    text = '<tool_call>\n{"name": "ping"}\n</tool_call>'
+    t = Trajectory("p", [{"role": "user", "content": "ping"},
+                         {"role": "assistant", "content": text, "token_ids": [0], "tool_calls": [{"id": "c0"}]},
+                         {"role": "tool", "tool_call_id": "c0", "content": "Error: host unreachable"}], tools)
+    c = _check(t)
+    assert (c.verdict, c.category, c.quote, c.quote_at) == ("error", "tool_error", "}", text.index("}"))
