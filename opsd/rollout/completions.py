@@ -22,7 +22,6 @@ are never asked for twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -33,7 +32,10 @@ from opsd.io.models import load_tokenizer
 from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task
 from opsd.render import prompt_ids
+from opsd.rollout.client import run_chat
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
+from opsd.rollout.hf import expects_parallel
+from opsd.rollout.run import Writer
 from opsd.serve.adapters import AdapterClient, served_weights
 from opsd.serve.server import ServerError
 
@@ -48,7 +50,7 @@ class TokenMismatchError(RuntimeError):
 
 def root_url(base_url: str) -> str:
     base = base_url.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
+    return base.removesuffix("/v1")
 
 
 def eos_ids(tokenizer) -> set[int]:
@@ -132,24 +134,8 @@ def probe_token_ids(cfg: RolloutConfig, model: str, ids: list[int]) -> bool:
     return "token_ids" in choice and "prompt_token_ids" in choice
 
 
-class _MetaOut:
-    """`out` that adds the serving provenance to every trajectory's meta."""
-
-    def __init__(self, out: ResumableJsonl, meta: dict):
-        self.out, self.meta = out, meta
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.out
-
-    def append(self, record: dict) -> None:
-        record["meta"].update(self.meta)
-        self.out.append(record)
-
-
 def run_completions(cfg: RolloutConfig, todo: list[tuple[Task, int, str]], out: ResumableJsonl, errors, bar) -> dict:
     """Roll out `todo` (task, sample, key) against cfg.base_url; returns the provenance written into meta."""
-    from opsd.rollout.run import _expects_parallel, make_trajectory
-
     tok = load_tokenizer(cfg.model)
     model = cfg.api_model or str(cfg.model)
     weights = served_weights(AdapterClient(root_url(cfg.base_url)), model)  # raises before anything is written
@@ -158,13 +144,11 @@ def run_completions(cfg: RolloutConfig, todo: list[tuple[Task, int, str]], out: 
     prompts = {key: prompt_ids(task.messages, task.tools, tok) + prefill_ids for task, _, key in todo}
     token_exact = probe_token_ids(cfg, model, next(iter(prompts.values()))) if todo else True
     meta = {"api": "completions" if token_exact else "chat", "weights": weights, "server": cfg.base_url}
-    sink = _MetaOut(out, meta)
+    writer = Writer(cfg, out, errors, bar, meta)
     if not token_exact:
         log.warning("%s takes no prompt ids on /v1/completions: falling back to chat completions (NOT token-exact)",
                     cfg.base_url)
-        from opsd.rollout import run as rollout_run
-
-        asyncio.run(rollout_run._run_openai_async(cfg, todo, sink, errors, bar))
+        run_chat(cfg, todo, writer)
         return meta
     eos = eos_ids(tok)
     url = cfg.base_url.rstrip("/") + "/completions"
@@ -178,18 +162,15 @@ def run_completions(cfg: RolloutConfig, todo: list[tuple[Task, int, str]], out: 
             async def one(task: Task, k: int, rkey: str) -> None:
                 async with sem:
                     ids = prompts[rkey]
-                    stop = cfg.stop_at_call and not _expects_parallel(task)
+                    stop = cfg.stop_at_call and not expects_parallel(task)
                     try:
                         resp = await _post_json(client, url, completion_body(cfg, model, ids, stop=stop, sample=k))
                         gen_ids, finish = parse_choice(resp, ids, eos)
                         reply = prefill_ids + gen_ids
                         text = tok.decode(reply, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                        sink.append(make_trajectory(task, k, text, token_ids=reply, finish=finish, cfg=cfg, key=rkey))
+                        writer.reply(task, k, rkey, text, token_ids=reply, finish=finish)
                     except Exception as e:  # recorded (no secrets in it), retried on the next run
-                        errors.write(json.dumps({"key": rkey, "task_id": task.id, "sample": k,
-                                                 "error": f"{type(e).__name__}: {str(e)[:300]}"}) + "\n")
-                        errors.flush()
-                    bar.update(1)
+                        writer.error(task, k, rkey, f"{type(e).__name__}: {str(e)[:300]}")
 
             await asyncio.gather(*(one(t, k, rk) for t, k, rk in todo))
 

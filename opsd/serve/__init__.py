@@ -6,7 +6,12 @@
         # opsd rollout --backend completions --base-url {srv.base_url} --api-model {name} ...
 """
 from opsd.serve.adapters import (
-    AdapterClient, AdapterError, files_hash, publish_adapter, publish_full_weights, served_weights,
+    AdapterClient,
+    AdapterError,
+    files_hash,
+    publish_adapter,
+    publish_full_weights,
+    served_weights,
 )
 from opsd.serve.config import ServeConfig
 from opsd.serve.server import ServerError, VLLMServer

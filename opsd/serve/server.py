@@ -101,7 +101,7 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         """Start the server (same port on a restart) and wait until it is ready; ServerError if it is not."""
         if self.alive():
             return self
@@ -184,11 +184,11 @@ class VLLMServer:
             self.proc.wait()
         atexit.unregister(self.stop)
 
-    def restart(self) -> "VLLMServer":
+    def restart(self) -> VLLMServer:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from opsd.io.models import load_tokenizer  # noqa: E402
-from tests.serve.stand_in import StandIn  # noqa: E402
+from opsd.io.models import load_tokenizer
+from tests.serve.stand_in import StandIn
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ class StandIn:
     def base_url(self) -> str:
         return self.root_url + "/v1"
 
-    def start(self) -> "StandIn":
+    def start(self) -> StandIn:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -72,7 +72,7 @@ class StandIn:
         threading.Thread(target=self._httpd.shutdown, daemon=True).start()  # safe from a handler thread
         self._httpd.server_close()
 
-    def __enter__(self) -> "StandIn":
+    def __enter__(self) -> StandIn:
         return self.start()
 
     def __exit__(self, *exc) -> None:

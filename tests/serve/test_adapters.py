@@ -12,7 +12,13 @@ from opsd.io.records import read_jsonl
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import main as rollout_main
 from opsd.serve.adapters import (
-    SERVED_RECORD, AdapterClient, AdapterError, adapter_chain, files_hash, flatten_adapters, publish_adapter,
+    SERVED_RECORD,
+    AdapterClient,
+    AdapterError,
+    adapter_chain,
+    files_hash,
+    flatten_adapters,
+    publish_adapter,
     served_weights,
 )
 from tests.serve.stand_in import StandIn

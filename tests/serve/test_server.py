@@ -12,7 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opsd.serve.adapters import publish_adapter, publish_full_weights, served_weights, client_for
+from opsd.serve.adapters import (
+    client_for,
+    publish_adapter,
+    publish_full_weights,
+    served_weights,
+)
 from opsd.serve.config import ServeConfig
 from opsd.serve.server import ServerError, VLLMServer, vllm_command, vllm_env
 from tests.serve.test_adapters import make_adapter

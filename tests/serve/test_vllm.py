@@ -26,7 +26,14 @@ from opsd.render import prompt_ids
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
-from opsd.serve import AdapterClient, AdapterError, ServeConfig, VLLMServer, files_hash, publish_adapter
+from opsd.serve import (
+    AdapterClient,
+    AdapterError,
+    ServeConfig,
+    VLLMServer,
+    files_hash,
+    publish_adapter,
+)
 
 REQUIRED = os.environ.get("OPSD_REQUIRE_VLLM") == "1"  # make test-serve: a missing vLLM fails, never skips
 HAVE_VLLM = bool(os.environ.get("OPSD_VLLM_PYTHON")) and Path(os.environ.get("OPSD_VLLM_PYTHON", "")).is_file()
