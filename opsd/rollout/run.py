@@ -40,14 +40,11 @@ from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.trajectories import parse_tool_call_text
 from opsd.rollout import multi_turn
-from opsd.rollout.client import run_chat, run_chat_async
+from opsd.rollout.client import run_chat
 from opsd.rollout.config import RolloutConfig, prefill_arg
-from opsd.rollout.hf import DecodeStats, expects_parallel, generate_batch, run_hf
+from opsd.rollout.hf import DecodeStats, generate_batch, run_hf
 
 log = logging.getLogger(__name__)
-
-
-_expects_parallel = expects_parallel  # the name opsd.rollout.completions imports
 
 
 def parse_calls(text: str) -> tuple[list[dict], str | None]:
@@ -104,11 +101,6 @@ class Writer:
         self.bar.update(1)
 
 
-async def _run_openai_async(cfg: RolloutConfig, todo, out, errors, bar) -> None:
-    """The chat backend writing to `out` (anything with `append(record)`); used by opsd.rollout.completions."""
-    await run_chat_async(cfg, todo, Writer(cfg, out, errors, bar))
-
-
 def load_rollouts(cfg: RolloutConfig) -> list:
     """The trajectories `main(cfg)` wrote for exactly this config (the file may hold other runs')."""
     from opsd.io.records import read_jsonl
@@ -157,9 +149,6 @@ def main(cfg: RolloutConfig) -> dict:
         summary["decode"] = decode.summary()
     return summary
 
-
-# Deprecated name (it collided with critic.llm.parse_reply); use parse_calls.
-parse_reply = parse_calls
 
 __all__ = ["RolloutConfig", "Writer", "generate_batch", "load_rollouts", "main", "make_trajectory", "parse_calls",
            "prefill_arg"]
