@@ -9,8 +9,9 @@ Protocol (`Critic`): `name`, `config()` (JSON, no secrets), `info` = {"name", "c
 Critics available:
 
 - `schema`: each tool call against the trajectory's tool schemas (`critic.schema`);
-- `reference`: the first assistant step against `meta.ground_truth`, with BFCL possible-answer
-  semantics (`critic.reference`);
+- `reference`: the reply against `meta.ground_truth`, with BFCL possible-answer semantics
+  (`critic.reference`); several replies, and BFCL multi-turn episodes replayed in their simulated
+  environments, reply by reply: the first wrong one (`critic.multi_turn`);
 - `llm`: any OpenAI-compatible endpoint (`critic.llm`);
 - `schema+reference`: schema first; the reference critic only when the schema critic says ok
   (and the trajectory has ground truth);

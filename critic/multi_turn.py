@@ -43,8 +43,8 @@ import re
 from dataclasses import dataclass
 
 from critic.calls import OPEN, CallBlock, extract_calls, render_value, string_content_span
-from critic.reference import Problem, missing_call_span
-from critic.schema import call_issues, closing_span, key_name_span, name_span, tool_result_error
+from critic.reference import Problem, match_calls, missing_call_span, parse_ground_truth
+from critic.schema import call_issues, closing_span, key_name_span, name_span, tool_result_error, tools_by_name
 from opsd.io.tasks import bfcl
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.bfcl_env import ERROR_PREFIX, Environment
@@ -264,4 +264,48 @@ def _official_turn_check(ep: _Episode, gt_results: list[str], k: int) -> str | N
     return None if out["valid"] else f"{out['error_type']}: {out['error_message']}"
 
 
-__all__ = ["check", "is_multi_turn", "turn_spans"]
+# ----------------------------------------------------------------------------- several replies, flat ground truth
+def assistant_steps(traj: Trajectory) -> list[int]:
+    return [i for i, m in enumerate(traj.messages) if m.get("role") == "assistant"]
+
+
+def is_multi_step(traj: Trajectory) -> bool:
+    """A log with flat ground truth (`meta.ground_truth`, possible-answer format) and several assistant replies."""
+    return "ground_truth" in traj.meta and not is_multi_turn(traj) and len(assistant_steps(traj)) > 1
+
+
+def check_steps(critic, traj: Trajectory) -> Critique:
+    """Several replies against one flat ground-truth list: the calls of each reply, in order, must each match a
+    ground-truth entry not matched before (BFCL possible-answer semantics, any order; the reference critic's
+    `match_calls`). The first reply with a call that does not parse, breaks the schema, or matches no remaining
+    entry is the error (wrong_function / wrong_value / ... against the closest remaining entry, extra_call when
+    none is left); entries still unmatched after the last reply make it a missing_call."""
+    try:
+        gt = parse_ground_truth(traj.meta["ground_truth"])
+    except ValueError as e:
+        return critic.failed(traj, str(e))
+    tools = tools_by_name(traj)
+    remaining = list(gt)
+    last = None
+    for i in assistant_steps(traj):
+        text, start = message_text(traj.messages[i]), prefill_length(traj, i)
+        blocks = extract_calls(text)
+        calls = [b for b in blocks if b.ok]
+        matched = match_calls(calls, remaining, tools)  # {remaining index: call index}
+        free_calls = [c for j, c in enumerate(calls) if j not in matched.values()]
+        free_gt = [g for k, g in enumerate(remaining) if k not in matched]
+        issues = [iss for b in blocks if not b.ok for iss in call_issues(text, b, tools, start)]
+        issues += [iss for b in free_calls for iss in call_issues(text, b, tools, start)]
+        if not issues and free_calls:
+            issues = critic._problems(text, start, free_calls, free_gt, tools, missing=False)
+        if issues or len(calls) < len(blocks):
+            return critic.first_error(traj, i, text, start, issues, _PRIORITY)
+        remaining, last = free_gt, (i, text, start, calls)
+    if remaining and last is not None:
+        i, text, start, calls = last
+        hv = [{"expected": remaining[0][0], "remaining": len(remaining)}, {"expected": "", "remaining": len(remaining)}]
+        return critic.first_error(traj, i, text, start, [Problem("missing_call", missing_call_span(text, start, calls), hv)])
+    return critic.ok(traj)
+
+
+__all__ = ["check", "check_steps", "is_multi_step", "is_multi_turn", "turn_spans"]

@@ -228,7 +228,8 @@ def is_valid(calls: list[CallBlock], gt: list[tuple[str, dict]], tools: dict[str
 
 
 class ReferenceCritic(RuleCritic):
-    """Checks the first assistant step against `meta.ground_truth` (see module docstring)."""
+    """Checks a reply against `meta.ground_truth` (see module docstring); several replies, or a BFCL multi-turn
+    episode, are checked reply by reply by `critic.multi_turn` (the first wrong reply is reported)."""
 
     name = "reference"
 
@@ -239,14 +240,19 @@ class ReferenceCritic(RuleCritic):
 
     @staticmethod
     def subsumes(traj: Trajectory) -> bool:
-        """Multi-turn episodes: this critic runs the schema checks itself, step by step (critic.multi_turn)."""
-        return is_multi_turn(traj.meta)
+        """Multi-turn episodes and logs with several replies: this critic runs the schema checks itself, reply by
+        reply (critic.multi_turn), so the first error is found whichever check finds it."""
+        from critic import multi_turn
+
+        return is_multi_turn(traj.meta) or multi_turn.is_multi_step(traj)
 
     def check(self, traj: Trajectory) -> Critique:
-        if is_multi_turn(traj.meta):  # every step of every turn: critic.multi_turn
-            from critic import multi_turn
+        from critic import multi_turn
 
+        if is_multi_turn(traj.meta):  # every step of every turn: critic.multi_turn
             return multi_turn.check(self, traj)
+        if multi_turn.is_multi_step(traj):  # several replies, one flat ground truth
+            return multi_turn.check_steps(self, traj)
         if "ground_truth" not in traj.meta:
             return self.failed(traj, "trajectory has no meta.ground_truth; the reference critic needs it")
         try:

@@ -10,6 +10,7 @@ from critic import make_critic
 from critic.validate import check_critique
 from opsd.io.tasks import load_tasks
 from opsd.render import message_text
+from opsd.types import Trajectory
 from tests.multi_turn.conftest import PREFILL, call_text, gt_script, gt_turns, play_script, script, task
 
 
@@ -157,3 +158,37 @@ def test_a_log_without_a_bfcl_id_is_not_replayed():
     traj.meta["multi_turn"]["bfcl_id"] = "multi_turn_base_9999"
     c = critique(traj)
     assert c.verdict == "failed" and "not in the installed BFCL data" in c.error
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+    for n in ("get_weather", "get_forecast")]
+
+
+def _log(calls: list[tuple[str, dict]], final: str | None = "It is sunny.") -> Trajectory:
+    msgs = [{"role": "system", "content": "You are a weather agent."},
+            {"role": "user", "content": "Weather in Paris now, and the 3-day forecast for Lyon?"}]
+    for k, (name, args) in enumerate(calls):
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{k}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]})
+        msgs.append({"role": "tool", "tool_call_id": f"c{k}", "content": '{"ok": true}'})
+    if final is not None:
+        msgs.append({"role": "assistant", "content": final})
+    gt = [{"get_weather": {"city": ["Paris"]}}, {"get_forecast": {"city": ["Lyon"], "days": [3]}}]
+    return Trajectory("weather", msgs, WEATHER_TOOLS, {"ground_truth": gt})
+
+
+def test_a_log_with_several_steps_is_checked_step_by_step_against_flat_ground_truth():
+    """The issue's case: a right call at message 2, the wrong one at message 4; the old critic blamed message 2."""
+    c = critique(_log([("get_weather", {"city": "Paris"}), ("get_forecast", {"city": "Lyon", "days": 5})]))
+    assert (c.verdict, c.step, c.category, c.quote) == ("error", 4, "wrong_value", "5")
+    for name in ("reference", "schema+reference"):
+        assert critique(_log([("get_weather", {"city": "Paris"}), ("get_forecast", {"city": "Lyon", "days": 3})]),
+                        name).verdict == "ok"
+    c = critique(_log([("get_weather", {"city": "Paris"})], final="Done."))  # stopped one call short
+    assert (c.step, c.category, c.quote) == (4, "missing_call", "Done.")
+    c = critique(_log([("get_forecast", {"city": "Lyon", "days": 3}), ("get_weather", {"city": "Paris"}),
+                       ("get_weather", {"city": "Paris"})]))  # any order; the third call is one too many
+    assert (c.step, c.category) == (6, "extra_call")
+    c = critique(_log([("get_weather", {"city": "Paris"}), ("get_forecast", {"town": "Lyon"})]), "schema+reference")
+    assert c.step == 4 and c.category in ("unknown_parameter", "missing_required")
