@@ -42,9 +42,22 @@ import inspect
 import re
 from dataclasses import dataclass
 
-from critic.calls import OPEN, CallBlock, extract_calls, render_value, string_content_span
+from critic.calls import (
+    OPEN,
+    CallBlock,
+    extract_calls,
+    render_value,
+    string_content_span,
+)
 from critic.reference import Problem, match_calls, missing_call_span, parse_ground_truth
-from critic.schema import call_issues, closing_span, key_name_span, name_span, tool_result_error, tools_by_name
+from critic.schema import (
+    call_issues,
+    closing_span,
+    key_name_span,
+    name_span,
+    tool_result_error,
+    tools_by_name,
+)
 from opsd.io.tasks import bfcl
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.bfcl_env import ERROR_PREFIX, Environment
@@ -255,7 +268,10 @@ def _check_turn(critic, ep: _Episode, traj: Trajectory, k: int, a: int, b: int,
 def _official_turn_check(ep: _Episode, gt_results: list[str], k: int) -> str | None:
     """BFCL's own end-of-turn checks (state, then responses); None when they pass or cannot be imported."""
     try:
-        from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import response_checker, state_checker
+        from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import (
+            response_checker,
+            state_checker,
+        )
     except ImportError:
         return None if ep.env.same_state(ep.gt_env) else "the state differs from the ground truth"
     out = state_checker(ep.env.instances, ep.gt_env.instances)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from opsd.eval import stats
 from opsd.eval.config import EvalConfig
@@ -211,6 +211,6 @@ def markdown(report: dict) -> str:
         e = tf["error_span_logprob"]
         gap = "n/a" if tf["gap_closed"] is None else f"{tf['gap_closed']:.2f}"
         lines += ["## Teacher-forced on the base model's errors", "",
-                  f"n={tf['n_examples']}: mean error-span log-prob before {e['before']:.3f}, after {e['after']:.3f}, "
-                  f"hinted teacher {e['hinted']:.3f}; lowered in {_pct(tf['lowered'])}; gap closed {gap}", ""]
+                  (f"n={tf['n_examples']}: mean error-span log-prob before {e['before']:.3f}, after {e['after']:.3f}, "
+                   f"hinted teacher {e['hinted']:.3f}; lowered in {_pct(tf['lowered'])}; gap closed {gap}"), ""]
     return "\n".join(lines)

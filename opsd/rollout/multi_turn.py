@@ -330,7 +330,7 @@ def _run_hf(cfg, todo, out, errors, bar) -> None:
                             top_p=cfg.top_p, stop_text="</tool_call>" if cfg.stop_at_call else None,
                             seed=episode_seed(cfg.seed, task.id, k))
 
-        def reply(req: ReplyRequest) -> Reply | None:
+        def reply(req: ReplyRequest, dec: CachedDecoder = dec) -> Reply | None:
             pre_ids = tok(req.prefill, add_special_tokens=False)["input_ids"] if req.prefill else []
             ids = prompt_ids(req.messages, req.tools, tok) + pre_ids
             if len(ids) + cfg.max_new_tokens > max_context:

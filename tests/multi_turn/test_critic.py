@@ -4,14 +4,20 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-
 from critic import make_critic
 from critic.validate import check_critique
 from opsd.io.tasks import load_tasks
 from opsd.render import message_text
 from opsd.types import Trajectory
-from tests.multi_turn.conftest import PREFILL, call_text, gt_script, gt_turns, play_script, script, task
+from tests.multi_turn.conftest import (
+    PREFILL,
+    call_text,
+    gt_script,
+    gt_turns,
+    play_script,
+    script,
+    task,
+)
 
 
 def critique(traj, name="reference"):
@@ -130,7 +136,8 @@ def test_schema_plus_reference_reports_the_first_error_not_the_first_schema_erro
     c = critique(traj, "schema+reference")
     assert critique(traj, "schema").step > c.step  # what the old chain (schema first, on the whole episode) reported
     assert c.step == assistant_steps(traj)[0] and c.category == "wrong_function" and c.quote == "cd"
-    assert (c.step, c.quote, c.hint) == (lambda r: (r.step, r.quote, r.hint))(critique(traj, "reference"))
+    r = critique(traj, "reference")
+    assert (c.step, c.quote, c.hint) == (r.step, r.quote, r.hint)
 
 
 def test_schema_errors_inside_a_turn_and_held_out_functions():

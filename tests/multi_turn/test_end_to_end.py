@@ -22,8 +22,7 @@ def _smallest(split: str, n: int, tok, path) -> str:
     tasks = sorted(load_tasks(f"bfcl:multi_turn_base:{split}"),
                    key=lambda t: (len(prompt_ids(t.messages, t.tools, tok)), t.id))[:n]
     with open(path, "w", encoding="utf-8") as f:
-        for t in tasks:
-            f.write(json.dumps({"id": t.id, "messages": t.messages, "tools": t.tools, "meta": t.meta}) + "\n")
+        f.writelines(json.dumps({"id": t.id, "messages": t.messages, "tools": t.tools, "meta": t.meta}) + "\n" for t in tasks)
     return str(path)
 
 
@@ -40,7 +39,8 @@ def test_rollout_critique_train_eval_on_held_out_multi_turn_tasks(tmp_path, smol
 
     train_file = _smallest("train", N_TRAIN, smol_tokenizer, tmp_path / "train_tasks.jsonl")
     eval_file = _smallest("heldout", N_EVAL, smol_tokenizer, tmp_path / "heldout_tasks.jsonl")
-    assert all(mt.split_of(json.loads(x)["id"]) == "heldout" for x in open(eval_file))
+    with open(eval_file, encoding="utf-8") as f:
+        assert all(mt.split_of(json.loads(x)["id"]) == "heldout" for x in f)
 
     rcfg = RolloutConfig(tasks=train_file, out=str(tmp_path / "rollouts.jsonl"), max_new_tokens=MAX_NEW,
                          max_steps_per_turn=STEPS, device="cpu")

@@ -9,18 +9,26 @@ import pytest
 
 from opsd.io.tasks import bfcl
 from opsd.io.tasks import bfcl_multi_turn as mt
-from opsd.io.tasks.bfcl_env import ERROR_PREFIX, Environment, ToolTimeout, call_string, time_limit
+from opsd.io.tasks.bfcl_env import (
+    ERROR_PREFIX,
+    Environment,
+    ToolTimeout,
+    call_string,
+    time_limit,
+)
 
 
 def test_ground_truth_replays_exactly_like_bfcl_executor():
     """Every ground-truth call of the four categories: our result text and state == BFCL's (which evals strings)."""
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils as mu
-    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import _compare_instances
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import (
+        _compare_instances,
+    )
 
     d = bfcl.data_dir()
     n = 0
     for cat in mt.CATEGORIES:
-        for item in (json.loads(x) for x in open(d / f"BFCL_v4_{cat}.json")):
+        for item in bfcl._read_jsonl(d / f"BFCL_v4_{cat}.json"):
             gt = mt.entry(item["id"])["ground_truth"]
             lc = "long_context" in cat
             env = Environment(item["involved_classes"], item["initial_config"], long_context=lc)
@@ -75,7 +83,13 @@ def test_decoded_turns_drop_steps_bfcl_must_not_eval():
                 {"id": "a", "type": "function", "function": {"name": "open", "arguments": '{"file": "x", "mode": "w"}'}}]},
             {"role": "assistant", "content": "", "tool_calls": [
                 {"id": "b", "type": "function", "function": {"name": "ls", "arguments": '{"a": true}'}}]}]
+    assert mt.decoded_turns(msgs, t.meta) == [[[f"{mt.UNDEFINED}(file='x', mode='w')"], ["ls(a=True)"]]]
+    msgs[1]["tool_calls"][0]["function"]["name"] = "made_up_name"  # BFCL's eval raises NameError on it: kept as is
+    assert mt.decoded_turns(msgs, t.meta)[0][0] == ["made_up_name(file='x', mode='w')"]
+    msgs[1]["tool_calls"][0]["function"]["name"] = "os.system"  # not a name: the step cannot be decoded
     assert mt.decoded_turns(msgs, t.meta) == [[["ls(a=True)"]]]
+    msgs[1]["tool_calls"][0]["function"]["name"] = "__import__"
+    assert mt.decoded_turns(msgs, t.meta)[0][0] == [f"{mt.UNDEFINED}(file='x', mode='w')"]
 
 
 def test_runaway_math_is_refused_before_it_runs():

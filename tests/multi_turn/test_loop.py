@@ -9,7 +9,14 @@ import torch
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.trajectories import load_trajectories, normalise
 from opsd.rollout.multi_turn import CachedDecoder, EpisodeLimits, Reply, episode, play
-from tests.multi_turn.conftest import PREFILL, call_text, gt_script, play_script, script, task
+from tests.multi_turn.conftest import (
+    PREFILL,
+    call_text,
+    gt_script,
+    play_script,
+    script,
+    task,
+)
 
 
 def test_ground_truth_replies_make_a_valid_episode_bfcl_accepts():

@@ -35,8 +35,8 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Iterable
 
 FUNC_SOURCE = "bfcl_eval.eval_checker.multi_turn_eval.func_source_code"
 SIMULATED_CLASSES = {
@@ -243,11 +243,11 @@ class Environment:
         """{class: {public attribute: value}}: what BFCL's state checker compares."""
         return {c: {k: v for k, v in vars(i).items() if not k.startswith("_")} for c, i in self.instances.items()}
 
-    def same_state(self, other: "Environment") -> bool:
+    def same_state(self, other: Environment) -> bool:
         """BFCL's state check: every public attribute of every instance is equal."""
         return self.differences(other) == {}
 
-    def differences(self, other: "Environment") -> dict[str, list[str]]:
+    def differences(self, other: Environment) -> dict[str, list[str]]:
         """{class: [attributes that differ]} against `other` (empty: same state)."""
         out = {}
         a, b = self.state(), other.state()
@@ -268,11 +268,11 @@ class Environment:
                     out[c][k] = _path(v) if hasattr(v, "parent") and hasattr(v, "contents") else v
         return out
 
-    def changed_since(self, other: "Environment") -> bool:
+    def changed_since(self, other: Environment) -> bool:
         """Whether anything that BFCL checks, or that steers later calls, differs from `other`."""
         return self.full_state() != other.full_state()
 
-    def copy(self) -> "Environment":
+    def copy(self) -> Environment:
         """An independent deep copy (for trying a call without changing this environment)."""
         return copy.deepcopy(self)
 

@@ -33,9 +33,10 @@ every scenario with the same question, lands in the same split (`train` ~45%, `v
 from __future__ import annotations
 
 import json
+import keyword
 import re
 import uuid
-from functools import lru_cache
+from functools import cache
 
 from opsd.io.tasks import Task, bfcl
 from opsd.io.tasks.bfcl_env import SIMULATED_CLASSES, Environment, call_string
@@ -65,7 +66,7 @@ def _check_category(category: str) -> None:
         raise ValueError(f"unknown BFCL multi-turn category {category!r}; choose from {', '.join(CATEGORIES)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _items(category: str) -> dict[str, dict]:
     d = bfcl.data_dir()
     items = {x["id"]: x for x in bfcl._read_jsonl(d / f"BFCL_v4_{category}.json")}
@@ -79,10 +80,12 @@ def _items(category: str) -> dict[str, dict]:
     return items
 
 
-@lru_cache(maxsize=None)
+@cache
 def function_docs(cls: str) -> tuple[dict, ...]:
     """BFCL's function documentation of one simulated class (as shipped, BFCL types)."""
-    from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
+    from bfcl_eval.constants.executable_backend_config import (
+        MULTI_TURN_FUNC_DOC_FILE_MAPPING,
+    )
 
     if cls not in SIMULATED_CLASSES:
         raise ValueError(f"class {cls!r} is not one of the simulated classes {', '.join(SIMULATED_CLASSES)}")
@@ -192,12 +195,33 @@ def turn_starts(messages: list[dict], meta: dict) -> list[int]:
             if m.get("role") == "user" and (i == 0 or messages[i - 1].get("role") != "user")]
 
 
+UNDEFINED = "opsd_undefined_function"
+
+
+def checkable_name(name, methods) -> str | None:
+    """The function name to hand to BFCL's checker (which `eval`s `name(...)`): a method of the task's classes
+    as is; any other plain identifier as itself when BFCL's `eval` can only raise NameError on it (as it does
+    for a made-up name), else as `UNDEFINED` (a builtin such as `open` must never run); None for a name that
+    is not an identifier (the step is then undecodable, as for BFCL's decoder)."""
+    import builtins
+
+    from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
+
+    if name in methods:
+        return name
+    if not (isinstance(name, str) and name.isidentifier()) or keyword.iskeyword(name):
+        return None
+    if name.startswith("_") or hasattr(builtins, name) or name in vars(multi_turn_utils):
+        return UNDEFINED
+    return name
+
+
 def decoded_turns(messages: list[dict], meta: dict) -> list[list[list[str]]]:
     """The model's calls as BFCL's checker takes them: per turn, per step, `name(k=v)` strings.
 
-    As BFCL's decoder: a step whose calls do not all parse (or that has none) is left out. A call of a
-    name that is not a method of the task's simulated classes, or with arguments that are not plain
-    JSON, makes its step undecodable too: such a string must never reach BFCL's `eval`.
+    As BFCL's decoder: a step whose calls do not all parse (or that has none) is left out, and so is a
+    step with a call whose name is not an identifier or whose arguments are not plain JSON. Names go
+    through `checkable_name`: nothing but a simulated method (or a NameError) can come of BFCL's `eval`.
     """
     item = entry(meta["multi_turn"]["bfcl_id"])
     methods = environment(item, call_seconds=None)._owner
@@ -215,7 +239,7 @@ def decoded_turns(messages: list[dict], meta: dict) -> list[list[list[str]]]:
                     args = json.loads(fn.get("arguments") or "{}")
                 except (json.JSONDecodeError, TypeError):
                     args = None
-                s = call_string(fn.get("name"), args) if fn.get("name") in methods else None
+                s = call_string(checkable_name(fn.get("name"), methods), args)
                 if s is None:
                     break
                 strings.append(s)
@@ -232,7 +256,9 @@ def official_check(messages: list[dict], meta: dict) -> dict:
     BFCL's eval runner does: an episode with fewer turns than the ground truth was force-terminated).
     """
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
-    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
+    from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import (
+        multi_turn_checker,
+    )
 
     item = entry(meta["multi_turn"]["bfcl_id"])
     decoded = decoded_turns(messages, meta)
