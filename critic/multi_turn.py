@@ -38,6 +38,7 @@ BFCL accepts the episode.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -236,6 +237,9 @@ def _check_turn(critic, ep: _Episode, traj: Trajectory, k: int, a: int, b: int,
                 match = next(((p, env_c, r) for p in pending for ok, env_c, r in [ep.matches(blk.name, args, p)]
                               if ok), None)
             issues = [] if match is not None else call_issues(text, blk, ep.tools, start)
+            if pending:  # a made-up name: the hint names the function the ground truth calls next
+                issues = [dataclasses.replace(iss, hint_vars=[{"valid_tools": [pending[0][0]]}] + iss.hint_vars)
+                          if iss.category == "unknown_tool" else iss for iss in issues]
             if issues or not blk.ok:
                 return error(i, issues)
             if match is not None:
