@@ -14,7 +14,7 @@ import jinja2
 import prompts
 from critic.calls import in_generated
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, lint_hint
-from opsd.types import Critique, Trajectory, content_hash
+from opsd.types import Critique, StageError, Trajectory, content_hash
 
 # bump when a rule critic's logic changes, so cached critiques are recomputed
 RULES_VERSION = 4  # 2: exact error tokens, quote_at, the reply prefill is never quoted; 3: reply by reply (multi-turn); 4: multi-turn unknown_tool hints name the next ground-truth call
@@ -27,7 +27,7 @@ REFERENCE_CATEGORIES = ("wrong_function", "wrong_value", "missing_call", "extra_
 MIN_RULE_HINT_TOKENS = 9  # the longer fallback hint; rule critics need at least this budget
 
 
-class CriticFatalError(RuntimeError):
+class CriticFatalError(StageError):
     """A configuration problem (bad key, unknown model or URL) that would fail every trajectory."""
 
 

@@ -25,6 +25,7 @@ import sys
 from typing import Callable
 
 from opsd.config import parse
+from opsd.types import StageError
 
 
 def _validate(argv: list[str]) -> int:
@@ -47,9 +48,27 @@ def _render(argv: list[str]) -> int:
 
 
 def _critique(argv: list[str]) -> int:
-    from opsd.critique.run import add_arguments, run
+    from critic.llm import PromptError
+    from critic.runner import format_summary
+    from opsd.critique.config import CritiqueConfig
+    from opsd.critique.run import build_critic, main
 
-    return _legacy("critique", argv, add_arguments, run)
+    cfg = parse(CritiqueConfig, argv, prog="opsd critique", description=COMMANDS["critique"][0])
+    try:
+        build_critic(cfg.critic)  # a bad prompt template or a missing API key is a usage error: nothing was sent
+    except ValueError as e:
+        print(f"opsd critique: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = main(cfg)
+    except PromptError as e:  # found by rendering the template on a real trajectory, before any request
+        print(f"opsd critique: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if summary.error:
+        print(f"opsd critique: error: {summary.error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _rollout(argv: list[str]) -> int:
@@ -93,9 +112,17 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from opsd.eval.command import add_arguments, run
+    from opsd.critique.outcomes import reply_outcomes
+    from opsd.critique.run import critique_fn
+    from opsd.eval.config import EvalConfig
+    from opsd.eval.report import summary_table
+    from opsd.eval.run import main
 
-    return _legacy("eval", argv, add_arguments, run)
+    cfg = parse(EvalConfig, argv, prog="opsd eval", description=COMMANDS["eval"][0])
+    report = main(cfg, critique_fn(cfg.critic), outcome_fn=reply_outcomes)
+    print(summary_table(report))
+    print(f"\nreport: {cfg.out}/report.md")
+    return 0
 
 
 def _loop(argv: list[str]) -> int:
@@ -113,15 +140,6 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
-def _legacy(name: str, argv: list[str], add_arguments, run) -> int:
-    """Commands whose flags are still written by hand (being moved to their Configs)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=f"opsd {name}", description=COMMANDS[name][0])
-    add_arguments(p)
-    return int(run(p.parse_args(argv)) or 0)
-
-
 # name -> (one-line help, runner(argv) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "validate": ("check trajectory logs and count them per format", _validate),
@@ -133,6 +151,20 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks", _eval),
     "loop": ("on-policy rounds: rollout -> critique -> train, each from the previous round's student", _loop),
     "demo": ("end-to-end run on the embedded model and BFCL", _demo),
+}
+
+
+# name -> the Config its flags come from (tests walk every field of each and find its flag)
+CONFIGS = {
+    "validate": "opsd.logs:ValidateConfig",
+    "render": "opsd.logs:RenderConfig",
+    "rollout": "opsd.rollout.config:RolloutConfig",
+    "critique": "opsd.critique.config:CritiqueConfig",
+    "hint": "opsd.hint.config:HintConfig",
+    "train": "opsd.train.config:TrainConfig",
+    "eval": "opsd.eval.config:EvalConfig",
+    "loop": "opsd.pipelines.loop:LoopConfig",
+    "demo": "opsd.pipelines.demo:DemoConfig",
 }
 
 
@@ -161,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opsd: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[command][1](rest)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # bad input data, a missing file, a stage that cannot go on: no traceback
+    except (ValueError, OSError, StageError) as e:  # bad input, a missing file, a stage that cannot go on: no traceback
         if verbose:
             logging.getLogger("opsd").exception("opsd %s failed", command)
         print(f"opsd {command}: error: {e}", file=sys.stderr)

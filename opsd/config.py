@@ -35,16 +35,25 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=False)
 
 
+def _positional(cls) -> set[str]:
+    """Fields annotated `tyro.conf.Positional` (given without a flag: `opsd validate FILE...`)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {name for name, tp in hints.items()
+            if typing.get_origin(tp) is typing.Annotated and any(m is tyro.conf.Positional for m in tp.__metadata__)}
+
+
 def _is_config(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def flag_names(cls, prefix: str = "") -> list[str]:
-    """Every leaf field of `cls` as its flag name (`--train.lora-r`), nested Configs included."""
+    """Every leaf field of `cls` as its flag name (`--train.lora-r`), nested Configs included; positional fields
+    are not flags and are left out."""
     out = []
     hints = _hints(cls)
+    positional = _positional(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in positional:
             continue
         if _is_config(hints[f.name]):
             out += flag_names(hints[f.name], f"{prefix}{f.name}.")
@@ -68,6 +77,7 @@ def yaml_to_flags(cls, data: dict, *, source: str, prefix: str = "") -> list[str
                           f"got {type(data).__name__}")
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    positional = _positional(cls)
     flags: list[str] = []
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -76,7 +86,9 @@ def yaml_to_flags(cls, data: dict, *, source: str, prefix: str = "") -> list[str
                               f"{', '.join(prefix + k for k in known)}")
         tp = hints[name]
         flag = "--" + prefix + name
-        if _is_config(tp):
+        if name in positional:
+            flags += [_scalar(v) for v in value] if isinstance(value, (list, tuple)) else [_scalar(value)]
+        elif _is_config(tp):
             flags += yaml_to_flags(tp, value if value is not None else {}, source=source, prefix=f"{prefix}{name}.")
         elif isinstance(value, bool):
             flags.append(flag if value else "--" + prefix + "no_" + name)
@@ -132,7 +144,28 @@ def parse(cls: type[C], argv: list[str] | None = None, *, prog: str, description
     description = (description + "\n\n" if description else "") + (
         f"Any flag can also come from a YAML file: {CONFIG_FLAG} FILE (keys are the field names, nested as "
         "mappings); flags on the command line override it.")
-    return tyro.cli(cls, args=from_yaml + rest, prog=prog, description=description, use_underscores=False)
+    cfg = tyro.cli(cls, args=from_yaml + rest, prog=prog, description=description, use_underscores=False)
+    _decode_escape_fields(cfg)
+    return cfg
+
+
+def decode_escapes(text: str | None) -> str | None:
+    """A value typed in a shell: backslash escapes (`\\n`, `\\t`) become characters, other text (non-ASCII
+    included) stays as it is."""
+    if text is None:
+        return None
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _decode_escape_fields(cfg) -> None:
+    """Fields marked `metadata={"escapes": True}` (reply prefills, instructions) get their escapes decoded,
+    in nested Configs too: `--rollout.prefill '<tool_call>\\n'` means a real newline, as in YAML."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _decode_escape_fields(value)
+        elif f.metadata.get("escapes") and isinstance(value, str):
+            object.__setattr__(cfg, f.name, decode_escapes(value))
 
 
 def to_dict(cfg) -> dict:

@@ -12,10 +12,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 VERDICTS = ("error", "ok", "failed")
+
+
 PLACEMENTS = ("user", "system", "inline")  # where a hint goes (opsd.hint.build)
 SPANS = ("quote", "step_from_error", "step")  # which tokens are trained (opsd.hint.build)
 DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")  # opsd.train.losses
 TEACHERS = ("self", "initial", "ema", "external")  # opsd.train.teachers
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on for a reason the user can fix; the message says what and how (the CLI prints it, exit 1)."""
 
 
 def content_hash(obj: Any) -> str:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 CRITIC_NAMES = ("schema", "reference", "llm", "schema+reference", "schema+llm")  # == critic.CRITICS (tested)
 LLM_CRITICS = ("llm", "schema+llm")
@@ -90,7 +92,7 @@ class CriticConfig:
 
 @dataclass
 class CritiqueConfig:
-    inputs: list[str] = field(default_factory=list, metadata={
+    inputs: Annotated[list[str], tyro.conf.arg(aliases=("--in",))] = field(default_factory=list, metadata={
         "help": "trajectory logs (openai JSONL, bare message lists, ShareGPT; see data/README.md)"})
     out: str = field(default="critiques.jsonl", metadata={
         "help": "append-only critique file (JSONL); rerunning resumes it"})

@@ -21,16 +21,14 @@ prompt template. API keys and URL credentials never reach stdout, stderr, logs o
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Callable
 
-from critic import CRITICS, DEFAULT_MAX_HINT_TOKENS, CriticFatalError, make_critic
-from critic.llm import LLMConfig, PromptError
+from critic import CriticFatalError, make_critic
+from critic.llm import LLMConfig
 from critic.runner import (
     RunSummary,
     format_summary,
@@ -40,14 +38,14 @@ from critic.runner import (
 )
 from critic.validate import check_critique
 from opsd.critique.config import CriticConfig, CritiqueConfig
-from opsd.io.trajectories import TrajectoryError, load_trajectories
-from opsd.types import Critique, Trajectory
+from opsd.io.trajectories import load_trajectories
+from opsd.types import Critique, StageError, Trajectory
 
 log = logging.getLogger(__name__)
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2")  # openai's HTTP client logs one INFO line per request
 
 
-class CritiqueRunError(RuntimeError):
+class CritiqueRunError(StageError):
     """The run as a whole failed (`RunSummary.error`); what was done is recorded and resumable."""
 
 
@@ -105,14 +103,17 @@ def critique_fn(cfg: CriticConfig, *, concurrency: int | None = None, progress: 
                 echo: Callable[[str], None] = print) -> Callable[[list[Trajectory], Path], list[Critique]]:
     """A `CritiqueFn` (trajectories, out_path) -> one critique per trajectory, in order, resumable
     through out_path (eval, demo, loop). A fresh critic per call. Raises CritiqueRunError when the run
-    failed as a whole (`RunSummary.error`)."""
+    failed as a whole (`RunSummary.error`) because of the server (transport failures) or an LLM critic that
+    failed every reply; rule-critic failures on replies that cannot be critiqued are records, not errors."""
     if concurrency is not None:
         cfg = dataclasses.replace(cfg, concurrency=concurrency)
 
     def fn(trajs: list[Trajectory], out_path: Path) -> list[Critique]:
         summary, keys = critique(trajs, cfg, out_path, progress=progress)
         echo(format_summary(summary))
-        if summary.error:
+        # a reply no critique can describe (e.g. nothing generated to quote) is a `failed` row of the tables,
+        # not a broken run; a server that keeps failing is (its records stay retryable)
+        if summary.error and (summary.transport_failed or cfg.uses_llm):
             raise CritiqueRunError(f"{out_path}: {summary.error}")
         last = read_critiques(out_path)
         return [last[k] for k in keys]
@@ -140,74 +141,3 @@ def critic_reward(critic: CriticConfig | object) -> Callable[[list[Trajectory]],
         return out
 
     return reward_fn
-
-
-# ---- the current `opsd critique` flags (the lead replaces them with flags generated from CritiqueConfig)
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="LOGS",
-                   help="JSONL trajectory logs (openai, bare message list or ShareGPT)")
-    p.add_argument("--out", required=True, metavar="CRITIQUES.jsonl", help="append-only output (resumable)")
-    p.add_argument("--critic", choices=CRITICS, default="schema", help="which critic (default: schema)")
-    p.add_argument("--max-hint-tokens", type=int, default=DEFAULT_MAX_HINT_TOKENS,
-                   help=f"hint length limit, approximate tokens (default {DEFAULT_MAX_HINT_TOKENS})")
-    p.add_argument("--concurrency", type=int, default=8, help="critiques in flight at once (default 8)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N trajectories")
-    p.add_argument("--rejects", default=None, help="write invalid input lines here and continue")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--retry-failed", choices=("transport", "none", "all"), default="transport",
-                   help="failed records a rerun retries (default transport: server errors)")
-    p.add_argument("--max-transport-failure-share", type=float, default=0.1,
-                   help="fail the run when more than this share of critiques failed on transport errors (default 0.1)")
-    g = p.add_argument_group("llm critic")
-    g.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible endpoint")
-    g.add_argument("--model", default=None, help="model name (required for --critic llm)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default OPENAI_API_KEY)")
-    g.add_argument("--prompt", default=None, metavar="FILE",
-                   help="custom Jinja2 prompt (default prompts/critic/locate_error.j2)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    g.add_argument("--max-attempts", type=int, default=5, help="transport attempts per request (default 5)")
-    g.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds (default 1)")
-    g.add_argument("--max-wait", type=float, default=30.0, help="cap on one retry wait (default 30)")
-    g.add_argument("--max-reasks", type=int, default=2, help="re-asks of an invalid reply (default 2)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--max-tokens", type=int, default=512, help="completion budget per reply (default 512)")
-    g.add_argument("--no-structured", action="store_true", help="do not send response_format")
-
-
-def config_from_args(args) -> CritiqueConfig:
-    critic = CriticConfig(name=args.critic, base_url=args.base_url, model=args.model or "", api_key_env=args.api_key_env,
-                          prompt=args.prompt, timeout=args.timeout, max_attempts=args.max_attempts, backoff=args.backoff,
-                          max_wait=args.max_wait, max_reasks=args.max_reasks, temperature=args.temperature,
-                          max_tokens=args.max_tokens, structured=not args.no_structured,
-                          max_hint_tokens=args.max_hint_tokens, concurrency=args.concurrency,
-                          retry_failed=args.retry_failed, max_transport_failure_share=args.max_transport_failure_share)
-    return CritiqueConfig(inputs=args.inputs, out=args.out, limit=args.limit, rejects=args.rejects,
-                          progress=not args.no_progress, critic=critic)
-
-
-def run(args) -> int:
-    try:
-        cfg = config_from_args(args)
-        build_critic(cfg.critic)
-    except ValueError as e:  # bad options, a missing API key or a bad prompt template (PromptError)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = main(cfg)
-    except CriticFatalError as e:
-        print(f"error: {e}\nnothing was recorded for the remaining trajectories; fix it and rerun to resume",
-              file=sys.stderr)
-        return 1
-    except PromptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (TrajectoryError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    if summary.error:
-        print(f"error: {summary.error}", file=sys.stderr)
-        return 1
-    return 0

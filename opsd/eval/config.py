@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opsd.critique.config import CriticConfig
 from opsd.types import PLACEMENTS, SPANS
 
 PRECISIONS = ("auto", "fp32", "bf16")  # opsd.io.models.PRECISIONS (not imported: it pulls in torch)
@@ -21,7 +22,7 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "rollout budget per reply"})
     batch_size: int = field(default=16, metadata={"help": "rollout batch"})
     score_batch_size: int = field(default=8, metadata={"help": "teacher-forced scoring batch"})
-    prefill: str | None = field(default=None, metadata={"help": "reply prefill (None: decided from --before, used for both models)"})
+    prefill: str | None = field(default=None, metadata={"escapes": True, "help": "reply prefill (None: decided from --before, used for both models)"})
     placement: str = field(default="user", metadata={"help": "hint placement for the hinted-teacher reference"})
     span: str = field(default="quote", metadata={"help": "target span kind for teacher-forced metrics"})
     train_run: str | None = field(default=None, metadata={"help": "training run folder: adds training curves from its metrics.jsonl"})
@@ -30,6 +31,8 @@ class EvalConfig:
                                                               "for loading both models and their rollouts"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over tasks) for every paired 95% CI"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed (the report recomputes to the same numbers)"})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={
+        "help": "the critic of both models' replies (schema+reference: every error is also listed per reply)"})
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:

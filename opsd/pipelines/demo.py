@@ -53,9 +53,10 @@ class DemoConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         d = EvalConfig()
-        set_here = [f"eval.{n}" for n in ("before", "after", "out", "train_run") if getattr(self.eval, n) != getattr(d, n)]
+        set_here = [f"eval.{n}" for n in ("before", "after", "out", "train_run", "critic") if getattr(self.eval, n) != getattr(d, n)]
         if set_here:
-            raise ValueError(f"{', '.join(set_here)}: set by the demo (base student vs the best round, in OUT/report)")
+            raise ValueError(f"{', '.join(set_here)}: set by the demo (base student vs the best round, in OUT/report, "
+                             "with the loop's --critic)")
 
 
 def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str) -> list[dict]:
@@ -113,7 +114,7 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
     prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
     best_run = out / f"round_{history['best_round']}" / "train" if history["best_round"] else None
     ecfg = dataclasses.replace(cfg.eval, before=base, after=best, out=str(out / "report"), prefill=prefill,
-                               train_run=str(best_run) if best_run else None)
+                               train_run=str(best_run) if best_run else None, critic=cfg.critic)
     echo(f"[demo 2/3] held-out evaluation, scored once: base vs the best round ({history['best_round']})")
     critique = critique_fn(cfg.critic, echo=echo)
     report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)

@@ -41,7 +41,7 @@ from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
 from opsd.train.config import TrainConfig
 from opsd.train.run import main as train_main
-from opsd.types import Critique, Trajectory
+from opsd.types import Critique, Trajectory, content_hash
 
 TRAIN_SPEC = "bfcl:multiple,parallel_multiple:train"  # several tools per task: a real choice of function
 VALIDATION_SPEC = "bfcl:multiple,parallel_multiple:validation"
@@ -150,6 +150,20 @@ def summarise_validation(trajs: list[Trajectory], crits: list[Critique]) -> Vali
     return Validation(n, acc / max(n, 1), err / max(n, 1), und / max(n, 1), stats.wilson(acc, n), stats.wilson(err, n))
 
 
+def trained(tcfg: TrainConfig, marker: Path) -> str:
+    """The round's trained model: trained now, or read from `marker` when this exact training finished before
+    (a rerun must not train, or touch the saved weights, again)."""
+    key = content_hash(dataclasses.asdict(tcfg))
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("config") == key and Path(done["model"]).exists():
+            return done["model"]
+    model = str(train_main(tcfg))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config": key, "model": model}))
+    return model
+
+
 def _hint_summary(train_out: Path) -> dict:
     """Error mix and hint effect of a round's training data (data.json, examples.jsonl of `opsd train`)."""
     data = json.loads((train_out / "data.json").read_text()) if (train_out / "data.json").exists() else {}
@@ -181,10 +195,13 @@ def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
         tasks = round_tasks(cfg.rollout.tasks, k - 1, cfg.rollout.limit, seed=cfg.rollout.seed, fresh=cfg.fresh_tasks)
         write_tasks(tasks, rd / "tasks.jsonl")
         echo(f"[loop round {k}] rollouts of {student} on {len(tasks)} tasks")
-        rcfg = dataclasses.replace(cfg.rollout, tasks=str(rd / "tasks.jsonl"), limit=None, out=str(rd / "rollouts.jsonl"),
+        rcfg = dataclasses.replace(cfg.rollout, tasks=str(rd / "tasks.jsonl"), limit=None, out="",
                                    model=student, seed=cfg.rollout.seed + k - 1, prefill=prefill)
+        # one file per rollout and critic config: training reads each whole, so a changed setting never mixes in
+        rcfg.out = str(rd / f"rollouts-{rcfg.hash()}.jsonl")
+        crit_path = rd / f"critiques-{content_hash(dataclasses.asdict(cfg.critic))[:10]}.jsonl"
         rollout_main(rcfg)
-        crits = critique(load_rollouts(rcfg), rd / "critiques.jsonl")
+        crits = critique(load_rollouts(rcfg), crit_path)
         mix: dict[str, int] = {}
         for c in crits:
             if c.verdict == "error":
@@ -197,9 +214,9 @@ def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
             history["rounds"].append(rec)
             break
         echo(f"[loop round {k}] training on {rec['errors']} critiqued errors")
-        tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(rd / "critiques.jsonl"),
+        tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(crit_path),
                                    out=str(rd / "train"), resume=True)
-        student = str(train_main(tcfg))
+        student = trained(tcfg, rd / "train" / "done.json")
         rec |= {"trained_model": student, "training": _hint_summary(rd / "train")}
         if cfg.validation_tasks:
             v = validate(student, cfg, rd / "validation", critique, prefill)

@@ -26,7 +26,7 @@ class RolloutConfig:
     limit: int | None = field(default=None, metadata={"help": "first N tasks in deterministic order"})
     batch_size: int = field(default=0, metadata={"help": "hf: rows decoded together; 0 = as many as a quarter of free memory holds (CPU: at most 64)"})
     precision: str = field(default="auto", metadata={"help": "hf: weights dtype, auto | fp32 | bf16 (auto = bf16 where the CPU has AVX512-BF16/AMX, or on a GPU)"})
-    prefill: str | None = field(default=None, metadata={"help": "reply prefill; None = \"<tool_call>\\n\" for the embedded model, else \"\""})
+    prefill: str | None = field(default=None, metadata={"escapes": True, "help": "reply prefill; None = \"<tool_call>\\n\" for the embedded model, else \"\""})
     stop_at_call: bool = field(default=True, metadata={"help": "stop after the first </tool_call> unless the task expects parallel calls"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda when available)"})

@@ -228,8 +228,8 @@ def test_cli_reports_a_template_error_without_a_traceback(server, tmp_path):
     p = tmp_path / "p.j2"
     p.write_text("{{ trajectory }}\n{{ messages[0].nope }}\n")
     srv = server()
-    proc = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic", "llm", "--base-url",
-                srv.base_url, "--model", "m", "--prompt", str(p), env={"OPENAI_API_KEY": FAKE_KEY})
+    proc = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm", "--critic.base-url",
+                srv.base_url, "--critic.model", "m", "--critic.prompt", str(p), env={"OPENAI_API_KEY": FAKE_KEY})
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and f"{p}:2: template error" in err and "Traceback" not in err
     assert srv.requests == []

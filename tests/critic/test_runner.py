@@ -98,8 +98,8 @@ def test_kill_and_resume_gives_every_trajectory_exactly_once(samples, server, tm
     logs = _variants(samples, n, tmp_path / "logs.jsonl")
     out = tmp_path / "c.jsonl"
     srv = server(latency=0.05)
-    args = ["critique", "--in", str(logs), "--out", str(out), "--critic", "llm", "--base-url", srv.base_url,
-            "--model", "m", "--concurrency", "4", "--timeout", "5", "--no-progress"]
+    args = ["critique", "--in", str(logs), "--out", str(out), "--critic.name", "llm", "--critic.base-url", srv.base_url,
+            "--critic.model", "m", "--critic.concurrency", "4", "--critic.timeout", "5", "--no-progress"]
     env = {"OPENAI_API_KEY": FAKE_KEY}
     for _ in range(2):  # kill twice mid-run
         p = _cli(*args, env=env)
@@ -138,9 +138,9 @@ def test_secrets_never_reach_output_logs_or_records(samples, server, tmp_path, v
     leak = {"error": {"message": f"upstream rejected header 'Authorization: Bearer {FAKE_KEY}' for ?api-key={QUERY_KEY}"}}
     echo = json.dumps({"verdict": f"Bearer {FAKE_KEY} {QUERY_KEY}", "step": 2, "quote": "x", "hint": "y", "category": "z"})
     srv = server([Status(500, leak)] * 2 + [Reply(echo)] * 3)
-    p = _cli(*(["-v"] if verbose else []), "critique", "--in", str(logs), "--out", str(out), "--critic", "llm",
-             "--base-url", f"{srv.base_url}?api-key={QUERY_KEY}", "--model", "m", "--api-key-env", "MY_CRITIC_KEY",
-             "--max-attempts", "1", "--backoff", "0.01", "--concurrency", "1", "--max-transport-failure-share", "0.5",
+    p = _cli(*(["-v"] if verbose else []), "critique", "--in", str(logs), "--out", str(out), "--critic.name", "llm",
+             "--critic.base-url", f"{srv.base_url}?api-key={QUERY_KEY}", "--critic.model", "m", "--critic.api-key-env", "MY_CRITIC_KEY",
+             "--critic.max-attempts", "1", "--critic.backoff", "0.01", "--critic.concurrency", "1", "--critic.max-transport-failure-share", "0.5",
              env={"MY_CRITIC_KEY": FAKE_KEY})
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
@@ -159,8 +159,8 @@ def test_secrets_never_reach_output_logs_or_records(samples, server, tmp_path, v
         assert "HTTP Request" not in stderr and "invalid reply" not in stderr
     # a fatal auth error says what to check, without the key
     srv2 = server([Status(401, leak)])
-    p = _cli("critique", "--in", str(logs), "--out", str(tmp_path / "d.jsonl"), "--critic", "llm", "--base-url",
-             f"{srv2.base_url}?api-key={QUERY_KEY}", "--model", "m", env={"OPENAI_API_KEY": FAKE_KEY})
+    p = _cli("critique", "--in", str(logs), "--out", str(tmp_path / "d.jsonl"), "--critic.name", "llm", "--critic.base-url",
+             f"{srv2.base_url}?api-key={QUERY_KEY}", "--critic.model", "m", env={"OPENAI_API_KEY": FAKE_KEY})
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 1 and "401" in stderr and "OPENAI_API_KEY" in stderr
     assert FAKE_KEY not in stdout + stderr and QUERY_KEY not in stdout + stderr
@@ -169,8 +169,8 @@ def test_secrets_never_reach_output_logs_or_records(samples, server, tmp_path, v
 def test_a_run_that_fails_as_a_whole_exits_non_zero(samples, server, tmp_path):
     logs = _variants(samples, 4, tmp_path / "logs.jsonl")
     srv = server([Status(503)] * 100)
-    args = ["critique", "--in", str(logs), "--out", str(tmp_path / "c.jsonl"), "--critic", "llm", "--base-url",
-            srv.base_url, "--model", "m", "--max-attempts", "2", "--backoff", "0.01", "--no-progress"]
+    args = ["critique", "--in", str(logs), "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm", "--critic.base-url",
+            srv.base_url, "--critic.model", "m", "--critic.max-attempts", "2", "--critic.backoff", "0.01", "--no-progress"]
     p = _cli(*args, env={"OPENAI_API_KEY": FAKE_KEY})
     out, err = p.communicate(timeout=60)
     assert p.returncode == 1 and "every critique of this run failed" in err and "retryable 4" in out
@@ -182,10 +182,10 @@ def test_a_run_that_fails_as_a_whole_exits_non_zero(samples, server, tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path):
-    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic", "llm", "--model", "m")
+    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm", "--critic.model", "m")
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "no API key" in err and "OPENAI_API_KEY" in err
-    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic", "llm")
+    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm")
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "--model" in err
     bad = tmp_path / "bad.jsonl"
@@ -197,7 +197,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize("critic", ["schema", "schema+reference"])
 def test_cli_on_samples(tmp_path, critic):
-    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic", critic, "--no-progress")
+    p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic.name", critic, "--no-progress")
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "13 trajectories: 13 critiqued now" in out and "error 8" in out
