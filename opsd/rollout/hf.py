@@ -5,13 +5,15 @@
     replies = generate_batch(model, tok, prompts, max_new_tokens=128, stop_text=["</tool_call>"] * len(prompts),
                              stats=stats)          # [(generated ids, "stop" | "eos" | "length"), ...]
 
-Where the time goes on a CPU (bench/rollout.py --profile; BENCHMARKS.md §2): prefill runs near the
+Where the time goes on a CPU (bench/rollout.py --profile; BENCHMARKS.md §3): prefill runs near the
 GEMM rate, so it costs what the prompt tokens cost; a decode step costs the decoder's matmuls at
-M = rows plus, with transformers' DynamicCache, a copy of the whole KV cache per step (`aten::cat`,
-46% of a 64-row bf16 step) and the attention kernel. So this loop:
+M = rows, the attention over the KV cache (about 2 ms per layer at 64 rows x 420 positions in bf16,
+bound by memory bandwidth) and, with transformers' DynamicCache, a copy of the whole KV cache per
+step (`aten::cat`, 46% of a 64-row bf16 step). So this loop:
 
-- prefills the prompts in length-sorted chunks (<= PREFILL_TOKENS tokens per forward, little padding),
-  each distinct prompt once: the samples of one task share its prompt KV (copied, not recomputed);
+- prefills the tokens all prompts share (the tools preamble) once, then each distinct prompt's own
+  tokens once, in length-sorted chunks of <= PREFILL_TOKENS tokens (little padding): the samples of
+  one task share its prompt KV (copied, not recomputed);
 - keeps the KV in buffers allocated once (`PreallocatedLayer`): a step writes one column in place
   and attends over a view, so there is no per-step copy; the results are those of DynamicCache;
 - decodes many rows at once (`auto_batch_size`: from free memory, capped where a CPU step stops
@@ -35,9 +37,10 @@ from opsd.io.tasks import Task
 from opsd.render import prompt_ids
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
 
-# Prefill forwards of more than a few thousand tokens got slower per token on 2 CPU cores
-# (bf16: ~2000 tok/s at 8 x 290 tokens, 760 at 64 x 392; fp32: 700 vs 410), so prefill goes in chunks.
-PREFILL_TOKENS = 4096
+# Prefill forwards of more than about a thousand tokens got slower per token on 2 CPU cores (bf16, 64 BFCL
+# prompts: 1758 / 1350 tok/s in chunks of <= 1024 tokens, 1074 / 1248 at 2048, 857 / 1044 at 4096, two passes).
+PREFILL_TOKENS = 1024
+MIN_SHARED_PREFIX = 16  # a prefix all prompts share (the tools preamble: 56 tokens on BFCL) is prefilled once
 # Decode throughput per row stops improving past ~48 rows on 2 CPU cores (bf16: 267 tok/s at 8 rows,
 # 460 at 32-48, 430 at 64 with DynamicCache); a GPU keeps gaining far longer.
 MAX_ROWS = {"cpu": 64, "cuda": 256}
@@ -49,7 +52,7 @@ class DecodeStats:
     """Where a rollout's time went: prompt tokens (distinct prompts, no padding) vs generated tokens."""
     rows: int = 0
     prompt_tokens: int = 0  # tokens of the distinct prompts that were prefilled
-    shared_prompt_tokens: int = 0  # prompt tokens not recomputed: samples that reused their task's prompt KV
+    shared_prompt_tokens: int = 0  # prompt tokens not recomputed: a task's samples, and the prefix all prompts share
     padded_prefill_tokens: int = 0  # tokens actually run through prefill forwards (padding included)
     prefill_s: float = 0.0
     generated_tokens: int = 0  # tokens kept in replies (end-of-turn ids not counted)
@@ -201,40 +204,72 @@ def _prefill_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     return chunks + ([cur] if cur else [])
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with (the system prompt's preamble, say), leaving each at least one of its own;
+    0 when fewer than MIN_SHARED_PREFIX or only one prompt."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def _prefill(model, prompts: list[list[int]], rows_of: list[list[int]], cache: DynamicCache, attn_BC: torch.Tensor,
              pad: int, stats: DecodeStats) -> torch.Tensor:
-    """Run each distinct prompt once, write its KV into the rows that use it, right-aligned at the prompt end.
+    """Run the shared prefix once and each distinct prompt's rest once; write the KV into the rows that use it.
 
-    prompts: distinct prompts, longest first; rows_of[u]: the batch rows of prompt u. Returns the
-    last-position logits of every row (B, V)."""
+    prompts: distinct prompts, longest first; rows_of[u]: the batch rows of prompt u. Row layout in the
+    cache: [shared prefix][padding][the prompt's own tokens, ending at L]; the attention mask (attn_BC,
+    already set by the caller) is 0 on the padding. Returns the last-position logits of every row (B, V)."""
     dev = attn_BC.device
     L = len(prompts[0])
+    P = shared_prefix_length(prompts)
     layers = cache.layers
-    logits_rows: dict[int, torch.Tensor] = {}
-    for chunk in _prefill_chunks([len(p) for p in prompts], PREFILL_TOKENS):
-        Lc = len(prompts[chunk[0]])
-        ids_bL = torch.full((len(chunk), Lc), pad, dtype=torch.long)
-        attn_bL = torch.zeros((len(chunk), Lc), dtype=torch.long)
-        for b, u in enumerate(chunk):
-            ids_bL[b, Lc - len(prompts[u]):] = torch.tensor(prompts[u])
-            attn_bL[b, Lc - len(prompts[u]):] = 1
-        ids_bL, attn_bL = ids_bL.to(dev), attn_bL.to(dev)
-        pos_bL = (attn_bL.cumsum(-1) - 1).clamp(min=0)
+    prefix_kv = None
+    if P:
         part = DynamicCache()
-        out = model(input_ids=ids_bL, attention_mask=attn_bL, position_ids=pos_bL, past_key_values=part,
+        model(input_ids=torch.tensor([prompts[0][:P]], device=dev), past_key_values=part, use_cache=True,
+              logits_to_keep=1)
+        prefix_kv = [(x.keys, x.values) for x in part.layers]  # (1, H, P, D) per layer
+        stats.padded_prefill_tokens += P
+        stats.shared_prompt_tokens += P * (len(prompts) - 1)
+    logits_rows: dict[int, torch.Tensor] = {}
+    for chunk in _prefill_chunks([len(p) - P for p in prompts], PREFILL_TOKENS):
+        Lc = len(prompts[chunk[0]]) - P  # longest own part in the chunk
+        b = len(chunk)
+        ids_bL = torch.full((b, Lc), pad, dtype=torch.long)
+        own_bL = torch.zeros((b, Lc), dtype=torch.long)
+        for i, u in enumerate(chunk):
+            ids_bL[i, Lc - (len(prompts[u]) - P):] = torch.tensor(prompts[u][P:])
+            own_bL[i, Lc - (len(prompts[u]) - P):] = 1
+        ids_bL, own_bL = ids_bL.to(dev), own_bL.to(dev)
+        pos_bL = P + (own_bL.cumsum(-1) - 1).clamp(min=0)  # positions after the shared prefix
+        attn = torch.cat([own_bL.new_ones((b, P)), own_bL], dim=1)  # (b, P + Lc)
+        part = DynamicCache()
+        for li, (k, v) in enumerate(prefix_kv or []):
+            part.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
+        out = model(input_ids=ids_bL, attention_mask=attn, position_ids=pos_bL, past_key_values=part,
                     use_cache=True, logits_to_keep=1)
         stats.padded_prefill_tokens += ids_bL.numel()
-        for layer, src in zip(layers, part.layers):
+        for li, (layer, src) in enumerate(zip(layers, part.layers)):
             if not getattr(layer, "is_initialized", False):
                 layer.allocate(attn_BC.shape[0], src.keys.shape[1], src.keys.shape[-1], src.keys.dtype, dev)
-            for b, u in enumerate(chunk):
+                if P:
+                    layer.key_buf[:, :, :P] = prefix_kv[li][0]
+                    layer.value_buf[:, :, :P] = prefix_kv[li][1]
+            for i, u in enumerate(chunk):
                 rows = torch.tensor(rows_of[u], device=dev)
-                layer.key_buf[rows, :, L - Lc:L] = src.keys[b]
-                layer.value_buf[rows, :, L - Lc:L] = src.values[b]
-        for b, u in enumerate(chunk):
+                layer.key_buf[rows, :, L - Lc:L] = src.keys[i, :, P:]
+                layer.value_buf[rows, :, L - Lc:L] = src.values[i, :, P:]
+        for i, u in enumerate(chunk):
             for r in rows_of[u]:
-                logits_rows[r] = out.logits[b, -1]
+                logits_rows[r] = out.logits[i, -1]
     for layer in layers:
         layer.length = L
         layer._views()
@@ -271,8 +306,10 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     t0 = time.perf_counter()
     cache = preallocated_cache(_kv_shape(model)[0], L + max_new_tokens)
     attn_BC = torch.zeros((B, L + max_new_tokens), dtype=torch.long, device=dev)  # (B, capacity): 1 = attend
+    P = shared_prefix_length(uniq)
+    attn_BC[:, :P] = 1  # the shared prefix, then each row's own tokens right-aligned at L
     for r, p in enumerate(prompts):
-        attn_BC[r, L - len(p):L] = 1
+        attn_BC[r, L - (len(p) - P):L] = 1
     logits_BV = _prefill(model, uniq, rows_of, cache, attn_BC, pad, stats)
     stats.prefill_s += time.perf_counter() - t0
 

@@ -6,7 +6,7 @@ import torch
 
 from opsd.io.tasks import load_tasks
 from opsd.io.trajectories import load_trajectories
-from opsd.rollout.hf import DecodeStats, PreallocatedLayer, auto_batch_size
+from opsd.rollout.hf import DecodeStats, PreallocatedLayer, auto_batch_size, shared_prefix_length
 from opsd.rollout.run import (
     RolloutConfig,
     generate_batch,
@@ -46,7 +46,9 @@ def test_batched_decode_matches_hf_generate_greedy(smol_model):
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     stats = DecodeStats()
     res = generate_batch(model, tok, prompts, max_new_tokens=24, stop_text=["</tool_call>"] * 5, stats=stats)
-    assert stats.shared_prompt_tokens == len(prompts[0]) and stats.rows == 5
+    shared = shared_prefix_length([prompts[0]] + prompts[2:])
+    assert shared >= 16  # the tools preamble: prefilled once, then each prompt's own tokens
+    assert stats.shared_prompt_tokens == len(prompts[0]) + 3 * shared and stats.rows == 5
     for p, (ids, finish) in zip(prompts, res):
         ref = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
         assert len(ids) == 24 and finish == "length"  # no stop within 24 tokens: the whole budget is compared
@@ -160,3 +162,10 @@ def test_precision_in_config_key_and_meta(tiny_model_dir, tmp_path):
     assert s["decode"]["generated_tokens"] >= 1 and s["decode"]["prompt_tokens"] > 0
     (t,) = load_trajectories(tmp_path / "r.jsonl")
     assert t.meta["precision"] == "bf16"
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([list(range(40)) + [1], list(range(40)) + [2, 3]]) == 40
+    assert shared_prefix_length([list(range(40)), list(range(40)) + [5]]) == 39  # each prompt keeps a token of its own
+    assert shared_prefix_length([list(range(10)) + [1], list(range(10)) + [2]]) == 0  # below MIN_SHARED_PREFIX
+    assert shared_prefix_length([list(range(40))]) == 0
