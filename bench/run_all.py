@@ -1,12 +1,14 @@
-"""Run every benchmark (critic, rollout, step) within 30 minutes and rewrite BENCHMARKS.md.
+"""Run the benchmarks (critic, rollout, numerics, step; cost curves on request) and rewrite BENCHMARKS.md.
 
     flock /tmp/opsd-torch.lock make bench                        # = pip install -e ".[bench]"; python bench/run_all.py
     flock /tmp/opsd-torch.lock python bench/run_all.py --quick --out /tmp/BENCH_QUICK.md   # smoke sizes
 
 Each benchmark runs as its own process (they spawn one process per side themselves) and writes
 its results to bench/results/NAME.json; this script collects them, checks them against the
-targets of issue 6 and writes the markdown. It does not take the torch lock itself: run it
-under `flock /tmp/opsd-torch.lock` so that no other torch job shares the 2 cores.
+targets of issues 13 and 6 and writes the markdown. It does not take the torch lock itself: run it
+under `flock /tmp/opsd-torch.lock` so that no other torch job shares the 2 cores. The cost curves
+(bench/curves.py, ~30 min) run only with `--only curves` (or `python bench/curves.py --axis ...` in
+separate lock sessions); the report always includes bench/results/curves.json when it exists.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -33,8 +36,10 @@ BUDGET_S = 30 * 60
 BENCHMARKS = [
     ("critic", ["--profile", "14"]),
     ("rollout", ["--profile", "15"]),
+    ("numerics", []),
     ("step", ["--profile", "20"]),
 ]
+ON_REQUEST = [("curves", [])]  # run only when named in --only
 
 
 def machine_facts() -> dict:
@@ -65,7 +70,9 @@ def machine_facts() -> dict:
     dirty = sorted({l[3:].strip() for l in dirty if l.strip()})
     if dirty:  # the benchmarks import the working tree, so say what it held
         commit += f" + uncommitted changes in {', '.join(dirty)}"
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+    bf16 = ", ".join(n for n, ok in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+                                     ("AMX", torch.cpu._is_amx_tile_supported())) if ok) or "none"
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "bf16": bf16,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "mem_gb": mem,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl_v, "commit": commit, "platform": platform.platform()}
@@ -90,17 +97,21 @@ def run_one(name: str, extra: list[str], out_json: Path, timeout: float, quick: 
         tail = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     wall = time.perf_counter() - t0
     result = json.loads(out_json.read_text()) if status == "ok" and out_json.exists() else None
-    last = next((l for l in reversed(tail.splitlines()) if "=" in l and " " not in l.split("=", 1)[0]), "")
+    lines = []  # the trailing machine-readable lines (key=value ...)
+    for line in reversed(tail.strip().splitlines()):
+        if not re.fullmatch(r"(\w+=[-\d.]+ ?)+", line.strip()):
+            break
+        lines.insert(0, line.strip())
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # > 2 on 2 cores: something else was running
     return {"name": name, "command": shown, "status": status, "wall_s": wall, "result": result, "loadavg": load,
-            "machine_line": last, "tail": tail[-3000:]}
+            "machine_line": lines[-1] if lines else "", "machine_lines": lines, "tail": tail[-3000:]}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes for every benchmark (not a measurement)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--only", default="", help="comma-separated subset of critic,rollout,step")
+    p.add_argument("--only", default="", help="comma-separated subset of critic,rollout,numerics,step,curves")
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the saved results only")
     p.add_argument("--budget-min", type=float, default=BUDGET_S / 60, help="total time budget (minutes)")
     a = p.parse_args(argv)
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if (results_dir / "machine.json").exists():
         previous = {r["name"]: r for r in json.loads((results_dir / "machine.json").read_text())["runs"]}
-    for name, extra in BENCHMARKS:
+    for name, extra in BENCHMARKS + [b for b in ON_REQUEST if b[0] in only]:
         if only and name not in only:  # keep the previous run's result for the report
             old, path = previous.get(name), results_dir / f"{name}.json"
             if old and old["status"] == "ok" and path.exists():
@@ -136,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     (results_dir / "machine.json").write_text(json.dumps({"facts": facts, "total_s": total,
                                                           "runs": [{k: v for k, v in r.items() if k != "result"}
                                                                    for r in runs]}, indent=2))
-    Path(a.out).write_text(report.render(facts, runs, total_s=total, quick=a.quick))
+    previous = Path(a.out).read_text() if Path(a.out).exists() else None
+    Path(a.out).write_text(report.render(facts, runs, total_s=total, quick=a.quick, results_dir=results_dir,
+                                         previous=previous))
     print(f"\nwrote {a.out} ({total / 60:.1f} min in all)")
     for r in runs:
         print(f"{r['name']}: {r['status']}  {r['machine_line']}")
