@@ -37,7 +37,7 @@ from tqdm import tqdm
 from critic.base import CriticFatalError
 from critic.redact import redacting_logs
 from critic.validate import check_critique
-from opsd.io.records import ResumableJsonl, read_jsonl
+from opsd.io.records import ResumableJsonl, read_latest
 from opsd.types import Critique, Trajectory, content_hash
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def run_problem(s: RunSummary, max_transport_failure_share: float) -> str | None
 
 def read_critiques(path: str | Path) -> dict[str, Critique]:
     """{key: critique} of a critique file, the LAST record of each key (a retry supersedes a failure)."""
-    return {r["key"]: Critique.from_dict(r) for r in read_jsonl(path)}
+    return {r["key"]: Critique.from_dict(r) for r in read_latest(path)}
 
 
 async def _critique_one(critic, traj: Trajectory) -> Critique:

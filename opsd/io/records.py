@@ -87,6 +87,16 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 raise ValueError(f"{path}:{lineno}: $: valid JSON ({e.msg})") from None
 
 
+def read_latest(path: str | Path, *, key_field: str = "key") -> list[dict]:
+    """The records of an append-only keyed file, the LAST one of each key (a retried failure supersedes the
+    failure), in the order keys first appear; records without the key field are all kept."""
+    latest: dict = {}
+    for i, rec in enumerate(read_jsonl(path)):
+        k = rec.get(key_field)
+        latest[(0, k) if k is not None else (1, i)] = rec  # re-assigning keeps the first position
+    return list(latest.values())
+
+
 def _repair_tail(path: Path) -> int:
     """Cut a torn final line left by a killed writer; returns bytes removed."""
     if not path.exists() or path.stat().st_size == 0:

@@ -65,3 +65,11 @@ def test_write_records_jsonl_or_datasets(tmp_path):
         write_records(tmp_path / "x", recs, format="csv")
     with pytest.raises(ValueError, match="is a folder"):
         write_records(tmp_path / "out_ds", recs)
+
+
+def test_read_latest_keeps_the_last_record_of_each_key_in_first_order(tmp_path):
+    from opsd.io.records import read_latest
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"key": "a", "v": 1}\n{"key": "b", "v": 2}\n{"v": 3}\n{"key": "a", "v": 4}\n{"v": 5}\n')
+    assert [r["v"] for r in read_latest(p)] == [4, 2, 3, 5]
