@@ -16,6 +16,11 @@ The loop stops early when the validation outcome gets worse than the best round 
 best round. The held-out split is never used here: score it once, at the end (`opsd eval`, or
 `opsd demo`, which runs this loop and then the held-out evaluation).
 
+With `--serve`, rollouts go through a vLLM server started from `.venv-vllm` (`make vllm`):
+token-exact completions, and after each round's training the new student is loaded into the
+running server (a LoRA adapter hot-loaded and the previous one unloaded, or a restart on full
+weights) before any rollout of the next round; a failed load stops the loop (ServerError).
+
 Outputs: OUT/loop.json (config, per-round summary: error mix, hint effect, validation outcome)
 and OUT/loop.md. Rerunning the same command resumes: every stage reuses what is on disk.
 """
@@ -39,13 +44,15 @@ from opsd.io.tasks import Task, load_tasks
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
+from opsd.serve import ServeConfig, VLLMServer, publish_adapter, publish_full_weights
 from opsd.train.config import TrainConfig
 from opsd.train.run import main as train_main
 from opsd.types import Critique, Trajectory, content_hash
 
 TRAIN_SPEC = "bfcl:multiple,parallel_multiple:train"  # several tools per task: a real choice of function
 VALIDATION_SPEC = "bfcl:multiple,parallel_multiple:validation"
-PIPELINE_FIELDS = {"rollout": ("out", "model"), "train": ("model", "trajectories", "critiques", "out")}
+PIPELINE_FIELDS = {"rollout": ("out", "model"), "train": ("model", "trajectories", "critiques", "out"),
+                   "server": ("model", "log")}
 
 
 def _loop_rollout() -> RolloutConfig:
@@ -76,6 +83,11 @@ class LoopConfig:
     train: TrainConfig = field(default_factory=_loop_train, metadata={
         "help": "training of every round; train.model is the initial student; trajectories, critiques and out are "
                 "set by the loop"})
+    serve: bool = field(default=False, metadata={
+        "help": "roll out through a vLLM server (make vllm): token-exact /v1/completions, each round's student "
+                "hot-loaded as a LoRA adapter (--train.lora-r > 0) or served by a restart on its weights"})
+    server: ServeConfig = field(default_factory=ServeConfig, metadata={
+        "help": "the vLLM server of --serve; model and log are set by the loop"})
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -84,7 +96,7 @@ class LoopConfig:
             raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
         if self.rollout.limit is None or self.rollout.limit < 1:
             raise ValueError("rollout.limit: the tasks per round, must be >= 1")
-        defaults = {"rollout": RolloutConfig(), "train": TrainConfig()}
+        defaults = {"rollout": RolloutConfig(), "train": TrainConfig(), "server": ServeConfig()}
         set_here = [f"{stage}.{name}" for stage, names in PIPELINE_FIELDS.items() for name in names
                     if getattr(getattr(self, stage), name) not in ("", None, self.train.model,
                                                                    getattr(defaults[stage], name))]
@@ -131,10 +143,19 @@ def write_tasks(tasks: list[Task], path: Path) -> None:
             f.write(json.dumps(dataclasses.asdict(t), ensure_ascii=False) + "\n")
 
 
-def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill: str) -> Validation:
+def rollout_config(cfg: LoopConfig, model: str, served: str | None, server, **kw) -> RolloutConfig:
+    """The loop's rollout settings for `model`: in-process (hf), or token-exact through the server under `served`."""
+    if server is None:
+        return dataclasses.replace(cfg.rollout, model=model, **kw)
+    return dataclasses.replace(cfg.rollout, model=model, backend="completions", base_url=server.base_url,
+                               api_model=served, **kw)
+
+
+def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill: str, *, served: str | None = None,
+             server=None) -> Validation:
     """Greedy rollouts of `model` on the validation tasks, critiqued; outcomes read from every reply."""
-    rcfg = dataclasses.replace(cfg.rollout, tasks=cfg.validation_tasks, limit=cfg.validation_limit, out=str(out / "rollouts.jsonl"),
-                               model=model, samples=1, temperature=0.0, prefill=prefill)
+    rcfg = rollout_config(cfg, model, served, server, tasks=cfg.validation_tasks, limit=cfg.validation_limit,
+                          out=str(out / "rollouts.jsonl"), samples=1, temperature=0.0, prefill=prefill)
     rollout_main(rcfg)
     trajs = load_rollouts(rcfg)
     crits = critique(trajs, out / "critiques.jsonl")
@@ -179,24 +200,38 @@ def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
     """Run the rounds (see module docstring); returns what OUT/loop.json holds."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.serve:
+        return rounds(cfg, echo=echo)
+    server = VLLMServer(dataclasses.replace(cfg.server, model=cfg.train.model, log=str(out / "server.log")))
+    echo(f"[loop] starting vLLM for {cfg.train.model} (log: {out / 'server.log'})")
+    server.start()
+    try:
+        return rounds(cfg, echo=echo, server=server)
+    finally:
+        server.stop()
+
+
+def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None) -> dict:
+    """The rounds, with rollouts in-process or through `server` (a started VLLMServer)."""
+    out = Path(cfg.out)
     critique = critique_fn(cfg.critic, echo=echo)
     base = cfg.train.model
     prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
     history: dict = {"config": dataclasses.asdict(cfg), "rounds": [], "best_round": 0, "best_model": base,
                      "stopped_early": False}
     best: Validation | None = None
+    student, served = base, (server.model_name if server is not None else None)
     if cfg.validation_tasks:
         echo(f"[loop] validation of the initial student {base}")
-        best = validate(base, cfg, out / "base_validation", critique, prefill)
+        best = validate(base, cfg, out / "base_validation", critique, prefill, served=served, server=server)
         history["base_validation"] = dataclasses.asdict(best)
-    student = base
     for k in range(1, cfg.rounds + 1):
         rd = out / f"round_{k}"
         tasks = round_tasks(cfg.rollout.tasks, k - 1, cfg.rollout.limit, seed=cfg.rollout.seed, fresh=cfg.fresh_tasks)
         write_tasks(tasks, rd / "tasks.jsonl")
         echo(f"[loop round {k}] rollouts of {student} on {len(tasks)} tasks")
-        rcfg = dataclasses.replace(cfg.rollout, tasks=str(rd / "tasks.jsonl"), limit=None, out="",
-                                   model=student, seed=cfg.rollout.seed + k - 1, prefill=prefill)
+        rcfg = rollout_config(cfg, student, served, server, tasks=str(rd / "tasks.jsonl"), limit=None, out="",
+                              seed=cfg.rollout.seed + k - 1, prefill=prefill)
         # one file per rollout and critic config: training reads each whole, so a changed setting never mixes in
         rcfg.out = str(rd / f"rollouts-{rcfg.hash()}.jsonl")
         crit_path = rd / f"critiques-{content_hash(dataclasses.asdict(cfg.critic))[:10]}.jsonl"
@@ -218,8 +253,12 @@ def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
                                    out=str(rd / "train"), resume=True)
         student = trained(tcfg, rd / "train" / "done.json")
         rec |= {"trained_model": student, "training": _hint_summary(rd / "train")}
+        if server is not None:  # the new student answers the next requests; a failed load stops here (ServerError)
+            served = (publish_adapter(server, rd / "train", previous=served, label=f"round_{k}") if cfg.train.lora_r
+                      else publish_full_weights(server, student))
+            rec["served_as"] = served
         if cfg.validation_tasks:
-            v = validate(student, cfg, rd / "validation", critique, prefill)
+            v = validate(student, cfg, rd / "validation", critique, prefill, served=served, server=server)
             rec["validation"] = dataclasses.asdict(v)
             echo(f"[loop round {k}] validation: accuracy {v.accuracy:.3f}, replies with an error {v.error_rate:.3f} "
                  f"(n={v.n})")
