@@ -140,6 +140,14 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from opsd.serve.config import ServeConfig
+    from opsd.serve.run import main
+
+    main(parse(ServeConfig, argv, prog="opsd serve", description=COMMANDS["serve"][0]))
+    return 0
+
+
 # name -> (one-line help, runner(argv) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "validate": ("check trajectory logs and count them per format", _validate),
@@ -151,6 +159,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks", _eval),
     "loop": ("on-policy rounds: rollout -> critique -> train, each from the previous round's student", _loop),
     "demo": ("end-to-end run on the embedded model and BFCL", _demo),
+    "serve": ("run a vLLM server for token-exact rollouts (from .venv-vllm: make vllm) until Ctrl-C", _serve),
 }
 
 
@@ -165,6 +174,7 @@ CONFIGS = {
     "eval": "opsd.eval.config:EvalConfig",
     "loop": "opsd.pipelines.loop:LoopConfig",
     "demo": "opsd.pipelines.demo:DemoConfig",
+    "serve": "opsd.serve.config:ServeConfig",
 }
 
 
