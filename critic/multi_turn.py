@@ -22,9 +22,9 @@ Turn by turn, each assistant step is read in order; the first step with one of t
 | missing_call            | the turn ended with ground-truth calls still pending          | the first line of the text |
 |                         |                                                               | reply that ended the turn  |
 
-A call is "one of the pending ground-truth calls" when running it gives the same result and the
-same state as running that ground-truth call would (so `cd(folder="a/")` may match `cd(folder='a')`
-if the simulation treats them alike). A call that neither changes the state nor fails (a look
+A call is "one of the pending ground-truth calls" when it calls the same function and running it
+gives the same result and the same state as running that ground-truth call would (so
+`cd(folder="a/")` may match `cd(folder='a')` if the simulation treats them alike). A call that neither changes the state nor fails (a look
 around, e.g. `ls`) is not an error by itself; but when the turn then ends with ground-truth calls
 pending, the first such call made after the last matched one is blamed (it should have been the
 pending call), else the reply that ended the turn.
@@ -234,7 +234,8 @@ def _check_turn(critic, ep: _Episode, traj: Trajectory, k: int, a: int, b: int,
             args = blk.args.value if blk.ok and blk.args is not None else None
             match = None
             if isinstance(args, dict):  # doing what the ground truth does is right, whatever the schema says
-                match = next(((p, env_c, r) for p in pending for ok, env_c, r in [ep.matches(blk.name, args, p)]
+                same_name = [p for p in pending if p[0] == blk.name]
+                match = next(((p, env_c, r) for p in same_name for ok, env_c, r in [ep.matches(blk.name, args, p)]
                               if ok), None)
             issues = [] if match is not None else call_issues(text, blk, ep.tools, start)
             if pending:  # a made-up name: the hint names the function the ground truth calls next
