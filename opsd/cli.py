@@ -93,20 +93,16 @@ def _hint(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from opsd.train.config import TrainConfig
-    from opsd.train.run import NonFiniteLossError, main
+    from opsd.train.run import main
 
     cfg = parse(TrainConfig, argv, prog="opsd train", description=COMMANDS["train"][0])
     reward_fn = None
     if cfg.rl_alpha < 1.0:  # GKD+RL: the critic's verdict on each sampled reply is the reward
         from critic import make_critic
-        from opsd.train.command import critic_reward
+        from opsd.critique.run import critic_reward
 
         reward_fn = critic_reward(make_critic(cfg.reward))
-    try:
-        dest = main(cfg, reward_fn=reward_fn)
-    except NonFiniteLossError as e:
-        print(f"opsd train: {e}", file=sys.stderr)
-        return 1
+    dest = main(cfg, reward_fn=reward_fn)  # a NonFiniteLossError is a StageError: one stderr line, exit 1
     print(f"model saved to {dest}")
     return 0
 

@@ -87,6 +87,32 @@ def prefill_length(traj: Trajectory, step: int) -> int:
     return len(prefill) if message_text(msg).startswith(prefill) else 0
 
 
+def with_system_text(messages: list[dict], text: str) -> tuple[list[dict], int]:
+    """Copies of `messages` with `text` appended to the system message (one is inserted when there is none).
+
+    Returns the messages and how many were inserted before the others (0 or 1).
+    """
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0]["role"] in ("system", "developer"):
+        msgs[0]["content"] = (msgs[0].get("content") or "").rstrip() + "\n\n" + text.strip()
+        return msgs, 0
+    return [{"role": "system", "content": text.strip()}] + msgs, 1
+
+
+def eot_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end a turn: the chat template's end-of-turn token first (`<|im_end|>` for ChatML, else eos,
+    the one that closes a reply), then the other eos ids of the tokenizer and of `model`'s generation config."""
+    ids = []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in [tokenizer.eos_token_id] + ([cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])):
+        if isinstance(t, int) and t not in ids:
+            ids.append(t)
+    return ids
+
+
 def tools_system_text(tools: list[dict], system: str | None = None) -> str:
     """System message text that lists the tools in Hermes/Qwen style."""
     return _tools_template().render(tools=tools, system=system or "").rstrip("\n")
@@ -115,6 +141,11 @@ class Rendered:
 
     def body_text(self, step: int) -> str:
         return self.text(*self.body_spans[step])
+
+    def turn_end(self, step: int) -> int:
+        """End of message `step`'s body plus, for an assistant turn, its end-of-turn token (which is trained)."""
+        b1 = self.body_spans[step][1]
+        return b1 + 1 if b1 < len(self.input_ids) and self.assistant_mask[b1] else b1
 
     def _char_offsets(self, step: int) -> list[tuple[int, int]]:
         """Per body token, the [start, end) chars of `body_text(step)` it contributes to.

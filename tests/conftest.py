@@ -38,19 +38,10 @@ def smol_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+def tiny_model_dir(tiny_dir):
     """A tiny random Llama with the SmolLM2 tokenizer, saved as a local HF dir (plumbing tests only)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return tiny_dir
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 2):
     """A random LlamaForCausalLM small enough for CPU plumbing tests."""

@@ -34,7 +34,7 @@ from typing import Iterable
 import jinja2
 
 import prompts
-from opsd.render import Rendered, message_text, prefill_length, render
+from opsd.render import Rendered, message_text, prefill_length, render, with_system_text
 from opsd.types import PLACEMENTS, SPANS, Critique, HintedExample, Trajectory
 
 DEFAULT_INLINE_TAGS = ("<hint>", "</hint>")
@@ -85,8 +85,7 @@ def _check(traj: Trajectory, c: Critique) -> None:
 
 def _target(r: Rendered, step: int, quote: tuple[int, int], span: str) -> tuple[int, int]:
     """Target span in `r` for the span kind; step spans include the end-of-turn token."""
-    b0, b1 = r.body_spans[step]
-    end = b1 + 1 if b1 < len(r.input_ids) and r.assistant_mask[b1] else b1
+    b0, end = r.body_spans[step][0], r.turn_end(step)
     return {"quote": quote, "step_from_error": (quote[0], end), "step": (b0, end)}[span]
 
 
@@ -97,11 +96,8 @@ def _with_hint(traj: Trajectory, step: int, hint: str, placement: str) -> tuple[
         msgs.insert(step, {"role": "user", "content": hint_message_text(hint)})
         step += 1
     else:  # system
-        if msgs[0]["role"] in ("system", "developer"):
-            msgs[0]["content"] = (msgs[0].get("content") or "").rstrip() + "\n\n" + hint.strip()
-        else:
-            msgs.insert(0, {"role": "system", "content": hint.strip()})
-            step += 1
+        msgs, inserted = with_system_text(msgs, hint)
+        step += inserted
     return Trajectory(traj.id, msgs, traj.tools, traj.meta), step
 
 

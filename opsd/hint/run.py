@@ -28,10 +28,10 @@ import torch
 
 from opsd.hint.build import build_examples
 from opsd.hint.config import HintConfig
+from opsd.hint.measure import measure
 from opsd.io import models
-from opsd.io.records import read_jsonl
+from opsd.io.records import read_latest
 from opsd.io.trajectories import load_trajectories
-from opsd.train.teachers import Teacher, measure
 from opsd.types import Critique, HintedExample
 
 Z95 = 1.96
@@ -97,11 +97,11 @@ def format_table(report: HintReport) -> str:
 def measure_examples(lm, tok, examples: list[HintedExample], critiques: dict[str, Critique], *,
                      batch_size: int) -> list[dict]:
     """examples.jsonl rows: each example with its hint effect (the model is its own hinted teacher)."""
-    scores = measure(Teacher(lm), lm, examples, batch_size=batch_size, pad_id=tok.pad_token_id or 0)
+    scores = measure(lm, lm, examples, batch_size=batch_size, pad_id=tok.pad_token_id or 0)
     rows = []
     for ex, score in zip(examples, scores):
         c = critiques.get(ex.meta["trajectory_id"])
-        rows.append({**ex.to_dict(), **score, "category": ex.meta.get("category") or "unknown",
+        rows.append({**ex.to_dict(), **score.scores(), "category": ex.meta.get("category") or "unknown",
                      "hint": c.hint if c else None, "quote": c.quote if c else None})
     return rows
 
@@ -113,7 +113,7 @@ def main(cfg: HintConfig) -> HintReport:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     trajs = load_trajectories(cfg.trajectories)
-    critiques = [Critique.from_dict(d) for d in read_jsonl(cfg.critiques)]
+    critiques = [Critique.from_dict(d) for d in read_latest(cfg.critiques)]  # a retried failure supersedes it
     dtype = torch.bfloat16 if models.resolve_precision(cfg.precision, cfg.device) == "bf16" else torch.float32
     lm, tok = models.load(cfg.model, device=cfg.device, dtype=dtype)
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
-from opsd.train.config import TrainConfig
+from opsd.io import models
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -32,22 +31,21 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
     return final
 
 
-def save_model(cfg: TrainConfig, lm, tok, out: Path) -> Path:
+def save_model(lm, tok, out: Path, *, source_model: str) -> Path:
     """OUT/model: the LoRA adapter (base recorded portably) or the full weights, plus the tokenizer and the
-    generation settings the student needs (its reply prefill), so every later stage generates as before."""
-    from opsd.io import models
-
+    generation settings the student needs (its reply prefill, from `source_model`), so every later stage
+    generates as before."""
     dest = out / "model"
     lm.save_pretrained(dest)
     tok.save_pretrained(dest)
-    settings = models.generation_settings(cfg.model)
+    settings = models.generation_settings(source_model)
     if settings:
         models.save_generation_settings(dest, settings)
-    if cfg.lora_r:
-        ac = dest / "adapter_config.json"
+    ac = dest / "adapter_config.json"
+    if ac.exists():  # a LoRA adapter: record its base so that it loads from anywhere
         meta = json.loads(ac.read_text())
-        base = models.resolve(cfg.model)
-        meta["base_model_name_or_path"] = models.DEFAULT_MODEL if str(cfg.model).lower() in models.ALIASES else (
+        base = models.resolve(source_model)
+        meta["base_model_name_or_path"] = models.DEFAULT_MODEL if str(source_model).lower() in models.ALIASES else (
             str(Path(base).resolve()) if isinstance(base, Path) else str(base))
         ac.write_text(json.dumps(meta, indent=2))
     return dest
@@ -56,10 +54,11 @@ def save_model(cfg: TrainConfig, lm, tok, out: Path) -> Path:
 class Metrics:
     """metrics.jsonl (main process) plus accelerate trackers when configured."""
 
-    def __init__(self, accelerator, path: Path, cfg: TrainConfig):
+    def __init__(self, accelerator, path: Path, tracker_config: dict | None = None):
+        """`tracker_config`: the run's settings, given to accelerate's trackers (when `log_with` was set)."""
         self.acc, self.path = accelerator, path
-        if cfg.report_to:
-            accelerator.init_trackers("opsd", config={k: v for k, v in asdict(cfg).items()})
+        if accelerator.log_with:
+            accelerator.init_trackers("opsd", config=tracker_config or {})
 
     def log(self, step: int, values: dict) -> None:
         if self.acc.is_main_process:

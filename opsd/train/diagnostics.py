@@ -17,10 +17,10 @@ These are the measurements of "Rethinking OPD" (thunlp, 2026): healthy runs rise
 >91% top-16 overlap with 97-99% of the mass on the shared tokens; failing runs stall near 78%.
 `opsd.train` logs their means over every step's target tokens as `diag/<name>`.
 
-With precomputed top-k teacher targets (`token_diagnostics_topk`) the teacher is known only on
-its k tokens plus one tail bucket: overlap and masses are exact (k >= the diagnostic k), while
-entropies and KLs are computed on the k+1 buckets (lower bounds of the full-vocabulary values;
-a teacher tail below fp32 resolution is floored at 2^-24 so that KL(Q‖P) stays finite).
+With precomputed top-k teacher targets (`losses.TopK`) the teacher is known only on its k tokens
+plus one tail bucket: overlap and masses are exact (k >= the diagnostic k), while entropies and
+KLs are computed on the k+1 buckets (`losses.fold_topk`: lower bounds of the full-vocabulary
+values; the tail is exact when stored with the targets, else floored at 2^-24).
 """
 from __future__ import annotations
 
@@ -30,20 +30,10 @@ from pathlib import Path
 
 import torch
 
+from opsd.train.losses import FullLogits, Targets, TopK, entropy, fold_topk, kl
+
 NAMES = ("overlap", "overlap_mass", "overlap_mass_teacher", "entropy_student", "entropy_teacher", "entropy_gap", "kl",
          "kl_forward")
-
-
-def entropy(lp: torch.Tensor) -> torch.Tensor:
-    """H = −Σ p log p over the last dim of normalised log-probs (0·log 0 = 0): (..., V) -> (...)."""
-    return -(lp.exp() * lp.masked_fill(lp == float("-inf"), 0.0)).sum(-1)
-
-
-def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ p (log p − log q) over the last dim; entries with p = 0 contribute 0: (..., V) -> (...)."""
-    live = lp != float("-inf")
-    d = lp.exp() * (lp.masked_fill(~live, 0.0) - lq.masked_fill(~live, 0.0))
-    return d.masked_fill(~live, 0.0).sum(-1)
 
 
 def topk_overlap(s_ids: torch.Tensor, t_ids: torch.Tensor, s_lp: torch.Tensor, t_lp_at_t_ids: torch.Tensor):
@@ -62,41 +52,31 @@ def topk_overlap(s_ids: torch.Tensor, t_ids: torch.Tensor, s_lp: torch.Tensor, t
 
 
 @torch.no_grad()
-def token_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int = 16,
+def token_diagnostics(student_logits: torch.Tensor, targets: Targets | torch.Tensor, *, k: int = 16,
                       temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """All diagnostics per position for full-vocabulary logits (N, V) -> {name: (N,)} (see module docstring)."""
-    s_lp = torch.log_softmax(student_logits.detach().float() / temperature, dim=-1)  # (N, V)
-    t_lp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (N, V)
-    k = min(k, s_lp.shape[-1])
-    s_ids = s_lp.topk(k, dim=-1).indices  # (N, k)
-    t_top_lp, t_ids = t_lp.topk(k, dim=-1)  # (N, k)
-    ratio, mass_s, mass_t = topk_overlap(s_ids, t_ids, s_lp, t_top_lp)
-    h_s, h_t = entropy(s_lp), entropy(t_lp)
-    return {"overlap": ratio, "overlap_mass": mass_s, "overlap_mass_teacher": mass_t, "entropy_student": h_s,
-            "entropy_teacher": h_t, "entropy_gap": (h_t - h_s).abs(), "kl": kl(s_lp, t_lp), "kl_forward": kl(t_lp, s_lp)}
+    """All diagnostics per position (N, V) -> {name: (N,)} against teacher targets (see module docstring).
 
-
-@torch.no_grad()
-def token_diagnostics_topk(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, *,
-                           k: int = 16, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """The same against a precomputed top-K teacher (ids/log-probs (N, K), sorted, K >= k): k+1-bucket entropies/KLs."""
+    `targets`: `FullLogits` (or a plain (N, V) logits tensor), or a precomputed `TopK` sorted by
+    log-prob with K >= k.
+    """
+    if isinstance(targets, torch.Tensor):
+        targets = FullLogits(targets)
     s_lp = torch.log_softmax(student_logits.detach().float() / temperature, dim=-1)  # (N, V)
-    t_top = teacher_logprobs.float()  # (N, K)
-    k = min(k, t_top.shape[-1])
-    order = t_top.argsort(-1, descending=True)[:, :k]
-    t_ids, t_lp_k = teacher_ids.gather(-1, order), t_top.gather(-1, order)  # (N, k)
-    ratio, mass_s, mass_t = topk_overlap(s_lp.topk(k, dim=-1).indices, t_ids, s_lp, t_lp_k)
-    # both distributions folded onto the teacher's K tokens + one tail bucket
-    s_k1 = torch.cat([s_lp.gather(-1, teacher_ids), s_lp.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
-    covered = torch.logsumexp(t_top, dim=-1, keepdim=True).clamp(max=0.0)
-    # a tail that rounds to 0 is floored at fp32 resolution (2^-24), so the reverse KL stays finite
-    t_tail = torch.log(-torch.expm1(covered)).clamp(min=-24 * math.log(2))  # (N, 1)
-    if teacher_ids.shape[-1] >= s_lp.shape[-1]:  # K = V: no tail; ignore rounding residue
-        t_tail = torch.full_like(t_tail, float("-inf"))
-    t_k1 = torch.cat([t_top, t_tail], -1)  # (N, K+1)
-    h_s, h_t = entropy(s_k1), entropy(t_k1)
+    if isinstance(targets, TopK):
+        k = min(k, targets.ids_NK.shape[-1])
+        order = targets.logprobs_NK.argsort(-1, descending=True)[:, :k]
+        t_ids, t_top_lp = targets.ids_NK.gather(-1, order), targets.logprobs_NK.float().gather(-1, order)  # (N, k)
+        s_dist, t_dist = fold_topk(s_lp, targets)  # (N, K+1) each
+    else:
+        t_lp = torch.log_softmax(targets.logits_NV.detach().float() / temperature, dim=-1)  # (N, V)
+        k = min(k, s_lp.shape[-1])
+        t_top_lp, t_ids = t_lp.topk(k, dim=-1)  # (N, k)
+        s_dist, t_dist = s_lp, t_lp
+    ratio, mass_s, mass_t = topk_overlap(s_lp.topk(k, dim=-1).indices, t_ids, s_lp, t_top_lp)
+    h_s, h_t = entropy(s_dist), entropy(t_dist)
     return {"overlap": ratio, "overlap_mass": mass_s, "overlap_mass_teacher": mass_t, "entropy_student": h_s,
-            "entropy_teacher": h_t, "entropy_gap": (h_t - h_s).abs(), "kl": kl(s_k1, t_k1), "kl_forward": kl(t_k1, s_k1)}
+            "entropy_teacher": h_t, "entropy_gap": (h_t - h_s).abs(), "kl": kl(s_dist, t_dist),
+            "kl_forward": kl(t_dist, s_dist)}
 
 
 def metric_name(name: str, k: int) -> str:

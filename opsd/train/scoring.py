@@ -12,6 +12,7 @@ API (used by `opsd.train` and, for `opsd eval`, by the evaluation stage):
     s.token_logprobs[i]   # (L_i,) float32 log-prob of the actual token ids_list[i][p], p in spans[i]
     s.topk_ids[i]         # (L_i, k) top-k ids of the distribution predicting each span token (top_k > 0)
     s.topk_logprobs[i]    # (L_i, k) their log-probs
+    s.topk_tail_logprobs[i]  # (L_i,) exact log-mass outside the top-k (top-k distillation targets)
     s.rows[i]             # (L_i, V) full log-prob rows (return_rows=True; memory: L_i * V floats)
 
 - `model` is any HF causal LM (or a peft model, or `SpanLM`); `ids_list` are token-id lists,
@@ -26,11 +27,23 @@ API (used by `opsd.train` and, for `opsd eval`, by the evaluation stage):
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block; its train/eval mode is restored afterwards, even on error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _causal_lm(model):
@@ -38,7 +51,7 @@ def _causal_lm(model):
     while True:
         if isinstance(model, SpanLM):
             model = model.lm
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "FullyShardedDataParallel":
             model = model.module
         elif hasattr(model, "get_base_model"):  # peft: LoRA layers are injected into the base model
             model = model.get_base_model()
@@ -111,6 +124,7 @@ class SpanScores:
     token_logprobs: list[torch.Tensor]  # (L_i,) per example
     topk_ids: list[torch.Tensor] | None = None  # (L_i, k)
     topk_logprobs: list[torch.Tensor] | None = None  # (L_i, k)
+    topk_tail_logprobs: list[torch.Tensor] | None = None  # (L_i,) log Σ of the probabilities outside the top-k
     rows: list[torch.Tensor] | None = None  # (L_i, V)
 
 
@@ -122,7 +136,8 @@ def span_logprobs(model, ids_list: Sequence[Sequence[int]], spans: Sequence[tupl
     if len(ids_list) != len(spans):
         raise ValueError(f"{len(ids_list)} sequences but {len(spans)} spans")
     device = next(_causal_lm(model).parameters()).device
-    out = SpanScores([], [] if top_k else None, [] if top_k else None, [] if return_rows else None)
+    out = SpanScores([], [] if top_k else None, [] if top_k else None, topk_tail_logprobs=[] if top_k else None,
+                     rows=[] if return_rows else None)
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))  # similar lengths share a batch
     results: dict[int, tuple] = {}
     for k in range(0, len(order), batch_size):
@@ -132,19 +147,21 @@ def span_logprobs(model, ids_list: Sequence[Sequence[int]], spans: Sequence[tupl
                                 b.batch_idx.to(device), b.pos.to(device))
         lp_NV = torch.log_softmax(logits_NV.float() / temperature, dim=-1).cpu()  # (N, V)
         tok_N = lp_NV.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        top = lp_NV.topk(top_k, dim=-1) if top_k else None
+        top = lp_NV.topk(min(top_k, lp_NV.shape[-1]), dim=-1) if top_k else None
+        tail_N = lp_NV.scatter(-1, top.indices, float("-inf")).logsumexp(-1) if top_k else None  # (N,) exact
         start = 0
         for i, n in zip(idx, b.lengths):
             sl = slice(start, start + n)
             results[i] = (tok_N[sl], top.indices[sl] if top else None, top.values[sl] if top else None,
-                          lp_NV[sl].clone() if return_rows else None)
+                          lp_NV[sl].clone() if return_rows else None, tail_N[sl] if top else None)
             start += n
     for i in range(len(ids_list)):
-        tok, ids, vals, rows = results[i]
+        tok, ids, vals, rows, tail = results[i]
         out.token_logprobs.append(tok)
         if top_k:
             out.topk_ids.append(ids)
             out.topk_logprobs.append(vals)
+            out.topk_tail_logprobs.append(tail)
         if return_rows:
             out.rows.append(rows)
     return out

@@ -1,66 +1,125 @@
-"""GKD data for `opsd train`: prompt/reply records, the data source of each step, sampling, rewards.
+"""Where each optimizer step's training records come from: the data sources of `opsd train`.
 
-    opsd train --trajectories data/sample_openai.jsonl --out runs/gkd --teacher external \\
-        --teacher-model TEACHER_DIR --lmbda 0.5 --beta 0.5 --temperature 1.0 --max-steps 8
+Before training, one dataset of `TrainRecord`s per mode:
+- `build_opsd`: hinted examples of the `error` critiques (`opsd.hint.build`), their hint effect
+  (`opsd.hint.measure`), filtered on `--min-hint-effect`, with the teacher's top-k targets when
+  they are precomputed;
+- `build_gkd`: prompt/reply records, the prompt being everything before a trajectory's last
+  assistant message and the reply that message, end-of-turn token included (GKD, Agarwal et al.,
+  ICLR 2024). The teacher's prompt may carry `--teacher-system` (context distillation).
 
-GKD (Agarwal et al., ICLR 2024) on trajectories: the prompt is everything before a trajectory's
-last assistant message, the reply is that message (its end-of-turn token included), and the loss
-is the token divergence on every reply token (span-only: no logits at prompt positions). Each
-optimizer step draws its data source from (seed, step) alone, so resume stays exact:
+Then each step draws its records from one source, chosen from (seed, step) alone so that resume
+stays exact (`step_source`):
 
-- `sft`      the first `--cold-start-sft` steps: supervised (NLL) on reference replies, or on
-             teacher samples (`--seq-kd`; in OPSD mode: the hinted teacher's continuation from the
-             start of the error span);
-- `student`  with probability `--lmbda`: fresh student samples on the batch's prompts
-             (`opsd.rollout.generate_batch`), `--samples-per-prompt` each under GKD+RL;
-- `teacher`  otherwise with `--seq-kd`: teacher samples (sequence-level KD);
-- `dataset`  otherwise: the dataset replies;
-- `opsd`     OPSD mode after the cold start: the hinted examples as they are.
+- `sft`      the first `--cold-start-sft` steps: supervised (NLL) on the dataset replies (GKD), or on
+             teacher samples (GKD `--seq-kd`; OPSD: the hinted teacher's continuation from the error);
+- `opsd`     OPSD after the cold start: the hinted examples as they are;
+- `dataset`  GKD: the dataset replies;
+- `student`  GKD, with probability `--lmbda`: fresh student samples on the batch's prompts
+             (`--samples-per-prompt` each under GKD+RL, with REINFORCE advantages from `reward_fn`);
+- `teacher`  GKD otherwise with `--seq-kd`: teacher samples (sequence-level KD).
 
-A record is a dict with `student_ids`/`student_span` and `teacher_ids`/`teacher_span` (the same
-reply tokens; the teacher's prompt may carry `--teacher-system`, which is context distillation),
-plus, for GKD, the prompt ids and the prompt messages/tools/meta that a reward function needs.
+Records longer than the model's context are skipped and counted (`skipped.too_long` in data.json).
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
-from opsd.render import render
-from opsd.types import Trajectory
+from opsd.hint.build import build_examples
+from opsd.hint.measure import measure
+from opsd.io.records import read_jsonl
+from opsd.io.trajectories import load_trajectories
+from opsd.render import context_limit, eot_ids, render, with_system_text
+from opsd.rollout.run import generate_batch, parse_calls
+from opsd.train.diagnostics import token_diagnostics
+from opsd.train.records import Prompt, TrainRecord
+from opsd.train.scoring import collate, eval_mode, span_logits
+from opsd.types import Critique, Trajectory
 
 RewardFn = Callable[[list[Trajectory]], list[float]]  # one reward per sampled trajectory (injected by the CLI)
-KINDS = ("sft", "student", "teacher", "dataset", "opsd")
+SOURCES = ("sft", "opsd", "dataset", "student", "teacher")
 
 
-def eot_id(tok) -> int:
-    """The end-of-turn id that closes a reply (`<|im_end|>` for ChatML, else eos)."""
-    t = tok.convert_tokens_to_ids("<|im_end|>")
-    return t if isinstance(t, int) and t != tok.unk_token_id else tok.eos_token_id
+# ---------------------------------------------------------------- which source a step draws from
+
+def gkd_source(cfg, step: int) -> str:
+    """GKD after the cold start: `student` with probability lmbda, else `teacher` (seq-KD) or `dataset`."""
+    if random.Random(f"gkd:{cfg.seed}:{step}").random() < cfg.lmbda:
+        return "student"
+    return "teacher" if cfg.seq_kd else "dataset"
 
 
-def teacher_view(traj: Trajectory, system: str) -> Trajectory:
-    """The teacher's copy of a trajectory: `system` appended to (or inserted as) its system message."""
-    if not system.strip():
-        return traj
-    msgs = [dict(m) for m in traj.messages]
-    if msgs and msgs[0]["role"] in ("system", "developer"):
-        msgs[0]["content"] = (msgs[0].get("content") or "").rstrip() + "\n\n" + system.strip()
-    else:
-        msgs.insert(0, {"role": "system", "content": system.strip()})
-    return Trajectory(traj.id, msgs, traj.tools, traj.meta)
+def step_source(cfg, step: int) -> str:
+    """The data source of optimizer step `step`: `sft` during the cold start, then the mode's own."""
+    if step < cfg.cold_start_sft:
+        return "sft"
+    return gkd_source(cfg, step) if cfg.is_gkd else "opsd"
 
 
-def _reply_span(r, step: int) -> tuple[int, int]:
-    """Body of message `step` plus its end-of-turn token."""
-    b0, b1 = r.body_spans[step]
-    return b0, (b1 + 1 if b1 < len(r.input_ids) and r.assistant_mask[b1] else b1)
+def keep_with_mix(passes: Sequence[bool], *, mix: float, seed: int) -> tuple[list[int], int]:
+    """Indices of the items that pass, plus a seeded `mix` fraction of those that do not (dropping every one
+    of them collapses entropy, "Rethinking OPD"). Returns (sorted kept indices, how many were mixed back)."""
+    rejected = [i for i, ok in enumerate(passes) if not ok]
+    n_back = round(mix * len(rejected))
+    back = random.Random(f"select:{seed}").sample(rejected, n_back) if n_back else []
+    return sorted([i for i, ok in enumerate(passes) if ok] + back), n_back
 
 
-def build_records(trajs: Sequence[Trajectory], tok, *, teacher_system: str = "") -> tuple[list[dict], Counter]:
+def _drop_too_long(records: list[TrainRecord], limit: int | None, counts: Counter) -> list[TrainRecord]:
+    """Records whose student or teacher sequence exceeds the model's context are skipped (counted)."""
+    if limit is None:
+        return records
+    fits = [r for r in records if max(len(r.student_ids), len(r.teacher_ids)) <= limit]
+    if len(fits) < len(records):
+        counts["too_long"] += len(records) - len(fits)
+    return fits
+
+
+# ---------------------------------------------------------------- OPSD: hinted examples
+
+def build_opsd(cfg, tok, student_lm, teacher, *, rank: int = 0, world: int = 1, gather=None) -> tuple[list[TrainRecord], dict]:
+    """Hinted examples with their hint effect (and top-k targets), filtered; plus the counts for data.json.
+
+    Each of `world` processes measures its share; `gather(list) -> list of lists` collects them.
+    """
+    trajs = load_trajectories(cfg.trajectories)
+    critiques = [Critique.from_dict(d) for d in read_jsonl(cfg.critiques)]
+    examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,
+                                      inline_tags=(cfg.inline_open, cfg.inline_close))
+    limit = context_limit(cfg.model, tok)
+    fits = [e for e in examples if limit is None or max(len(e.student_ids), len(e.teacher_ids)) <= limit]
+    if len(fits) < len(examples):
+        counts["too_long"] += len(examples) - len(fits)
+    examples = fits
+    mine = examples[rank::world]
+    with teacher.model() as t_lm:
+        measured = measure(t_lm, student_lm, mine, batch_size=cfg.batch_size, top_k=cfg.top_k if cfg.precompute else 0,
+                           temperature=cfg.temperature, pad_id=tok.pad_token_id or 0)
+    shares = gather([[(rank + world * j, m) for j, m in enumerate(measured)]]) if world > 1 else [list(enumerate(measured))]
+    by_index = dict(pair for share in shares for pair in share)
+    effects = [by_index[i].hint_effect for i in range(len(examples))]
+    # keep the hints that lower the error tokens by more than --min-hint-effect; --select-prompts mixes
+    # a fraction of the others back in
+    keep, mixed_back = keep_with_mix([e < -cfg.min_hint_effect for e in effects],
+                                     mix=cfg.select_mix if cfg.select_prompts else 0.0, seed=cfg.seed)
+    records = [TrainRecord.from_example(examples[i], scores=by_index[i].scores(), teacher_topk=by_index[i].teacher_topk)
+               for i in keep]
+    report = {"critiques": len(critiques), "built": len(examples), "filtered_hint_effect": len(examples) - len(keep),
+              "mixed_back": mixed_back, "kept": len(records),
+              "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"},
+              "hint_effect_mean": sum(effects) / len(effects) if effects else None,
+              "hint_lowers": sum(e < 0 for e in effects)}
+    return records, report
+
+
+# ---------------------------------------------------------------- GKD: prompt/reply records
+
+def build_records(trajs: Sequence[Trajectory], tok, *, teacher_system: str = "") -> tuple[list[TrainRecord], Counter]:
     """One record per trajectory ending its last assistant message; counts of what was skipped."""
     records, counts = [], Counter()
     for t in trajs:
@@ -69,77 +128,65 @@ def build_records(trajs: Sequence[Trajectory], tok, *, teacher_system: str = "")
             counts["no_assistant"] += 1
             continue
         cut = Trajectory(t.id, t.messages[:last + 1], t.tools, t.meta)
-        rs, rt = render(cut, tok), render(teacher_view(cut, teacher_system), tok)
-        s0, s1 = _reply_span(rs, last)
-        t0, t1 = _reply_span(rt, last + len(rt.body_spans) - len(rs.body_spans))
+        t_msgs, shift = with_system_text(cut.messages, teacher_system) if teacher_system.strip() else (cut.messages, 0)
+        rs, rt = render(cut, tok), render(Trajectory(t.id, t_msgs, t.tools, t.meta), tok)
+        s0, s1 = rs.body_spans[last][0], rs.turn_end(last)
+        t0, t1 = rt.body_spans[last + shift][0], rt.turn_end(last + shift)
         if s1 <= s0 or rs.input_ids[s0:s1] != rt.input_ids[t0:t1]:
             counts["misaligned" if s1 > s0 else "empty_reply"] += 1
             continue
-        records.append({"id": t.id, "student_ids": rs.input_ids[:s1], "student_span": [s0, s1],
-                        "teacher_ids": rt.input_ids[:t1], "teacher_span": [t0, t1],
-                        "messages": t.messages[:last], "tools": t.tools, "meta": t.meta})
+        records.append(TrainRecord(t.id, rs.input_ids[:s1], (s0, s1), rt.input_ids[:t1], (t0, t1), dict(t.meta),
+                                   prompt=Prompt(t.messages[:last], t.tools)))
         counts["used"] += 1
     return records, counts
 
 
-def build_dataset(cfg, tok, lm, teacher) -> tuple[list[dict], dict]:
-    """GKD prompt/reply records (`opsd.train.sources`), optionally selected on teacher-student top-k overlap; plus counts."""
-    from opsd.io.trajectories import load_trajectories
-
+def build_gkd(cfg, tok, student_lm, teacher) -> tuple[list[TrainRecord], dict]:
+    """GKD prompt/reply records, optionally selected on teacher-student top-k overlap; plus the counts."""
     trajs = load_trajectories(cfg.trajectories)
     records, counts = build_records(trajs, tok, teacher_system=cfg.teacher_system)
-    skipped = {k: v for k, v in sorted(counts.items()) if k != "used"}
-    report = {"trajectories": len(trajs), "built": len(records), "skipped": skipped}
+    records = _drop_too_long(records, context_limit(cfg.model, tok), counts)
+    report = {"trajectories": len(trajs), "built": len(records),
+              "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"}}
     if cfg.select_prompts and records:  # every process scores all prompts (deterministic, so all agree)
-        overlap = measure_overlap(teacher, lm, records, batch_size=cfg.batch_size, k=cfg.diag_top_k,
+        overlap = measure_overlap(teacher, student_lm, records, batch_size=cfg.batch_size, k=cfg.diag_top_k,
                                   temperature=cfg.temperature, pad_id=tok.pad_token_id or 0)
-        keep, mixed_back = select_indices([o >= cfg.select_overlap for o in overlap], mix=cfg.select_mix, seed=cfg.seed)
+        keep, mixed_back = keep_with_mix([o >= cfg.select_overlap for o in overlap], mix=cfg.select_mix, seed=cfg.seed)
         report |= {"overlap_mean": sum(overlap) / len(overlap), "selected": len(keep) - mixed_back,
                    "mixed_back": mixed_back}
-        records = [{**records[i], "overlap": overlap[i]} for i in keep]
+        records = [replace(records[i], scores={**records[i].scores, "overlap": overlap[i]}) for i in keep]
     report["kept"] = len(records)
     return records, report
 
 
-def prefixes(rec: dict) -> tuple[list[int], list[int]]:
-    """Student and teacher ids before the target span: the prompts a new reply continues."""
-    return rec["student_ids"][:rec["student_span"][0]], rec["teacher_ids"][:rec["teacher_span"][0]]
+@torch.no_grad()
+def measure_overlap(teacher, student_lm, records: list[TrainRecord], *, batch_size: int, k: int, temperature: float,
+                    pad_id: int) -> list[float]:
+    """Mean teacher-student top-k overlap over each record's target tokens (the selection score)."""
+    dev = next(student_lm.parameters()).device
+    out = []
+    with eval_mode(student_lm):
+        for i in range(0, len(records), batch_size):
+            recs = records[i:i + batch_size]
+            sb = collate([r.student_ids for r in recs], [r.student_span for r in recs], pad_id=pad_id)
+            tb = collate([r.teacher_ids for r in recs], [r.teacher_span for r in recs], pad_id=pad_id)
+            s_logits = span_logits(student_lm, sb.input_ids.to(dev), sb.attention_mask.to(dev), sb.batch_idx.to(dev),
+                                   sb.pos.to(dev))
+            ov_N = token_diagnostics(s_logits, teacher.logits(tb).to(dev), k=k, temperature=temperature)["overlap"]
+            out += [x.mean().item() for x in ov_N.split(sb.lengths)]
+    return out
 
 
-def with_reply(rec: dict, reply: list[int], prefill: list[int] = ()) -> dict:
-    """`rec` with its target replaced by `prefill` (context, not trained on) + `reply` (the new target)."""
-    s, t = prefixes(rec)
-    s, t = s + list(prefill), t + list(prefill)
-    rec = {k: v for k, v in rec.items() if k not in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_target_logprobs", "advantage")}
-    return {**rec, "student_ids": s + reply, "student_span": [len(s), len(s) + len(reply)],
-            "teacher_ids": t + reply, "teacher_span": [len(t), len(t) + len(reply)]}
-
-
-def step_kind(cfg, step: int) -> str:
-    """The data source of optimizer step `step` (see module docstring); depends on (seed, step) only."""
-    if step < cfg.cold_start_sft:
-        return "sft"
-    if not cfg.is_gkd:
-        return "opsd"
-    if random.Random(f"gkd:{cfg.seed}:{step}").random() < cfg.lmbda:
-        return "student"
-    return "teacher" if cfg.seq_kd else "dataset"
-
+# ---------------------------------------------------------------- sampled replies (student, teacher, cold start)
 
 @torch.no_grad()
 def sample_replies(lm, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                    seed: int) -> list[list[int]]:
     """Sampled replies, closed with the end-of-turn id when the model ended its turn (never empty)."""
-    from opsd.rollout.run import generate_batch
-
-    was = lm.training
-    lm.eval()
-    try:
+    with eval_mode(lm):
         res = generate_batch(lm, tok, prompts, max_new_tokens=max_new_tokens, stop_text=[None] * len(prompts),
                              temperature=temperature, seed=seed)
-    finally:
-        lm.train(was)
-    eot = eot_id(tok)
+    eot = eot_ids(tok)[0]
     return [ids + [eot] if finish == "eos" or not ids else ids for ids, finish in res]
 
 
@@ -152,87 +199,59 @@ def advantages(rewards: Sequence[float], groups: Sequence[int]) -> list[float]:
     return [r - sums[g] / counts[g] for r, g in zip(rewards, groups)]
 
 
-def reply_trajectory(rec: dict, text: str, token_ids: list[int]) -> Trajectory:
+def reply_trajectory(rec: TrainRecord, text: str, token_ids: list[int]) -> Trajectory:
     """The sampled reply as a trajectory (prompt messages + the new assistant message), for a reward function."""
-    from opsd.rollout.run import parse_reply
-
-    calls, err = parse_reply(text)
+    calls, err = parse_calls(text)
     msg = {"role": "assistant", "content": text, "token_ids": token_ids} | ({"tool_calls": calls} if calls else {})
-    return Trajectory(rec["id"], rec["messages"] + [msg], rec["tools"], {**rec["meta"], "parse_error": err})
+    prompt = rec.prompt or Prompt([])
+    return Trajectory(rec.id, prompt.messages + [msg], prompt.tools, {**rec.meta, "parse_error": err})
 
 
-def make_step_records(kind: str, micro: list[list[dict]], *, student_lm, teacher, tok, cfg, seed: int,
-                      reward_fn: RewardFn | None = None) -> tuple[list[list[dict]], dict]:
-    """This process's micro-batches of records for a step of `kind`, and stats (rewards, sample counts).
-
-    `micro` are the step's records as drawn from the dataset; `teacher` is an `opsd.train.teachers.Teacher`.
-    """
-    stats: dict = {}
-    if kind in ("opsd", "dataset") or (kind == "sft" and cfg.is_gkd and not cfg.seq_kd):
-        return micro, stats
-    prefill = tok(cfg.gen_prefill, add_special_tokens=False)["input_ids"] if cfg.gen_prefill and cfg.is_gkd else []
-    eot = eot_id(tok)
-    out, rewards = [], []
-    for j, recs in enumerate(micro):
-        if kind == "student":
-            g = cfg.samples_per_prompt if cfg.rl_alpha < 1.0 else 1
+def student_samples(micro: list[list[TrainRecord]], *, student, tok, cfg, seed: int,
+                    reward_fn: RewardFn | None) -> tuple[list[list[TrainRecord]], Counter]:
+    """Source `student`: fresh student samples on each record's prompt (GKD+RL: g samples each, with advantages)."""
+    if cfg.rl_alpha < 1.0 and reward_fn is None:
+        raise ValueError("rl_alpha < 1 needs a reward function: opsd.train.run.main(cfg, reward_fn=...)")
+    prefill = tok(cfg.resolved_prefill(), add_special_tokens=False)["input_ids"] if cfg.resolved_prefill() else []
+    eot = eot_ids(tok)[0]
+    g = cfg.samples_per_prompt if cfg.rl_alpha < 1.0 else 1
+    out, stats = [], Counter()
+    with student.full_weights("student samples (GKD --lmbda > 0)") as lm, student.accelerator.autocast():
+        for j, recs in enumerate(micro):
             recs = [r for r in recs for _ in range(g)]  # g samples of every prompt, adjacent
-            replies = sample_replies(student_lm, tok, [prefixes(r)[0] + prefill for r in recs],
+            replies = sample_replies(lm, tok, [r.prefixes()[0] + prefill for r in recs],
                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, seed=seed + j)
-        else:  # teacher samples (seq-KD, cold start): the teacher continues its own (hinted / instructed) prompt
-            with teacher.active() as t_lm:
-                replies = sample_replies(t_lm, tok, [prefixes(r)[1] + prefill for r in recs],
-                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
-                                         seed=seed + j)
-        new = [with_reply(r, reply, prefill) for r, reply in zip(recs, replies)]
-        if kind == "student" and cfg.rl_alpha < 1.0:
-            if reward_fn is None:
-                raise ValueError("rl_alpha < 1 needs a reward function: opsd.train.main(cfg, reward_fn=...)")
-            body = [prefill + (reply[:-1] if reply and reply[-1] == eot else reply) for reply in replies]
-            trajs = [reply_trajectory(r, tok.decode(b, skip_special_tokens=False), b) for r, b in zip(recs, body)]
-            r_i = [float(x) for x in reward_fn(trajs)]
-            groups = [i // cfg.samples_per_prompt for i in range(len(recs))]
-            for rec, a in zip(new, advantages(r_i, groups)):
-                rec["advantage"] = a
-            rewards += r_i
-        out.append(new)
+            new = [r.with_reply(reply, prefill) for r, reply in zip(recs, replies)]
+            if cfg.rl_alpha < 1.0:
+                bodies = [prefill + (reply[:-1] if reply and reply[-1] == eot else reply) for reply in replies]
+                trajs = [reply_trajectory(r, tok.decode(b, skip_special_tokens=False), b) for r, b in zip(recs, bodies)]
+                rewards = [float(x) for x in reward_fn(trajs)]
+                adv = advantages(rewards, [i // g for i in range(len(recs))])
+                new = [replace(rec, advantage=a) for rec, a in zip(new, adv)]
+                stats["reward_sum"] += sum(rewards)
+                stats["reward_n"] += len(rewards)
+            out.append(new)
     stats["sampled_replies"] = sum(len(m) for m in out)
-    if rewards:
-        stats["reward_sum"], stats["reward_n"] = sum(rewards), len(rewards)
     return out, stats
 
 
-def select_indices(passes: Sequence[bool], *, mix: float, seed: int) -> tuple[list[int], int]:
-    """Indices kept by prompt selection: all that pass, plus a seeded `mix` fraction of the others.
-
-    Returns (sorted kept indices, how many were mixed back).
-    """
-    rejected = [i for i, ok in enumerate(passes) if not ok]
-    n_back = round(mix * len(rejected))
-    back = random.Random(f"select:{seed}").sample(rejected, n_back) if n_back else []
-    return sorted([i for i, ok in enumerate(passes) if ok] + back), n_back
-
-
-@torch.no_grad()
-def measure_overlap(teacher, student_lm, records: list[dict], *, batch_size: int, k: int, temperature: float,
-                    pad_id: int) -> list[float]:
-    """Mean teacher-student top-k overlap over each record's target tokens (the selection score)."""
-    from opsd.train.diagnostics import token_diagnostics
-    from opsd.train.scoring import collate, span_logits
-
-    dev = next(student_lm.parameters()).device
-    was = student_lm.training
-    student_lm.eval()
+def teacher_samples(micro: list[list[TrainRecord]], *, teacher, tok, cfg, seed: int) -> tuple[list[list[TrainRecord]], Counter]:
+    """Sources `teacher` (seq-KD) and OPSD's cold start: the teacher continues its own (hinted/instructed) prompt."""
+    prefill = tok(cfg.resolved_prefill(), add_special_tokens=False)["input_ids"] if cfg.is_gkd and cfg.resolved_prefill() else []
     out = []
-    try:
-        for i in range(0, len(records), batch_size):
-            recs = records[i:i + batch_size]
-            sb = collate([r["student_ids"] for r in recs], [tuple(r["student_span"]) for r in recs], pad_id=pad_id)
-            tb = collate([r["teacher_ids"] for r in recs], [tuple(r["teacher_span"]) for r in recs], pad_id=pad_id)
-            s_logits = span_logits(student_lm, sb.input_ids.to(dev), sb.attention_mask.to(dev), sb.batch_idx.to(dev),
-                                   sb.pos.to(dev))
-            ov_N = token_diagnostics(s_logits, teacher.logits(tb).to(dev), k=k, temperature=temperature)["overlap"]
-            out += [x.mean().item() for x in ov_N.split(sb.lengths)]
-    finally:
-        student_lm.train(was)
-    return out
+    with teacher.model() as t_lm:
+        for j, recs in enumerate(micro):
+            replies = sample_replies(t_lm, tok, [r.prefixes()[1] + prefill for r in recs],
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, seed=seed + j)
+            out.append([r.with_reply(reply, prefill) for r, reply in zip(recs, replies)])
+    return out, Counter(sampled_replies=sum(len(m) for m in out))
+
+
+def source_records(source: str, micro: list[list[TrainRecord]], *, student, teacher, tok, cfg, seed: int,
+                   reward_fn: RewardFn | None = None) -> tuple[list[list[TrainRecord]], Counter]:
+    """This process's micro-batches of records for a step of `source` (see module docstring), and sampling stats."""
+    if source in ("opsd", "dataset") or (source == "sft" and cfg.is_gkd and not cfg.seq_kd):
+        return micro, Counter()
+    if source == "student":
+        return student_samples(micro, student=student, tok=tok, cfg=cfg, seed=seed, reward_fn=reward_fn)
+    return teacher_samples(micro, teacher=teacher, tok=tok, cfg=cfg, seed=seed)  # teacher, sft from samples

@@ -1,73 +1,121 @@
-"""Teacher modes for OPSD training, and the pre-training teacher pass (hint effect, top-k targets).
+"""Teacher modes: which weights read the hinted (or instructed) sequence and give the targets.
 
-- `self` (default): the student's current weights, under no grad, in eval mode, on the hinted
-  sequence. No second model copy.
-- `initial`: the frozen starting weights. With LoRA: the same module with adapters disabled
-  (no extra memory). Without LoRA: top-k targets precomputed once (`--precompute-targets`).
+- `initial` (default): the weights at the start of this run (of this `main(cfg)` call), frozen.
+  With LoRA: the same module with its adapters disabled (no extra memory). Without LoRA: in OPSD
+  mode its top-k targets are precomputed before the first update (`--precompute-targets auto`),
+  and a frozen copy is kept only where the loop still needs the teacher (GKD, or cold-start
+  samples; a copy costs one more model in memory).
+- `self`: the student's current weights, under no grad, in eval mode, on the hinted sequence. No
+  second copy, but the target moves with the student: RESULTS.md run 1 overshot into collapse.
 - `ema`: an exponential moving average of the student's trainable weights, kept in a copy.
 - `external`: another model that shares the student's tokenizer (vocab sizes must match).
 
-All of them expose `logits(batch) -> (N, V)` at the span positions only (see `opsd.train.scoring`).
-`measure` runs the teacher and the student over every example once before training: it gives
-the hint effect (teacher − student log-prob of the error tokens) and, when asked, the teacher's
-top-k per span token.
+Every teacher gives `logits(batch) -> (N, V)` at the target positions only (`opsd.train.scoring`),
+and `model()`, a context with the plain HF model in eval mode (for sampling and for measuring
+hint effects). Teachers that read the live student call it through its prepared wrapper
+(`opsd.train.student.Student`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 
-from opsd.train.scoring import SpanBatch, _causal_lm, span_logits, span_logprobs
-from opsd.types import HintedExample
+from opsd.train.scoring import SpanBatch, _causal_lm, eval_mode, span_logits
+from opsd.train.student import Student
 
 
 class Teacher:
-    """A teacher that reads the hinted sequence with some weights. `update` runs after each step."""
+    """Targets from some weights: `logits(batch)`, `model()` (plain HF model in eval mode), `update(student)`."""
 
-    name = "self"
+    name = "teacher"
 
-    def __init__(self, lm, *, disable_adapters: bool = False, autocast=contextlib.nullcontext):
-        self.lm, self.disable_adapters, self.autocast = lm, disable_adapters, autocast
+    def logits(self, batch: SpanBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def model(self):
+        raise NotImplementedError
+
+    def update(self, student: Student) -> None:
+        """Called after every optimizer step."""
+
+    def resumed(self, step: int) -> None:
+        """Called when a run resumes at `step` (the state of the teachers that have one comes from the checkpoint)."""
+
+
+class LiveTeacher(Teacher):
+    """The student's own module: `self` (current weights), or `initial` with its LoRA adapters disabled.
+
+    `until_first_update`: the teacher is the initial weights only until the first optimizer step
+    (teacher=initial without LoRA, used to precompute targets); using it later raises.
+    """
+
+    def __init__(self, student: Student, *, name: str = "self", adapters_off: bool = False,
+                 until_first_update: bool = False):
+        self.student, self.name, self.adapters_off = student, name, adapters_off
+        self.until_first_update, self.expired = until_first_update, False
 
     @contextlib.contextmanager
-    def active(self):
-        """Eval mode (restored after), and LoRA adapters off for the `initial` teacher."""
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
-            with (self.lm.disable_adapter() if self.disable_adapters else contextlib.nullcontext()), self.autocast():
-                yield self.lm
-        finally:
-            self.lm.train(was_training)
+    def _frozen(self):
+        if self.expired:
+            raise RuntimeError(f"teacher={self.name} read the live student after an update: the initial weights "
+                               "are gone (this mode precomputes its targets; keep a frozen copy for later use)")
+        with self.student.lm.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            yield
 
     @torch.no_grad()
     def logits(self, batch: SpanBatch) -> torch.Tensor:
-        """Teacher logits (N, V) predicting the span tokens of the (hinted) batch."""
-        dev = next(self.lm.parameters()).device
-        with self.active() as lm:
-            return span_logits(lm, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.batch_idx.to(dev),
-                               batch.pos.to(dev)).float()
+        with self._frozen(), eval_mode(self.student.span_lm):
+            return self.student.logits(batch).float()
 
-    def update(self, student_lm) -> None:
-        pass
+    @contextlib.contextmanager
+    def model(self) -> Iterator[torch.nn.Module]:
+        with self._frozen(), self.student.full_weights(f"teacher={self.name} sampling") as lm, eval_mode(lm), \
+                self.student.accelerator.autocast():
+            yield lm
+
+    def update(self, student: Student) -> None:
+        self.expired = self.until_first_update
+
+    def resumed(self, step: int) -> None:
+        self.expired = self.until_first_update and step > 0
 
 
-class EmaTeacher(Teacher):
-    """teacher = decay * teacher + (1 - decay) * student, over the trainable weights, after each step."""
+class ModelTeacher(Teacher):
+    """A model of its own: an external teacher, or a frozen copy of the initial student."""
 
-    name = "ema"
-
-    def __init__(self, student_lm, decay: float, **kw):
-        super().__init__(copy.deepcopy(student_lm).requires_grad_(False).eval(), **kw)
-        self.decay = decay
-        self._pairs = [(e, p) for e, p in zip(self.lm.parameters(), student_lm.parameters()) if p.requires_grad]
+    def __init__(self, lm, *, name: str, autocast=contextlib.nullcontext):
+        self.lm, self.name, self.autocast = lm.requires_grad_(False).eval(), name, autocast
 
     @torch.no_grad()
-    def update(self, student_lm) -> None:
-        for e, p in self._pairs:
-            e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
+    def logits(self, batch: SpanBatch) -> torch.Tensor:
+        dev = next(self.lm.parameters()).device
+        with eval_mode(self.lm), self.autocast():
+            return span_logits(self.lm, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.batch_idx.to(dev),
+                               batch.pos.to(dev)).float()
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[torch.nn.Module]:
+        with eval_mode(self.lm), self.autocast():
+            yield self.lm
+
+
+class EmaTeacher(ModelTeacher):
+    """teacher = decay * teacher + (1 - decay) * student, over the trainable weights, after each step."""
+
+    def __init__(self, student: Student, decay: float, **kw):
+        super().__init__(copy.deepcopy(student.lm), name="ema", **kw)
+        self.decay = decay
+        self._trainable = [p.requires_grad for p in student.lm.parameters()]
+
+    @torch.no_grad()
+    def update(self, student: Student) -> None:
+        with student.full_weights("teacher=ema") as lm:
+            for e, p, trained in zip(self.lm.parameters(), lm.parameters(), self._trainable):
+                if trained:
+                    e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
 
 
 def vocab_size(lm) -> int:
@@ -85,64 +133,27 @@ def check_same_vocab(student_lm, teacher_lm, student_tok=None, teacher_tok=None)
                          f"({len(student_tok)} tokens) although the vocab sizes match ({vs})")
 
 
-def make_teacher(kind: str, student_lm, *, lora: bool, ema_decay: float = 0.99, external_lm=None,
-                 autocast=contextlib.nullcontext) -> Teacher:
-    """The teacher for `kind` (see module docstring). `external_lm` is needed for kind=external."""
+def make_teacher(kind: str, student: Student, *, lora: bool, frozen_copy: bool = False, ema_decay: float = 0.99,
+                 external_lm=None) -> Teacher:
+    """The teacher for `kind` (see module docstring); build it before the first update.
+
+    `frozen_copy` (kind=initial without LoRA): keep a copy of the starting weights, for a loop that
+    needs the teacher after the first update; else the teacher lives only until then.
+    """
+    autocast = student.accelerator.autocast
     if kind == "self":
-        return Teacher(student_lm, autocast=autocast)
+        return LiveTeacher(student)
     if kind == "initial":
-        # without LoRA the initial teacher exists only before training: it is used to precompute targets
-        t = Teacher(student_lm, disable_adapters=lora, autocast=autocast)
-        t.name = "initial"
-        return t
+        if lora:
+            return LiveTeacher(student, name="initial", adapters_off=True)
+        if frozen_copy:
+            return ModelTeacher(copy.deepcopy(student.lm), name="initial", autocast=autocast)
+        return LiveTeacher(student, name="initial", until_first_update=True)
     if kind == "ema":
-        return EmaTeacher(student_lm, ema_decay, autocast=autocast)
+        return EmaTeacher(student, ema_decay, autocast=autocast)
     if kind == "external":
         if external_lm is None:
             raise ValueError("teacher=external needs a teacher model")
-        check_same_vocab(student_lm, external_lm)
-        t = Teacher(external_lm.requires_grad_(False), autocast=autocast)
-        t.name = "external"
-        return t
+        check_same_vocab(student.lm, external_lm)
+        return ModelTeacher(external_lm, name="external", autocast=autocast)
     raise ValueError(f"unknown teacher {kind!r}")
-
-
-def measure(teacher: Teacher, student_lm, examples: list[HintedExample], *, batch_size: int = 8, top_k: int = 0,
-            temperature: float = 1.0, pad_id: int = 0) -> list[dict]:
-    """One teacher pass and one student pass per example, before training.
-
-    Returns per example: `hint_effect` = mean over the quoted error tokens of
-    (teacher log-prob − student log-prob) of the actual tokens (negative: the hint lowers the
-    error), `hint_effect_first` (first error token), `student_logprob` (mean), and with top_k
-    > 0 the teacher's `teacher_topk_ids` / `teacher_topk_logprobs` (L, k) per span token.
-    """
-    if not examples:
-        return []
-    t_ids, t_spans = [e.teacher_ids for e in examples], [e.teacher_span for e in examples]
-    with teacher.active() as t_lm:  # hint effect at temperature 1; top-k targets at the training temperature
-        t = span_logprobs(t_lm, t_ids, t_spans, batch_size=batch_size, pad_id=pad_id,
-                          top_k=top_k if temperature == 1.0 else 0)
-        if top_k and temperature != 1.0:
-            tk = span_logprobs(t_lm, t_ids, t_spans, batch_size=batch_size, pad_id=pad_id, top_k=top_k,
-                               temperature=temperature)
-            t.topk_ids, t.topk_logprobs = tk.topk_ids, tk.topk_logprobs
-    was_training = student_lm.training
-    student_lm.eval()
-    try:
-        s = span_logprobs(student_lm, [e.student_ids for e in examples], [e.student_span for e in examples],
-                          batch_size=batch_size, pad_id=pad_id)
-    finally:
-        student_lm.train(was_training)
-    out = []
-    for i, e in enumerate(examples):
-        q0, q1 = e.meta.get("quote_span", e.student_span)
-        lo, hi = q0 - e.student_span[0], q1 - e.student_span[0]  # quote tokens inside the target span
-        delta = (t.token_logprobs[i] - s.token_logprobs[i])[lo:hi]  # (Lq,)
-        rec = {"hint_effect": delta.mean().item(), "hint_effect_first": delta[0].item(),
-               "student_logprob": s.token_logprobs[i][lo:hi].mean().item()}
-        if top_k:
-            rec["teacher_topk_ids"] = t.topk_ids[i].tolist()
-            rec["teacher_topk_logprobs"] = t.topk_logprobs[i].tolist()
-            rec["teacher_target_logprobs"] = t.token_logprobs[i].tolist()  # exact, for teacher/hint_effect
-        out.append(rec)
-    return out

@@ -12,8 +12,8 @@ from opsd.train.diagnostics import (
     metric_name,
     summarise,
     token_diagnostics,
-    token_diagnostics_topk,
 )
+from opsd.train.losses import FullLogits, TopK, teacher_topk, token_divergence
 
 
 def reference(s_logits, t_logits, k):
@@ -93,17 +93,24 @@ def test_identical_distributions():
 def test_topk_teacher_form():
     s, t = logits_pair(6, v=80)
     full = token_diagnostics(s, t, k=16)
-    t_lp = torch.log_softmax(t, -1)
-    lps, ids = t_lp.topk(80, -1)  # K = V: everything exact
-    exact = token_diagnostics_topk(s, ids, lps, k=16)
+    ids, lps, tail = teacher_topk(t, 80)  # K = V: everything exact
+    exact = token_diagnostics(s, TopK(ids, lps, tail), k=16)
     for name in full:
         torch.testing.assert_close(exact[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
-    lps, ids = t_lp.topk(32, -1)  # K = 32 >= k: overlap/masses exact, entropies and KLs on K+1 buckets are lower bounds
-    part = token_diagnostics_topk(s, ids, lps, k=16)
+    ids, lps, tail = teacher_topk(t, 32)  # K = 32 >= k: overlap/masses exact, entropies and KLs on K+1 buckets are lower bounds
+    part = token_diagnostics(s, TopK(ids, lps, tail), k=16)
     for name in ("overlap", "overlap_mass", "overlap_mass_teacher"):
         torch.testing.assert_close(part[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
     for name in ("entropy_student", "entropy_teacher", "kl", "kl_forward"):
         assert (part[name] <= full[name] + 1e-5).all(), name
+
+
+def test_diagnostic_kls_are_the_loss_kls():
+    """One KL: the logged diag/kl and diag/kl_forward are the training divergences' values."""
+    s, t = logits_pair(7, v=120)
+    d = token_diagnostics(s, FullLogits(t), k=16)
+    torch.testing.assert_close(d["kl"], token_divergence(s, t, kind="reverse_kl"), atol=0, rtol=0)
+    torch.testing.assert_close(d["kl_forward"], token_divergence(s, t, kind="forward_kl"), atol=0, rtol=0)
 
 
 def test_metric_names_and_summary(tmp_path):

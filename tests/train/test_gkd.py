@@ -10,14 +10,17 @@ from safetensors.torch import load_file
 
 from opsd.train import run as train
 from opsd.train import sources as gkd
+from opsd.train import step as train_step
 from opsd.train.config import TrainConfig
-from opsd.train.scoring import SpanLM, span_logprobs
+from opsd.train.losses import token_logprobs
+from opsd.train.records import TrainRecord
+from opsd.train.scoring import span_logits, span_logprobs
 from tests.conftest import CRITIQUES, TRAJECTORIES, save_tiny, tiny_llama
 
 
 def gkd_cfg(model_dir, out, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), trajectories=str(TRAJECTORIES), out=str(out), max_steps=3, batch_size=2,
-                lr=1e-3, progress=False, seed=3, max_new_tokens=6)
+                lr=1e-3, progress=False, seed=3, max_new_tokens=6, precision="fp32")
     return TrainConfig(**{**base, **kw})
 
 
@@ -29,17 +32,19 @@ def test_records_cover_the_last_reply(smol_tok, trajectories):
     recs, counts = gkd.build_records(trajectories, smol_tok, teacher_system="Think before you call a tool.")
     assert counts["used"] == len(recs) == len(trajectories)
     for r, t in zip(recs, trajectories):
-        s0, s1 = r["student_span"]
-        t0, t1 = r["teacher_span"]
-        assert r["student_ids"][s0:s1] == r["teacher_ids"][t0:t1] and len(r["student_ids"]) == s1
-        assert smol_tok.decode(r["student_ids"][s1 - 1:s1]) == "<|im_end|>"  # the end-of-turn token is a target
-        assert smol_tok.decode(r["student_ids"][s0 - 3:s0]).endswith("assistant\n")  # the prompt ends at the header
-        assert "Think before" in smol_tok.decode(r["teacher_ids"][:t0]) and "Think before" not in smol_tok.decode(r["student_ids"])
-        assert r["messages"] == t.messages[:len(r["messages"])] and t.messages[len(r["messages"])]["role"] == "assistant"
+        s0, s1 = r.student_span
+        t0, t1 = r.teacher_span
+        assert r.student_ids[s0:s1] == r.teacher_ids[t0:t1] and len(r.student_ids) == s1
+        assert smol_tok.decode(r.student_ids[s1 - 1:s1]) == "<|im_end|>"  # the end-of-turn token is a target
+        assert smol_tok.decode(r.student_ids[s0 - 3:s0]).endswith("assistant\n")  # the prompt ends at the header
+        assert "Think before" in smol_tok.decode(r.teacher_ids[:t0]) and "Think before" not in smol_tok.decode(r.student_ids)
+        msgs = r.prompt.messages
+        assert msgs == t.messages[:len(msgs)] and t.messages[len(msgs)]["role"] == "assistant"
+        assert TrainRecord.from_dict(r.to_dict()) == r  # examples.jsonl round-trips
 
 
-def test_step_kind_follows_lmbda_and_cold_start():
-    kinds = lambda **kw: Counter(gkd.step_kind(TrainConfig(**kw), s) for s in range(400))
+def test_step_source_follows_lmbda_and_cold_start():
+    kinds = lambda **kw: Counter(gkd.step_source(TrainConfig(**kw), s) for s in range(400))
     assert kinds(lmbda=0.0) == {"dataset": 400}
     assert kinds(lmbda=1.0) == {"student": 400}
     assert kinds(lmbda=0.0, seq_kd=True) == {"teacher": 400}
@@ -50,14 +55,16 @@ def test_step_kind_follows_lmbda_and_cold_start():
 
 def test_advantages_and_selection():
     assert gkd.advantages([1, 0, 1, 1], [0, 0, 1, 1]) == [0.5, -0.5, 0.0, 0.0]
-    keep, back = gkd.select_indices([True, False, False, False, True], mix=0.5, seed=0)
+    keep, back = gkd.keep_with_mix([True, False, False, False, True], mix=0.5, seed=0)
     assert back == 2 and {0, 4} <= set(keep) and len(keep) == 4
-    assert gkd.select_indices([False] * 4, mix=0.0, seed=0) == ([], 0)
+    assert gkd.keep_with_mix([False] * 4, mix=0.0, seed=0) == ([], 0)
 
 
 @pytest.mark.parametrize("teacher", ["self", "external"])
 def test_teacher_equal_to_student_gives_zero_loss_and_unchanged_weights(tiny_dir, tmp_path, teacher):
-    kw = dict(teacher="external", teacher_model=str(tiny_dir)) if teacher == "external" else {}
+    """No masking: the divergence's gradient is exactly 0 where the teacher equals the student (test_losses), so
+    Adam never sees rounding noise; the same run with an instructed teacher does train."""
+    kw = dict(teacher="external", teacher_model=str(tiny_dir)) if teacher == "external" else dict(teacher="self")
     out = tmp_path / "run"
     train.main(gkd_cfg(tiny_dir, out, lmbda=0.5, **kw))  # both data paths (seed 3: student, dataset, dataset)
     rows = step_rows(out)
@@ -68,6 +75,12 @@ def test_teacher_equal_to_student_gives_zero_loss_and_unchanged_weights(tiny_dir
     before, after = load_file(tiny_dir / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     for k in before:
         assert torch.equal(before[k], after[k]), k
+    out = tmp_path / "instructed"  # the contrast: a teacher that sees an instruction differs, and the run trains
+    train.main(gkd_cfg(tiny_dir, out, lmbda=0.5, teacher_system="Answer in French.", **kw))
+    rows = step_rows(out)
+    assert all(r["train/loss"] > 0 and r["train/grad_norm"] > 0 for r in rows)
+    after = load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("lmbda,seq_kd,source", [(0.0, False, "dataset"), (1.0, False, "student"), (0.0, True, "teacher")])
@@ -111,15 +124,18 @@ def test_gkd_rl_calls_the_injected_reward(tiny_dir, tmp_path, smol_tok):
 
 def test_reinforce_raises_the_rewarded_reply(smol_tok):
     """rl_alpha = 0: a small SGD step on (+0.5, −0.5) advantages raises reply A relative to reply B."""
+    from dataclasses import replace
+
     lm = tiny_llama(len(smol_tok), seed=1).train()
     prompt, a, b = [1, 200, 300, 400], [500, 600, 700], [800, 900, 1000]
-    base = {"student_ids": prompt, "student_span": [4, 4], "teacher_ids": prompt, "teacher_span": [4, 4]}
-    recs = [{**gkd.with_reply(base, r), "advantage": adv} for r, adv in ((a, 0.5), (b, -0.5))]
-    mb = train.make_micro_batch(recs, pad_id=2)
-    cfg = TrainConfig(mode="gkd", lmbda=1.0, rl_alpha=0.0)
-    lp = lambda: [x.sum().item() for x in span_logprobs(lm, [r["student_ids"] for r in recs], [(4, 7)] * 2).token_logprobs]
+    base = TrainRecord("p", prompt, (4, 4), prompt, (4, 4))
+    recs = [replace(base.with_reply(r), advantage=adv) for r, adv in ((a, 0.5), (b, -0.5))]
+    mb = train_step.make_micro_batch(recs, pad_id=2)
+    lp = lambda: [x.sum().item() for x in span_logprobs(lm, [r.student_ids for r in recs], [(4, 7)] * 2).token_logprobs]
     before = lp()
-    objective, _ = train.student_loss(SpanLM(lm), mb, torch.randn(6, len(smol_tok)), cfg, "cpu", kind="student")
+    s = mb.student
+    logits_NV = span_logits(lm, s.input_ids, s.attention_mask, s.batch_idx, s.pos)
+    objective = train_step.objective(mb, torch.zeros(6), token_logprobs(logits_NV, s.targets), rl_alpha=0.0)
     objective.backward()
     with torch.no_grad():
         for p in lm.parameters():
@@ -177,9 +193,9 @@ def test_gkd_config_checks():
 
 
 def test_critic_reward_for_the_cli(trajectories):
-    """`opsd train --rl-alpha` reward (built in opsd.train.command): 1 for a valid call, 0 for an error or no call."""
+    """`opsd train --rl-alpha` reward (built in opsd.critique.run): 1 for a valid call, 0 for an error or no call."""
     from critic import make_critic
-    from opsd.train.command import critic_reward
+    from opsd.critique.run import critic_reward
     from opsd.types import Trajectory
 
     cut = {t.id: Trajectory(t.id, t.messages[:i + 1], t.tools, t.meta) for t in trajectories
