@@ -1,11 +1,11 @@
 """LLM critic: asks any OpenAI-compatible chat-completions endpoint to locate the error.
 
-    export OPENAI_API_KEY=...        # or --api-key-env NAME; never printed, logged or written
-    opsd critique --in logs.jsonl --out critiques.jsonl --critic llm \
-        --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --concurrency 16
+    export OPENAI_API_KEY=...        # or --critic.api-key-env NAME; never printed, logged or written
+    opsd critique --in logs.jsonl --out critiques.jsonl --critic.name llm \
+        --critic.base-url http://localhost:8000/v1 --critic.model Qwen/Qwen2.5-7B-Instruct --critic.concurrency 16
 
 Per trajectory:
-1. Render the Jinja2 prompt (default `prompts/critic/locate_error.j2`, or `--prompt FILE`;
+1. Render the Jinja2 prompt (default `prompts/critic/locate_error.j2`, or `--critic.prompt FILE`;
    StrictUndefined). A template that is not UTF-8, does not parse, uses an unknown filter or
    names an undocumented variable is rejected when the critic is built; one that reads an
    attribute the variables do not have is rejected by `preflight`, which the runner calls on

@@ -46,11 +46,11 @@ for k in $(seq 0 $((ROUNDS - 1))); do
   $OPSD rollout --tasks "$TASKS" --limit "$LIMIT" --backend completions --base-url "http://127.0.0.1:$PORT/v1" \
     --api-model "$served" --model "$student" --concurrency 256 --seed "$k" \
     --out "$rd/rollouts.jsonl"
-  # 3. critiques (rule critics here; --critic llm --base-url ... for an LLM critic)
-  $OPSD critique --in "$rd/rollouts.jsonl" --out "$rd/critiques.jsonl" --critic schema+reference
+  # 3. critiques (rule critics here; --critic.name llm --critic.base-url ... --critic.model M for an LLM critic)
+  $OPSD critique --in "$rd/rollouts.jsonl" --out "$rd/critiques.jsonl" --critic.name schema+reference
   # 4. train on GPUs 1-7
   CUDA_VISIBLE_DEVICES=1,2,3,4,5,6,7 .venv/bin/accelerate launch --config_file examples/accelerate/ddp.yaml \
-    --num_processes 7 -m opsd.cli train --model "$student" --trajectories "$rd/rollouts.jsonl" \
+    --num_processes 7 -m opsd.train --model "$student" --trajectories "$rd/rollouts.jsonl" \
     --critiques "$rd/critiques.jsonl" --out "$rd/train" --lora-r "$LORA_R" --teacher initial --resume
   # 5. hot-load the new adapter, unload the previous one; a refused load stops here (set -e)
   served=$($PY -c "

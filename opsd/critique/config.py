@@ -62,8 +62,7 @@ class CriticConfig:
         if self.name not in CRITIC_NAMES:
             raise ValueError(f"name: unknown critic {self.name!r}; choose one of {', '.join(CRITIC_NAMES)}")
         if self.name in LLM_CRITICS and not self.model:
-            raise ValueError(f"model: the {self.name} critic needs the model name on the endpoint (--critic.model M, "
-                             "or --model M for opsd critique)")
+            raise ValueError(f"model: the {self.name} critic needs the model name on the endpoint (--critic.model M)")
         if not re.match(r"^https?://[^/\s]+", self.base_url or ""):
             raise ValueError(f"base_url: must be an http(s) URL such as http://localhost:8000/v1, got {self.base_url!r}")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env or ""):

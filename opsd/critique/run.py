@@ -1,9 +1,9 @@
 """`opsd critique`: locate the erroneous step of each trajectory and write a hint (resumable).
 
-    opsd critique --in data/sample_openai.jsonl --out runs/critiques.jsonl --critic schema
-    opsd critique --in rollouts.jsonl --out critiques.jsonl --critic schema+reference
-    OPENAI_API_KEY=... opsd critique --in logs.jsonl --out critiques.jsonl --critic llm \
-        --base-url http://localhost:8000/v1 --model my-model --concurrency 16 --timeout 60
+    opsd critique --in data/sample_openai.jsonl --out runs/critiques.jsonl --critic.name schema
+    opsd critique --in rollouts.jsonl --out critiques.jsonl --critic.name schema+reference
+    OPENAI_API_KEY=... opsd critique --in logs.jsonl --out critiques.jsonl --critic.name llm \
+        --critic.base-url http://localhost:8000/v1 --critic.model my-model --critic.concurrency 16 --critic.timeout 60
 
     from opsd.critique.config import CriticConfig, CritiqueConfig
     from opsd.critique.run import main
