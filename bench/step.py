@@ -1,31 +1,27 @@
-"""One distillation step: opsd vs TRL's `GKDTrainer`, against this machine's matmul FLOP floor.
+"""One distillation step: opsd vs TRL's two distillation trainers, at the same precision, against the FLOP floor.
 
-    flock /tmp/opsd-torch.lock python bench/step.py              # full: ~9 min on 2 cores
-    flock /tmp/opsd-torch.lock python bench/step.py --quick      # smoke sizes, ~1 min
+    flock /tmp/opsd-torch.lock python bench/step.py              # fp32 and bf16, 3 rounds: ~15 min on 2 cores
+    flock /tmp/opsd-torch.lock python bench/step.py --quick      # smoke sizes, ~2 min
 
-Same model (the embedded SmolLM2-135M, fp32), same 4 trajectories of 512 tokens, each ending in a
-32-token error span, a 20-token hint (a user turn) inserted right above the erroneous step for
-the opsd teacher; AdamW (same lr, betas, no weight decay), grad clip 1.0, no gradient
-checkpointing. Sides, each in its own process (`--side`), alternated A B C A B C:
+Same model (the embedded SmolLM2-135M), same 4 trajectories of 512 tokens, each ending in a 32-token
+error span; a 20-token hint (a user turn) inserted right above the erroneous step for the opsd teacher;
+AdamW (same lr, betas, no weight decay), grad clip 1.0, no gradient checkpointing. Sides, each in its
+own process (`--side`), alternated A B C D ... in every round, at every precision (`--precisions`,
+default fp32 and bf16; bf16 = autocast with fp32 master weights on every side):
 
-- `trl`: `trl.experimental.gkd.GKDTrainer` set up as its docs do: student and teacher as two
-  model copies, lmbda=0 (the given trajectories, no generation), beta=0.5, bf16 and gradient
-  checkpointing turned off (TRL turns both on by default, even on CPU). The data is pre-tokenised,
-  so a 6-line collator passes the same ids with labels = -100 outside the span. TRL's teacher
-  reads the student's input ids: it cannot see the hint (a limit of GKDTrainer).
-- `opsd`: opsd's own stage functions (`opsd.train`: setup_accelerator, load_student,
-  load_teacher, step_batches, make_micro_batch, teacher_targets, student_loss), teacher=self on
-  the hinted sequence. `train.main` has no per-step function, so the ~10 lines of its loop body
-  that do backward / clip / optimizer step are mirrored in `opsd_step` below.
-- `opsd_pre`: teacher=initial --precompute-targets: `opsd.train.teachers.measure` stores the teacher's
-  top-256 per span token once (timed separately), and steps use the top-k loss.
-- `matmul`: fp32 `torch.mm` GFLOP/s on the model's GEMM shapes (forward, grad-input and
-  grad-weight of every linear layer at M = batch x 512), for the FLOP floor.
+- `opsd`: opsd's own training stage functions (`opsd.train`), teacher=self on the hinted sequence.
+- `gkd`, `distill`: `trl.experimental.gkd.GKDTrainer` and `trl.DistillationTrainer` (bench/trl_sides.py).
+- `opsd_pre` (once, at the precision used): teacher=initial with precomputed top-k targets.
+- `matmul`: `torch.mm` GFLOP/s at each precision on the model's GEMM shapes (forward, grad-input and
+  grad-weight of every linear layer at M = batch x 512), for the FLOP floor at that precision.
 
-Warm-up steps are excluded; the median step time over all timed steps of all rounds is
-reported, with peak RSS (`resource.getrusage` in the child). The last line is machine-readable:
+Rounds in which another process used the CPU are discarded and run again (bench/timing.py); the load
+average after each side is recorded. Per round, each side's step time is the median of its timed
+steps; the ratio opsd / TRL is taken against the faster TRL trainer of that round; headlines are the
+lowest round. The last lines are machine-readable (at the precision used: bf16 where the CPU has it):
 
-    ratio_trajectories_per_s=X ratio_peak_rss=Y floor_share=Z     # ratios are opsd / TRL
+    ratio_trajectories_per_s=X ratio_peak_rss=Y floor_share=Z     # opsd / faster TRL trainer; opsd vs floor
+    bf16_speedup=W                                                # opsd fp32 step / opsd bf16 step
 """
 from __future__ import annotations
 
@@ -33,7 +29,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.timing import child_json_path, run_child, timed_rounds
 
 HINT_TEXT = ("Hint for your next reply: that function is not valid; use one of the tools listed in the system "
              "message, with the parameters its schema requires.")
@@ -60,8 +57,11 @@ def synthetic_examples(tok, *, batch: int, seq_len: int, span: int, hint: int):
     from opsd.render import prompt_ids
     from opsd.types import HintedExample
 
-    tasks = load_tasks("bfcl:simple_python:train", limit=4 * batch)
-    stream = [t for task in tasks for t in prompt_ids(task.messages, task.tools, tok)]
+    stream: list[int] = []
+    for task in load_tasks("bfcl:simple_python:train"):  # enough real prompt tokens for (batch + 1) sequences
+        stream += prompt_ids(task.messages, task.tools, tok)
+        if len(stream) >= (batch + 2) * seq_len:
+            break
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     head, tail = enc("<|im_start|>user\n"), enc("<|im_end|>\n")
     body = enc(HINT_TEXT) * 4
@@ -83,44 +83,37 @@ def synthetic_examples(tok, *, batch: int, seq_len: int, span: int, hint: int):
 # ---------------------------------------------------------------- side: opsd
 
 def run_opsd(a, precompute: bool) -> dict:
-    import torch
-
+    from opsd.hint.measure import measure
     from opsd.train import run as train
     from opsd.train.config import TrainConfig
-    from opsd.train.scoring import SpanLM
-    from opsd.train.teachers import measure
+    from opsd.train.records import TrainRecord
 
     out_dir = tempfile.mkdtemp(prefix="bench-step-")
     # critiques: a placeholder (the examples are built here), which also selects the OPSD mode
     cfg = TrainConfig(model=a.model, out=out_dir, critiques="(synthetic HintedExamples)", teacher="initial" if precompute else "self",
-                 precompute_targets=precompute, lr=a.lr, batch_size=a.batch, max_steps=a.warmup + a.steps,
-                 mixed_precision="no", cpu=True, progress=False, min_hint_effect=float("-inf"))
-    acc = train.setup_accelerator(cfg)
+                      precompute_targets="yes" if precompute else "no", lr=a.lr, batch_size=a.batch,
+                      max_steps=a.warmup + a.steps, precision=getattr(a, "precision", "fp32"), cpu=True, progress=False,
+                      min_hint_effect=float("-inf"))
     t0 = time.perf_counter()
-    lm, tok = train.load_student(cfg, acc.device)
-    teacher = train.load_teacher(cfg, lm, tok, acc)
+    s = train.setup(cfg)  # the stages of `opsd.train.run.main`: setup, (data sources), start, train_step
     load_s = time.perf_counter() - t0
-    pad_id = tok.pad_token_id or 0
-    examples = synthetic_examples(tok, batch=a.batch, seq_len=a.seq_len, span=a.span, hint=a.hint)
-    records = [ex.to_dict() for ex in examples]
+    examples = synthetic_examples(s.tok, batch=a.batch, seq_len=a.seq_len, span=a.span, hint=a.hint)
+    records = [TrainRecord.from_example(ex) for ex in examples]
     precompute_s = None
-    if precompute:  # what train.build_dataset does before training: teacher top-k per span token, once
+    if precompute:  # what train.data_sources does before training: teacher top-k per span token, once
         t0 = time.perf_counter()
-        scores = measure(teacher, lm, examples, batch_size=cfg.batch_size, top_k=cfg.top_k,
-                         temperature=cfg.temperature, pad_id=pad_id)
+        with s.accelerator.autocast(), s.teacher.model() as t_lm:
+            scores = measure(t_lm, s.student.lm, examples, batch_size=cfg.batch_size, top_k=cfg.top_k,
+                             temperature=cfg.temperature, pad_id=s.tok.pad_token_id or 0)
         precompute_s = time.perf_counter() - t0
-        records = [{**r, **s} for r, s in zip(records, scores)]
-        teacher = None
+        records = [TrainRecord.from_example(ex, scores=m.scores(), teacher_topk=m.teacher_topk)
+                   for ex, m in zip(examples, scores)]
     rss_loaded = peak_rss_gb()
-    params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(cfg, cfg.max_steps))
-    span_lm, optimizer = acc.prepare(SpanLM(lm), optimizer)
+    state = train.start(cfg, s, records)
 
     times, phases = [], []
     for step in range(a.warmup + a.steps):
-        ph = opsd_step(step, records, cfg, span_lm, teacher, optimizer, scheduler, acc, pad_id, lm)
+        ph = opsd_step(state, step)
         if step >= a.warmup:
             times.append(ph["step"])
             phases.append(ph)
@@ -130,105 +123,42 @@ def run_opsd(a, precompute: bool) -> dict:
         from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            opsd_step(a.warmup + a.steps, records, cfg, span_lm, teacher, optimizer, scheduler, acc, pad_id, lm)
+            opsd_step(state, a.warmup + a.steps)
         profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile)
     med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     return {"times": times, "phases": med, "load_s": load_s, "precompute_s": precompute_s,
             "rss_after_load_gb": rss_loaded, "peak_rss_gb": peak_rss_gb(),
-            "student_tokens": sum(len(r["student_ids"]) for r in records),
-            "teacher_tokens": 0 if precompute else sum(len(r["teacher_ids"]) for r in records),
-            "span_tokens": sum(r["student_span"][1] - r["student_span"][0] for r in records),
+            "student_tokens": sum(len(r.student_ids) for r in records),
+            "teacher_tokens": 0 if precompute else sum(len(r.teacher_ids) for r in records),
+            "span_tokens": sum(r.n_targets for r in records),
             "profile": profile}
 
 
-def opsd_step(step, records, cfg, span_lm, teacher, optimizer, scheduler, acc, pad_id, lm) -> dict:
-    """One optimizer step through opsd.train's stages; mirrors the loop body of `train.main`."""
-    from opsd.train import run as train
+def opsd_step(state, step) -> dict:
+    """One optimizer step: `opsd.train.step.train_step` (draw, targets, loss, backward, optimizer step), timed per phase."""
+    from opsd.train.step import train_step
 
     t0 = time.perf_counter()
-    mine, window = train.step_batches(len(records), step, cfg, 0, 1)
-    n_tokens = sum(records[i]["student_span"][1] - records[i]["student_span"][0] for i in window)
-    ph = {"teacher": 0.0, "student_fwd": 0.0, "backward": 0.0}
-    for idx in mine:
-        t = time.perf_counter()
-        mb = train.make_micro_batch([records[i] for i in idx], pad_id)
-        targets = train.teacher_targets(teacher, mb)
-        ph["teacher"] += time.perf_counter() - t
-        t = time.perf_counter()
-        div_sum, stats = train.student_loss(span_lm, mb, targets, cfg, acc.device)
-        ph["student_fwd"] += time.perf_counter() - t
-        t = time.perf_counter()
-        acc.backward(div_sum / n_tokens)
-        ph["backward"] += time.perf_counter() - t
-    t = time.perf_counter()
-    acc.clip_grad_norm_(span_lm.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if teacher is not None:
-        teacher.update(lm)
-    ph["optimizer"] = time.perf_counter() - t
-    ph["step"] = time.perf_counter() - t0
-    return ph
+    values = train_step(state, step)
+    return {"teacher": values["time/teacher_s"], "student_fwd": values["time/student_forward_s"],
+            "backward": values["time/backward_s"], "optimizer": values["time/optimizer_s"],
+            "step": time.perf_counter() - t0}
 
 
-# ---------------------------------------------------------------- side: TRL GKDTrainer
+# ---------------------------------------------------------------- sides: TRL GKDTrainer, DistillationTrainer
 
-def run_trl(a) -> dict:
-    import os
+def run_trl_side(a, trainer: str) -> dict:
+    from bench.trl_sides import run_trl
+    from opsd.io.models import load_tokenizer
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    examples = synthetic_examples(load_tokenizer(a.model), batch=a.batch, seq_len=a.seq_len, span=a.span, hint=a.hint)
+    return run_trl(a, trainer, a.precision, model_path(a.model), examples, peak_rss_gb)
 
+
+def model_path(name: str) -> str:
     from opsd.io import models
 
-    t0 = time.perf_counter()
-    student, tok = models.load(a.model, device="cpu", dtype=torch.float32)
-    teacher, _ = models.load(a.model, device="cpu", dtype=torch.float32)  # the second copy GKD needs
-    load_s = time.perf_counter() - t0
-    examples = synthetic_examples(tok, batch=a.batch, seq_len=a.seq_len, span=a.span, hint=a.hint)
-    rows = [{"input_ids": ex.student_ids,
-             "labels": [-100] * ex.student_span[0] + ex.student_ids[slice(*ex.student_span)]
-             + [-100] * (len(ex.student_ids) - ex.student_span[1])} for ex in examples]
-
-    def collate(feats):  # pre-tokenised rows, all the same length
-        ids = torch.tensor([f["input_ids"] for f in feats])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.tensor([f["labels"] for f in feats])}
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.times = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.begin)
-
-    timer = StepTimer()
-    out_dir = tempfile.mkdtemp(prefix="bench-trl-")
-    args = GKDConfig(output_dir=out_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
-                     max_steps=a.warmup + a.steps, learning_rate=a.lr, lr_scheduler_type="cosine",
-                     optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
-                     lmbda=0.0, beta=0.5, temperature=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-                     use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
-                     dataloader_num_workers=0, seed=0, max_length=None, disable_tqdm=True)
-    rss_loaded = peak_rss_gb()
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows * 64),
-                         processing_class=tok, data_collator=collate, callbacks=[timer])
-    settings = {"bf16": trainer.args.bf16, "gradient_checkpointing": trainer.args.gradient_checkpointing,
-                "optimizer": type(trainer.create_optimizer()).__name__, "lmbda": trainer.lmbda, "beta": trainer.beta,
-                "student_dtype": str(next(trainer.model.parameters()).dtype),
-                "teacher_dtype": str(next(trainer.teacher_model.parameters()).dtype)}
-    trainer.train()
-    return {"times": timer.times[a.warmup:], "load_s": load_s, "rss_after_load_gb": rss_loaded,
-            "peak_rss_gb": peak_rss_gb(), "student_tokens": sum(len(r["input_ids"]) for r in rows),
-            "teacher_tokens": sum(len(r["input_ids"]) for r in rows),
-            "span_tokens": sum(ex.student_span[1] - ex.student_span[0] for ex in examples), "settings": settings}
+    return str(models.resolve(name))
 
 
 # ---------------------------------------------------------------- side: matmul GFLOP/s
@@ -246,11 +176,17 @@ def model_gemm_shapes(model_dir: str | None = None) -> tuple[list[tuple[int, int
     return shapes, {"d": d, "ffn": f, "kv": kv, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size}
 
 
+
 def run_matmul(a) -> dict:
+    """GFLOP/s of `torch.mm` at `a.precision` on the model's GEMM shapes (the FLOP floor's rate), and lm_head shapes."""
     import torch
 
+    from opsd.io.models import DTYPES
+
+    dtype = DTYPES[a.precision]
+
     def rate(m, k, n, reps):
-        x, w = torch.randn(m, k), torch.randn(k, n)
+        x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(2):
             torch.mm(x, w)
         t = time.perf_counter()
@@ -259,13 +195,14 @@ def run_matmul(a) -> dict:
         return 2 * m * k * n * reps, time.perf_counter() - t
 
     M = a.batch * a.seq_len
-    shapes, sizes = model_gemm_shapes()
+    shapes, sizes = model_gemm_shapes(model_path(a.model))
     flops = secs = 0.0
     for k, n in shapes:  # forward y = x W, grad-input dx = dy W^T, grad-weight dW = x^T dy
         for m_, k_, n_ in ((M, k, n), (M, n, k), (k, M, n)):
             fl, s = rate(m_, k_, n_, a.matmul_reps)
             flops, secs = flops + fl, secs + s
-    out = {"model_gemm_gflops": flops / secs / 1e9, "M": M, "sizes": sizes, "threads": torch.get_num_threads()}
+    out = {"precision": a.precision, "model_gemm_gflops": flops / secs / 1e9, "M": M, "sizes": sizes,
+           "threads": torch.get_num_threads()}
     fl, s = rate(a.batch * a.span, sizes["d"], sizes["vocab"], a.matmul_reps)
     out["lm_head_span_gflops"] = fl / s / 1e9  # (B*span, d) @ (d, V): opsd's lm_head
     fl, s = rate(M, sizes["d"], sizes["vocab"], max(1, a.matmul_reps // 4))
@@ -277,26 +214,24 @@ def run_matmul(a) -> dict:
 
 # ---------------------------------------------------------------- parent: alternate the sides, report
 
-def child(side: str, a) -> dict:
-    """Run one side in a fresh process; returns its JSON result."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    cmd = [sys.executable, __file__, "--side", side, "--out-json", path, "--model", a.model,
+SIDES = ("opsd", "opsd_pre", "gkd", "distill", "matmul")
+TRL = ("gkd", "distill")
+
+
+def child(side: str, precision: str, a) -> tuple[dict, dict]:
+    """Run one side in a fresh process; returns (its JSON result, the round meta from bench/timing.py)."""
+    path = child_json_path()
+    steps = a.trl_steps if side in TRL else a.steps
+    cmd = [sys.executable, __file__, "--side", side, "--precision", precision, "--out-json", path, "--model", a.model,
            "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--span", str(a.span), "--hint", str(a.hint),
-           "--steps", str(a.trl_steps if side == "trl" else a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr),
-           "--matmul-reps", str(a.matmul_reps)]
-    if a.profile and side == "opsd" and not getattr(a, "_profiled", False):
+           "--steps", str(steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--matmul-reps", str(a.matmul_reps)]
+    if a.profile and side == "opsd" and precision == a.used and not getattr(a, "_profiled", False):
         cmd += ["--profile", str(a.profile)]
         a._profiled = True
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"side {side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    res = json.loads(Path(path).read_text())
-    res["wall_s"] = time.perf_counter() - t0
-    print(f"  {side:9s} steps {[round(t, 2) for t in res.get('times', [])]}  peak RSS "
-          f"{res.get('peak_rss_gb', 0):.2f} GB  ({res['wall_s']:.0f} s)", flush=True)
-    return res
+    res, meta = run_child(cmd, cwd=ROOT, out_json=path)
+    print(f"  {precision} {side:9s} steps {[round(t, 2) for t in res.get('times', [])]}  peak RSS "
+          f"{res.get('peak_rss_gb', 0):.2f} GB", flush=True)
+    return res, meta
 
 
 def flops_per_step(r: dict, n_params: float) -> float:
@@ -304,16 +239,41 @@ def flops_per_step(r: dict, n_params: float) -> float:
     return 6 * n_params * r["student_tokens"] + 2 * n_params * r["teacher_tokens"]
 
 
-def exact_flops_per_step(r: dict, sizes: dict, seq_len: int, n_body: float) -> float:
+def exact_flops_per_step(r: dict, sizes: dict, seq_len: int, n_body: float, side: str) -> float:
     """Matmul FLOPs actually needed: no embedding matmul, causal attention (T/2 average context),
-    lm_head only where it is applied (span tokens for opsd, every token for TRL)."""
+    lm_head only where it is applied (span tokens for opsd and DistillationTrainer, every token for GKD)."""
     attn = 4 * (seq_len / 2) * sizes["d"] * sizes["layers"]  # QK^T and AV per token, forward
     per_fwd = 2 * n_body + attn
     head = 2 * sizes["vocab"] * sizes["d"]
-    head_tokens_student = r["span_tokens"] if r["side"] != "trl" else r["student_tokens"]
-    head_tokens_teacher = (r["span_tokens"] if r["side"] != "trl" else r["teacher_tokens"]) if r["teacher_tokens"] else 0
-    return (3 * per_fwd * r["student_tokens"] + 3 * head * head_tokens_student
-            + per_fwd * r["teacher_tokens"] + head * head_tokens_teacher)
+    full = side == "gkd"
+    head_student = r["student_tokens"] if full else r["span_tokens"]
+    head_teacher = (r["teacher_tokens"] if full else r["span_tokens"]) if r["teacher_tokens"] else 0
+    return (3 * per_fwd * r["student_tokens"] + 3 * head * head_student
+            + per_fwd * r["teacher_tokens"] + head * head_teacher)
+
+
+def step_of_round(res: dict) -> float:
+    return statistics.median(res["times"])
+
+
+def summarise_side(side: str, rs: list[dict], a, mm: dict, n_params: float) -> dict:
+    sizes = mm["sizes"]
+    n_body = n_params - sizes["vocab"] * sizes["d"]  # tied embedding: no matmul at the input
+    rate = mm["model_gemm_gflops"] * 1e9
+    per_round = [step_of_round(r) for r in rs]
+    worst = max(per_round)
+    r0 = rs[0]
+    fl, fx = flops_per_step(r0, n_params), exact_flops_per_step(r0, sizes, a.seq_len, n_body, side)
+    times = [t for r in rs for t in r["times"]]
+    return {"rounds": [r["times"] for r in rs], "round_meta": [r["round"] for r in rs], "step_s_per_round": per_round,
+            "median_step_s": statistics.median(times), "worst_round_step_s": worst, "n_steps": len(times),
+            "trajectories_per_s": a.batch / worst, "student_tokens_per_s": r0["student_tokens"] / worst,
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in rs), "rss_after_load_gb": max(r["rss_after_load_gb"] for r in rs),
+            "student_tokens": r0["student_tokens"], "teacher_tokens": r0["teacher_tokens"],
+            "span_tokens": r0["span_tokens"], "flops_6n2n": fl, "floor_s": fl / rate,
+            "floor_share": fl / rate / worst, "flops_exact": fx, "floor_exact_s": fx / rate,
+            "floor_share_exact": fx / rate / worst, "phases": r0.get("phases"), "precompute_s": r0.get("precompute_s"),
+            "settings": r0.get("settings"), "profile": next((r["profile"] for r in rs if r.get("profile")), None)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -323,76 +283,89 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=512, help="student trajectory length (tokens)")
     p.add_argument("--span", type=int, default=32, help="error span length (tokens), at the end of the trajectory")
     p.add_argument("--hint", type=int, default=20, help="hint length (tokens), in the teacher sequence only")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    p.add_argument("--trl-steps", type=int, default=2, help="timed steps per TRL process (its steps are ~4x longer)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per opsd process")
+    p.add_argument("--trl-steps", type=int, default=1, help="timed steps per TRL process (its steps are longer)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
-    p.add_argument("--rounds", type=int, default=2, help="A B C rounds (each side runs once per round)")
-    p.add_argument("--sides", default="trl,opsd,opsd_pre")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (each side runs once per round and precision)")
+    p.add_argument("--precisions", default="fp32,bf16", help="precisions compared, each with every side")
+    p.add_argument("--sides", default="opsd,gkd,distill", help="sides alternated in every round")
+    p.add_argument("--no-precomputed", dest="precomputed", action="store_false",
+                   help="skip the one opsd_pre run (teacher=initial, precomputed targets) at the precision used")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--matmul-reps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, help="torch.profiler top-N ops of one extra opsd step (0: off)")
     p.add_argument("--quick", action="store_true", help="smoke sizes: batch 2 x 64 tokens, 1+1 steps, 1 round")
     p.add_argument("--json", help="write all results here")
-    p.add_argument("--side", choices=["opsd", "opsd_pre", "trl", "matmul"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.batch, a.seq_len, a.span, a.hint, a.steps, a.trl_steps, a.warmup, a.rounds, a.matmul_reps = \
             2, 64, 8, 6, 1, 1, 1, 1, 2
     if a.side:  # child process
-        res = {"matmul": run_matmul, "trl": run_trl, "opsd": lambda x: run_opsd(x, False),
+        res = {"matmul": run_matmul, "gkd": lambda x: run_trl_side(x, "gkd"),
+               "distill": lambda x: run_trl_side(x, "distill"), "opsd": lambda x: run_opsd(x, False),
                "opsd_pre": lambda x: run_opsd(x, True)}[a.side](a)
         Path(a.out_json).write_text(json.dumps(res))
         return res
 
+    from opsd.io.models import resolve_precision
+
+    a.used = resolve_precision("auto", "cpu")  # the precision opsd runs at here: the headline's
+    precisions = [x.strip() for x in a.precisions.split(",") if x.strip()]
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     print(f"step benchmark: batch {a.batch} x {a.seq_len} tokens, span {a.span}, hint {a.hint}; {a.warmup} warm-up + "
-          f"{a.steps} timed steps per process ({a.trl_steps} for TRL), {a.rounds} round(s) of {sides}", flush=True)
-    mm = child("matmul", a)
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(a.rounds):
-        for s in sides:
-            runs[s].append(child(s, a))
+          f"{a.steps} timed steps per process ({a.trl_steps} for TRL), {a.rounds} round(s) of {sides} at {precisions}; "
+          f"precision used: {a.used}", flush=True)
+    mm = {pr: child("matmul", pr, a)[0] for pr in precisions}
+    order = [(pr, s) for pr in precisions for s in sides]
+    runs = timed_rounds([f"{pr}:{s}" for pr, s in order], a.rounds, lambda k: child(k.split(":")[1], k.split(":")[0], a))
     n_params = 134.5e6
-    sizes = mm["sizes"]
-    n_body = n_params - sizes["vocab"] * sizes["d"]  # tied embedding: no matmul at the input
-    rate = mm["model_gemm_gflops"] * 1e9
-    summary = {}
-    for s, rs in runs.items():
-        times = [t for r in rs for t in r["times"]]
-        med = statistics.median(times)
-        r0 = dict(rs[0], side=s)
-        fl = flops_per_step(r0, n_params)
-        fx = exact_flops_per_step(r0, sizes, a.seq_len, n_body)
-        summary[s] = {"rounds": [r["times"] for r in rs], "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "n_steps": len(times),
-                      "trajectories_per_s": a.batch / med, "student_tokens_per_s": r0["student_tokens"] / med,
-                      "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
-                      "rss_after_load_gb": max(r["rss_after_load_gb"] for r in rs),
-                      "student_tokens": r0["student_tokens"], "teacher_tokens": r0["teacher_tokens"],
-                      "span_tokens": r0["span_tokens"],
-                      "flops_6n2n": fl, "floor_s": fl / rate, "floor_share": fl / rate / med,
-                      "flops_exact": fx, "floor_exact_s": fx / rate, "floor_share_exact": fx / rate / med,
-                      "phases": rs[0].get("phases"), "precompute_s": rs[0].get("precompute_s"),
-                      "settings": rs[0].get("settings"), "profile": next((r["profile"] for r in rs if r.get("profile")), None)}
     result = {"config": {k: getattr(a, k) for k in ("model", "batch", "seq_len", "span", "hint", "steps", "trl_steps",
-                                                     "warmup", "rounds", "lr")},
-              "matmul": mm, "sides": summary, "n_params": n_params}
-    o, t = summary.get("opsd"), summary.get("trl")
-    if o and t:
-        result |= {"ratio_trajectories_per_s": o["trajectories_per_s"] / t["trajectories_per_s"],
-                   "ratio_peak_rss": o["peak_rss_gb"] / t["peak_rss_gb"]}
-    if o:
-        result["floor_share"] = o["floor_share"]
-    print(f"matmul fp32: model GEMMs {mm['model_gemm_gflops']:.1f} GFLOP/s, lm_head span {mm['lm_head_span_gflops']:.1f}, "
-          f"lm_head full {mm['lm_head_full_gflops']:.1f}, 1024^3 {mm['square_1024_gflops']:.1f} ({mm['threads']} threads)")
-    for s, v in summary.items():
-        print(f"{s:9s} median {v['median_step_s']:6.2f} s  {v['trajectories_per_s']:.3f} traj/s  "
-              f"{v['student_tokens_per_s']:6.1f} student tok/s  peak RSS {v['peak_rss_gb']:.2f} GB  "
-              f"floor share {v['floor_share']:.2f} (6N/2N)  {v['floor_share_exact']:.2f} (exact matmul FLOPs)")
+                                                     "warmup", "rounds", "lr")} | {"precisions": precisions,
+                                                                                    "used": a.used},
+              "matmul": mm, "n_params": n_params, "discarded_rounds": runs["discarded"], "by_precision": {}}
+    for pr in precisions:
+        summ = {s: summarise_side(s, runs[f"{pr}:{s}"], a, mm[pr], n_params) for s in sides}
+        block: dict = {"sides": summ}
+        trl = [s for s in sides if s in TRL]
+        if "opsd" in summ and trl:
+            rr = []
+            for i in range(a.rounds):
+                faster = min(trl, key=lambda s: summ[s]["step_s_per_round"][i])
+                rr.append({"vs": faster, "ratio": summ[faster]["step_s_per_round"][i] / summ["opsd"]["step_s_per_round"][i]})
+            block["ratio_per_round"] = rr
+            faster = min(trl, key=lambda s: summ[s]["worst_round_step_s"])
+            block["faster_trl"] = faster
+            block["ratio_trajectories_per_s"] = min(x["ratio"] for x in rr)
+            block["ratio_peak_rss"] = summ["opsd"]["peak_rss_gb"] / summ[faster]["peak_rss_gb"]
+        if "opsd" in summ:
+            block["floor_share"] = summ["opsd"]["floor_share"]
+        result["by_precision"][pr] = block
+    if "fp32" in precisions and "bf16" in precisions and "opsd" in sides:
+        f32, b16 = (result["by_precision"][x]["sides"]["opsd"]["step_s_per_round"] for x in ("fp32", "bf16"))
+        result["bf16_speedup_per_round"] = [x / y for x, y in zip(f32, b16)]
+        result["bf16_speedup"] = min(result["bf16_speedup_per_round"])
+    if a.precomputed and "opsd" in sides:
+        res, meta = child("opsd_pre", a.used, a)
+        res["round"] = meta
+        result["opsd_pre"] = summarise_side("opsd_pre", [res], a, mm.get(a.used) or mm[precisions[0]], n_params)
+    head = result["by_precision"].get(a.used) or result["by_precision"][precisions[-1]]
+    result |= {k: head[k] for k in ("ratio_trajectories_per_s", "ratio_peak_rss", "floor_share") if k in head}
+    for pr, block in result["by_precision"].items():
+        print(f"{pr}: matmul {mm[pr]['model_gemm_gflops']:.0f} GFLOP/s on the model's GEMMs")
+        for s, v in block["sides"].items():
+            print(f"  {s:8s} worst-round step {v['worst_round_step_s']:6.2f} s  {v['trajectories_per_s']:.3f} traj/s  "
+                  f"peak RSS {v['peak_rss_gb']:.2f} GB  floor share {v['floor_share']:.2f}")
+        if "ratio_per_round" in block:
+            print("  opsd / faster TRL per round: " + ", ".join(f"{x['ratio']:.2f}x ({x['vs']})" for x in block["ratio_per_round"]))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     print(" ".join(f"{k}={result[k]:.3f}" for k in ("ratio_trajectories_per_s", "ratio_peak_rss", "floor_share")
                    if k in result))
+    if "bf16_speedup" in result:
+        print(f"bf16_speedup={result['bf16_speedup']:.3f}")
     return result
 
 
