@@ -89,7 +89,7 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated names"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16: bf16 autocasts the matmuls, with fp32 master weights, optimizer state, log-softmax and divergence; auto = bf16 where the CPU (AVX512-BF16/AMX) or GPU has bf16 units"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16: bf16 autocasts the matmuls, with fp32 master weights, optimizer state, log-softmax and divergence; auto = bf16 where the CPU (AVX512-BF16/AMX) or GPU has bf16 units, except GKD on CPU: fp32 (a near-converged divergence rose under bf16, measured)"})
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     # run bookkeeping
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})

@@ -67,7 +67,12 @@ def span_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch
     hidden_BTD = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=False).last_hidden_state
     hidden_ND = hidden_BTD[batch_idx, pos]  # (N, D)
-    logits_NV = causal.get_output_embeddings()(hidden_ND)  # (N, V)
+    head = causal.get_output_embeddings()
+    # the head runs in its weights' precision, outside any bf16 autocast: the student's fp32 master weights give
+    # fp32 logits (bf16 logits carry ~0.4% rounding per logit, more than a near-converged divergence's gradient:
+    # under bf16 autocast GKD on the real model *raised* the divergence, BENCHMARKS.md numerics)
+    with torch.autocast(device_type=hidden_ND.device.type, enabled=False):
+        logits_NV = head(hidden_ND.to(head.weight.dtype))  # (N, V)
     cap = getattr(causal.config, "final_logit_softcapping", None)
     if cap:  # Gemma-2 style soft-capping, as in the model's own forward
         logits_NV = torch.tanh(logits_NV / cap) * cap

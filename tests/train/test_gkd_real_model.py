@@ -28,6 +28,8 @@ def test_context_distillation_lowers_the_divergence(tmp_path):
     kl = [r["diag/kl"] for r in rows]
     print(f"JSD per step {loss}; KL(student||teacher) {kl}; top-16 overlap {[r['diag/top16_overlap'] for r in rows]}")
     assert loss[0] > 0.001  # the instruction really changes the teacher
+    # measured: fp32 (auto's choice for GKD on CPU) JSD 0.0043 -> 0.0032 -> 0.0026; under bf16 autocast it ROSE
+    # to 0.0094 (why precision=auto trains GKD in fp32 on CPU)
     assert loss[1] < loss[0] and loss[2] < loss[0] and kl[2] < kl[0]
     sm = summarise(out / "metrics.jsonl")
     assert sm["steps"] == 3 and sm["diag/kl"]["last"] == kl[2]
