@@ -131,6 +131,8 @@ def call_issues(text: str, blk: CallBlock, tools: dict[str, dict], start: int = 
             # the name came first and was already wrong: that is the error to train on
             issues.append(Issue(blk.name_span[0], "unknown_tool", name_span(blk),
                                 [{"valid_tools": v} for v in _listed(sorted(tools))]))
+        elif blk.name in tools:
+            issues += partial_argument_issues(text, blk, tools[blk.name], start)
         return issues
     fn = tools.get(blk.name)
     if fn is None:
@@ -157,6 +159,64 @@ def call_issues(text: str, blk: CallBlock, tools: dict[str, dict], start: int = 
     for e in errors:
         issues += _schema_issue(e, args, name)
     return issues
+
+
+_ARGS_OPEN_RE = re.compile(r'"arguments"\s*:\s*([\[{])')
+
+
+def partial_keys(text: str, open_pos: int) -> list[tuple[str, int]]:
+    """Keys (name, position of the name) at the top level of the JSON object opened at `open_pos` (`{`), read
+    as far as the text goes: the object may never be closed (a reply cut off at the token limit)."""
+    keys, depth, i, n = [], 0, open_pos, len(text)
+    expect_key = False
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                break  # an unterminated string: the text ends inside it
+            if depth == 1 and expect_key and re.match(r"\s*:", text[j + 1:]):
+                keys.append((text[i + 1:j], i + 1))
+            expect_key = False
+            i = j + 1
+            continue
+        if ch in "{[":
+            depth += 1
+            expect_key = ch == "{" and depth == 1
+        elif ch in "}]":
+            depth -= 1
+            if depth <= 0:
+                break
+        elif ch == "," and depth == 1:
+            expect_key = True
+        i += 1
+    return keys
+
+
+def partial_argument_issues(text: str, blk: CallBlock, fn: dict, start: int = 0) -> list[Issue]:
+    """Errors inside the arguments of a call that never parsed (cut off, or broken later): arguments that are a
+    list instead of an object, or the first key the function does not declare (the model echoing the tool's
+    schema, `"type": "function", ...`, is the common case). They start before the point where decoding failed,
+    so they are the error to train on, not the token at the cut-off."""
+    if blk.name_span is None:
+        return []
+    m = _ARGS_OPEN_RE.search(text, blk.name_span[1], blk.end)
+    if m is None or m.start(1) < start:
+        return []
+    name = blk.name
+    props = list(((fn.get("parameters") or {}).get("properties") or {}))
+    if m.group(1) == "[":
+        return [Issue(m.start(1), "type_mismatch", (m.start(1), m.start(1) + 1),
+                      [{"function": name, "parameter": "arguments", "expected": "an object"}])]
+    for key, pos in partial_keys(text, m.start(1)):
+        if key not in props:
+            if not key:
+                return []
+            return [Issue(pos, "unknown_parameter", (pos, pos + len(key)),
+                          [{"function": name, "valid_parameters": v} for v in _listed(props)])]
+    return []
 
 
 def _schema_issue(e: jsonschema.ValidationError, args: Node, fn_name: str) -> list[Issue]:

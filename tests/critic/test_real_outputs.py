@@ -57,10 +57,16 @@ def _expected_category(t) -> str:
     if name is not None and name not in tools:
         return "unknown_tool"  # the name comes first: every later error is conditioned on it
     err = t.meta.get("parse_error") or ""
-    if err.startswith("unterminated"):
-        return "unparsable_call"
     if err:
-        return "invalid_json"
+        # inside the arguments, before the parse error: a list, or a first key the function does not declare
+        _, sep, rest = text.partition('"arguments": ')
+        if sep and name in tools and rest.startswith("["):
+            return "type_mismatch"
+        if sep and name in tools and rest.startswith("{"):
+            key, colon = rest[1:].lstrip().partition('"')[2].partition('"')[0], rest[1:].lstrip().startswith('"')
+            if colon and key and key not in tools[name]["properties"] and '"' + key + '"' in rest:
+                return "unknown_parameter"
+        return "unparsable_call" if err.startswith("unterminated") else "invalid_json"
     (call,) = t.messages[-1]["tool_calls"]
     args, params = json.loads(call["function"]["arguments"]), tools[call["function"]["name"]]
     if set(args) - set(params["properties"]):

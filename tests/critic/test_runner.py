@@ -187,7 +187,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert p.returncode == 2 and "no API key" in err and "OPENAI_API_KEY" in err
     p = _cli("critique", "--in", *SAMPLES, "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm")
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 2 and "--model" in err
+    assert p.returncode == 2 and "(--critic.model M)" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"nope": 1}\n')
     p = _cli("critique", "--in", str(bad), "--out", str(tmp_path / "c.jsonl"))

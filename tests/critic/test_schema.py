@@ -168,3 +168,28 @@ def test_tool_error_of_a_call_without_arguments_quotes_its_closing_brace():
                          {"role": "tool", "tool_call_id": "c0", "content": "Error: host unreachable"}], tools)
     c = _check(t)
     assert (c.verdict, c.category, c.quote, c.quote_at) == ("error", "tool_error", "}", text.index("}"))
+
+
+@pytest.mark.parametrize("text, category, quote, hint_has", [
+    # the round-2 student of the demo echoes the tool's schema inside "arguments" and is cut off far later
+    ('<tool_call>\n{"name": "get_weather", "arguments": {\n    "type": "function",\n    "function": {"name": "get_w',
+     "unknown_parameter", "type", "city"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "description": "Get the current weath',
+     "unknown_parameter", "description", "city"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": [\n    {"type": "function", "function": {"name": "get_w',
+     "type_mismatch", "[", "object"),
+])
+def test_a_call_that_never_parsed_is_checked_inside_its_arguments(samples, text, category, quote, hint_has):
+    """The error starts at the first undeclared key (or the list), long before the cut-off: that is what is quoted
+    and trained on, not the unterminated string at the token limit."""
+    t = _with_calls(samples["weather-ok"], text)
+    c = _check(t)
+    assert (c.verdict, c.category, c.quote) == ("error", category, quote), (c.category, c.quote, c.error)
+    assert c.quote_at == text.index(quote, text.index('"arguments"'))
+    assert hint_has in c.hint and lint_hint(c.hint, c.quote) is None
+
+
+def test_a_cut_off_call_with_declared_keys_only_stays_unparsable(samples):
+    t = _with_calls(samples["weather-ok"], '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "cel')
+    c = _check(t)
+    assert c.category == "unparsable_call"
