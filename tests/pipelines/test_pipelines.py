@@ -20,12 +20,13 @@ def opsd(*args):
     return subprocess.run([sys.executable, "-m", "opsd.cli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def v(acc: float, err: float) -> Validation:
-    return Validation(10, acc, err, 0.0, (0.0, 1.0), (0.0, 1.0))
+def v(acc: float, err: float, gt: float = 0.0) -> Validation:
+    return Validation(10, acc, err, 0.0, (0.0, 1.0), (0.0, 1.0), gt)
 
 
-def test_validation_order_is_accuracy_then_errors():
-    assert v(0.2, 0.9).better_than(v(0.1, 0.1)) and v(0.1, 0.1).worse_than(v(0.2, 0.9))
+def test_validation_order_is_accuracy_then_ground_truth_function_then_errors():
+    assert v(0.2, 0.9).better_than(v(0.1, 0.1, 0.9)) and v(0.1, 0.1).worse_than(v(0.2, 0.9))
+    assert v(0.0, 1.0, 0.3).better_than(v(0.0, 0.5, 0.1)) and v(0.0, 0.5, 0.1).worse_than(v(0.0, 1.0, 0.3))
     assert v(0.0, 0.4).better_than(v(0.0, 0.5)) and not v(0.0, 0.5).better_than(v(0.0, 0.5))
     assert not v(0.0, 0.5).worse_than(v(0.0, 0.5))
 
