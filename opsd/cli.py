@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from opsd.config import parse
@@ -107,14 +108,31 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _multi_turn_file(tasks: str) -> bool:
+    """A task file whose tasks are all BFCL multi-turn episodes (as `bfcl:multi_turn_*` specs load them)."""
+    from opsd.io.tasks import bfcl_multi_turn, load_tasks
+
+    if tasks.startswith("bfcl:") or not Path(tasks).is_file():
+        return False
+    loaded = load_tasks(tasks)
+    return bool(loaded) and all(bfcl_multi_turn.is_multi_turn(t.meta) for t in loaded)
+
+
 def _eval(argv: list[str]) -> int:
     from opsd.critique.outcomes import reply_outcomes
     from opsd.critique.run import critique_fn
+    from opsd.eval import multi_turn
     from opsd.eval.config import EvalConfig
     from opsd.eval.report import summary_table
     from opsd.eval.run import main
 
     cfg = parse(EvalConfig, argv, prog="opsd eval", description=COMMANDS["eval"][0])
+    if multi_turn.is_multi_turn_spec(cfg.tasks) or _multi_turn_file(cfg.tasks):  # episodes in BFCL's simulated
+        # environments, scored by BFCL's official multi-turn checker
+        report = multi_turn.main(cfg, critique_fn(cfg.critic))
+        print(multi_turn.markdown(report))
+        print(f"\nreport: {cfg.out}/report.md")
+        return 0
     report = main(cfg, critique_fn(cfg.critic), outcome_fn=reply_outcomes)
     print(summary_table(report))
     print(f"\nreport: {cfg.out}/report.md")
