@@ -67,7 +67,7 @@ def _check(traj: Trajectory, c: Critique) -> None:
         raise HintError("bad_step", f"step {c.step!r} out of range for {len(traj.messages)} messages in {traj.id!r}")
     if traj.messages[c.step].get("role") != "assistant":
         raise HintError("not_assistant", f"message {c.step} of {traj.id!r} is a {traj.messages[c.step].get('role')!r} message")
-    if not (c.quote or "").strip():
+    if not c.quote:  # whitespace is a real error token (a raw newline inside a JSON string)
         raise HintError("no_quote", f"critique of {traj.id!r} has an empty quote")
     if not (c.hint or "").strip():
         raise HintError("no_hint", f"critique of {traj.id!r} has an empty hint")

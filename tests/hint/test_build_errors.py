@@ -45,7 +45,7 @@ def test_hint_error_is_reason_then_message():
     ({"step": -1}, "bad_step", "step -1 out of range for 2 messages in 't1'"),
     ({"step": 0}, "not_assistant", "message 0 of 't1' is a 'user' message"),
     ({"quote": None}, "no_quote", "critique of 't1' has an empty quote"),
-    ({"quote": "  "}, "no_quote", "critique of 't1' has an empty quote"),
+    ({"quote": ""}, "no_quote", "critique of 't1' has an empty quote"),
     ({"hint": None}, "no_hint", "critique of 't1' has an empty hint"),
     ({"hint": "\n"}, "no_hint", "critique of 't1' has an empty hint"),
     ({"quote": "00"}, "ambiguous_quote", "quote '00' occurs more than once in message 1 of 't1' and the critique "
@@ -169,3 +169,15 @@ def test_build_examples_counts_every_skip(smol_tok):
                             "no_hint": 2, "verdict_ok": 2}
     assert len(examples) == 4
     assert {(e.meta["placement"], e.meta["span"]) for e in examples} == {("system", "step_from_error")}
+
+
+def test_a_whitespace_quote_is_a_real_error_token(smol_tok):
+    """A raw newline inside a JSON string is the decoder's error point (the rule critics quote it); the example
+    is built on that token. (11 of 96 round-1 critiques of the demo were dropped as `no_quote` before.)"""
+    text = '<tool_call>\n"1. Calculate the value.\n2. Calculate the rest.'
+    t = traj(text)
+    at = text.index("\n", len(PREFILL))
+    ex = build_example(t, crit(t, quote="\n", quote_at=at, category="unparsable_call"), smol_tok)
+    a, b = ex.student_span
+    assert smol_tok.decode(ex.student_ids[a:b]) == "\n"
+
