@@ -17,7 +17,7 @@ def test_opsd_eval_dispatches_multi_turn_task_files(tmp_path, tiny_dir, capsys):
     tasks.write_text(json.dumps({"id": task.id, "messages": task.messages, "tools": task.tools, "meta": task.meta}) + "\n")
     out = tmp_path / "report"
     rc = main(["eval", "--before", str(tiny_dir), "--after", str(tiny_dir), "--tasks", str(tasks), "--limit", "1",
-               "--max-new-tokens", "4", "--out", str(out), "--precision", "fp32", "--bootstrap", "50"])
+               "--max-new-tokens", "4", "--out", str(out), "--precision", "fp32", "--bootstrap", "100"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["n_tasks"] == report["n_paired"] == 1  # the multi-turn report, not the single-turn one
