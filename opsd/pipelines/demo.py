@@ -11,6 +11,10 @@
    paired statistics and a verdict per target (OUT/report/report.md), plus every round's model
    against the base on the same held-out tasks (OUT/report/rounds.md);
 3. the verdicts and tables are printed.
+Multi-turn tasks (`--rollout.tasks bfcl:multi_turn_base:train`): episodes in BFCL's simulated
+environments; validation and the held-out evaluation default to the same categories' validation and
+held-out splits, and the held-out split is scored by BFCL's official multi-turn checker
+(`opsd.eval.multi_turn`: accuracy per episode, the critic's error rate, where the first error sits).
 Every stage resumes: rerunning the command reuses what is already on disk.
 """
 from __future__ import annotations
@@ -24,19 +28,23 @@ from typing import Callable
 
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
+from opsd.eval import multi_turn, stats
 from opsd.eval.config import EvalConfig
 from opsd.eval.report import summary_table
 from opsd.eval.run import _rollouts, behaviour
 from opsd.eval.run import main as eval_main
 from opsd.eval.targets import fmt_p
 from opsd.io.tasks import load_tasks
-from opsd.pipelines.loop import LoopConfig, format_rounds
+from opsd.pipelines.loop import LoopConfig, format_rounds, multi_turn_split
 from opsd.pipelines.loop import main as loop_main
 from opsd.rollout.config import RolloutConfig
 
 HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"
 ROUND_KEYS = ("official_accuracy", "names_undeclared_tool", "names_declared_tool", "names_gt_function",
               "no_parseable_call")
+LABELS = {"official_accuracy": "accuracy (official)", "names_undeclared_tool": "names an undeclared tool",
+          "names_declared_tool": "names a declared tool", "names_gt_function": "names the right function",
+          "no_parseable_call": "no parseable call", "critic_error": "critic finds an error"}
 
 
 def _demo_eval() -> EvalConfig:
@@ -48,10 +56,13 @@ class DemoConfig(LoopConfig):
     out: str = field(default="runs/demo", metadata={"help": "output folder: round_K/, loop.md, report/"})
     rounds: int = field(default=2, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
     eval: EvalConfig = field(default_factory=_demo_eval, metadata={
-        "help": "the held-out evaluation at the end; before, after, out and train_run are set by the demo"})
+        "help": "the held-out evaluation at the end; before, after, out and train_run are set by the demo; "
+                "multi-turn rollout.tasks: tasks defaults to their held-out split (BFCL's multi-turn checker)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.eval.tasks == HELDOUT_SPEC and multi_turn_split(self.rollout.tasks, "heldout"):
+            self.eval.tasks = multi_turn_split(self.rollout.tasks, "heldout")  # multi-turn rounds: multi-turn held-out
         d = EvalConfig()
         set_here = [f"eval.{n}" for n in ("before", "after", "out", "train_run", "critic") if getattr(self.eval, n) != getattr(d, n)]
         if set_here:
@@ -78,25 +89,48 @@ def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str
     return rows
 
 
+def multi_turn_round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str,
+                          max_steps_per_turn: int) -> list[dict]:
+    """`round_rows` for multi-turn tasks: episodes, BFCL's official multi-turn checker, the critic's error rate."""
+    base = multi_turn._rollouts(ecfg.before, "before", ecfg, prefill, max_steps_per_turn)
+    by_id = {c.trajectory_id: c for c in critique(base, Path(ecfg.out) / "critiques_before.jsonl")}
+    base_o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in base}
+    rows = []
+    for r in history["rounds"]:
+        model = r.get("trained_model")
+        if not model:
+            continue
+        name = "after" if model == ecfg.after else f"round_{r['round']}"  # the best round was rolled out already
+        trajs = multi_turn._rollouts(model, name, ecfg, prefill, max_steps_per_turn)
+        by_id = {c.trajectory_id: c for c in critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")}
+        o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in trajs}
+        ids = [tid for tid in base_o if tid in o]
+        kw = {"n_boot": ecfg.bootstrap, "seed": ecfg.seed}
+        rows.append({"round": r["round"], "model": model, "n": len(ids), "outcomes": {
+            "official_accuracy": stats.paired_binary([base_o[i]["valid"] for i in ids], [o[i]["valid"] for i in ids], **kw),
+            "critic_error": stats.paired_binary([base_o[i]["critic"] == "error" for i in ids],
+                                                [o[i]["critic"] == "error" for i in ids], **kw)}})
+    return rows
+
+
 def format_round_rows(rows: list[dict]) -> str:
     """Markdown: one row per round, each outcome as after − before (pts) with its paired 95% CI and McNemar p."""
     if not rows:
         return "no trained rounds"
-    labels = {"official_accuracy": "accuracy (official)", "names_undeclared_tool": "names an undeclared tool",
-              "names_declared_tool": "names a declared tool", "names_gt_function": "names the right function",
-              "no_parseable_call": "no parseable call"}
+    keys = list(rows[0]["outcomes"])
     lines = [f"Held-out, n={rows[0]['n']} tasks, each round's model paired with the base on the same tasks; "
              "cells: rate after (change in points [95% CI], McNemar p)", "",
-             "| round | " + " | ".join(labels[k] for k in ROUND_KEYS) + " |", "|---" * (len(ROUND_KEYS) + 1) + "|"]
+             "| round | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     base = rows[0]["outcomes"]
-    lines.append("| base | " + " | ".join(f"{100 * base[k]['before']['rate']:.1f}%" for k in ROUND_KEYS) + " |")
+    lines.append("| base | " + " | ".join(f"{100 * base[k]['before']['rate']:.1f}%" for k in keys) + " |")
     for r in rows:
         cells = []
-        for k in ROUND_KEYS:
+        for k in keys:
             o = r["outcomes"][k]
             ci = o["ci95"]
             ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
-            cells.append(f"{100 * o['after']['rate']:.1f}% ({100 * o['diff']:+.1f}{ci_s}, p={fmt_p(o['p'])})")
+            diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
+            cells.append(f"{100 * o['after']['rate']:.1f}% ({diff}{ci_s}, p={fmt_p(o['p'])})")
         lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,11 +151,18 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
                                train_run=str(best_run) if best_run else None, critic=cfg.critic)
     echo(f"[demo 2/3] held-out evaluation, scored once: base vs the best round ({history['best_round']})")
     critique = critique_fn(cfg.critic, echo=echo)
-    report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)
-    rows = round_rows(ecfg, history, critique, prefill)
+    if multi_turn.is_multi_turn_spec(ecfg.tasks):  # episodes, scored by BFCL's official multi-turn checker
+        steps = cfg.rollout.max_steps_per_turn
+        report = multi_turn.main(ecfg, critique, max_steps_per_turn=steps, log=echo)
+        rows = multi_turn_round_rows(ecfg, history, critique, prefill, steps)
+        table = multi_turn.markdown(report)
+    else:
+        report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)
+        rows = round_rows(ecfg, history, critique, prefill)
+        table = summary_table(report)
     (out / "report" / "rounds.json").write_text(json.dumps(rows, indent=2))
     (out / "report" / "rounds.md").write_text("# every round on the held-out tasks\n\n" + format_round_rows(rows) + "\n")
     echo(f"[demo 3/3] done in {time.time() - t0:.0f} s; report: {out / 'report' / 'report.md'}\n")
-    echo(summary_table(report))
+    echo(table)
     echo("\n" + format_round_rows(rows))
     return report

@@ -13,7 +13,9 @@ Round k = 1..R (artifacts in OUT/round_k/; the base student's validation in OUT/
    and total error rate). The base student is scored the same way first.
 The loop stops early when the validation outcome gets worse than the best round so far
 (accuracy, or while accuracy is 0 for both, the share of replies with an error), and reports the
-best round. The held-out split is never used here: score it once, at the end (`opsd eval`, or
+best round. Multi-turn tasks (`--rollout.tasks bfcl:multi_turn_base:train`) are episodes in BFCL's
+simulated environments: validation then defaults to the same categories' validation split, and
+accuracy is BFCL's official multi-turn checker's verdict per episode. The held-out split is never used here: score it once, at the end (`opsd eval`, or
 `opsd demo`, which runs this loop and then the held-out evaluation).
 
 With `--serve`, rollouts go through a vLLM server started from `.venv-vllm` (`make vllm`):
@@ -38,9 +40,11 @@ from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
 from opsd.eval import stats
 from opsd.eval.metrics import HEADLINE, reply_outcome
+from opsd.eval.multi_turn import episode_outcome
 from opsd.hint.run import category_effects
 from opsd.io.records import read_jsonl
 from opsd.io.tasks import Task, load_tasks
+from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
@@ -53,6 +57,15 @@ TRAIN_SPEC = "bfcl:multiple,parallel_multiple:train"  # several tools per task: 
 VALIDATION_SPEC = "bfcl:multiple,parallel_multiple:validation"
 PIPELINE_FIELDS = {"rollout": ("out", "model"), "train": ("model", "trajectories", "critiques", "out"),
                    "server": ("model", "log")}
+
+
+def multi_turn_split(spec: str, split: str) -> str | None:
+    """`bfcl:CATS:split` for a BFCL spec whose categories are all multi-turn (None for any other spec): a
+    multi-turn run is validated and evaluated on the other splits of the same categories."""
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[0] != "bfcl" or not all(mt.is_category(c) for c in parts[1].split(",")):
+        return None
+    return f"bfcl:{parts[1]}:{split}"
 
 
 def _loop_rollout() -> RolloutConfig:
@@ -72,7 +85,8 @@ class LoopConfig:
         "help": "each round trains on the next rollout.limit tasks of a seeded shuffle of rollout.tasks "
                 "(--no-fresh-tasks: the same tasks every round)"})
     validation_tasks: str = field(default=VALIDATION_SPEC, metadata={
-        "help": "tasks that score every round (never the held-out split); '' = no validation, no early stop"})
+        "help": "tasks that score every round (never the held-out split); '' = no validation, no early stop; "
+                "multi-turn rollout.tasks (bfcl:multi_turn_...): the default becomes their validation split"})
     validation_limit: int = field(default=64, metadata={"help": "validation tasks (a stratified sample)"})
     early_stop: bool = field(default=True, metadata={
         "help": "stop when the validation outcome gets worse than the best round so far"})
@@ -96,6 +110,8 @@ class LoopConfig:
             raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
         if self.rollout.limit is None or self.rollout.limit < 1:
             raise ValueError("rollout.limit: the tasks per round, must be >= 1")
+        if self.validation_tasks == VALIDATION_SPEC and multi_turn_split(self.rollout.tasks, "validation"):
+            self.validation_tasks = multi_turn_split(self.rollout.tasks, "validation")
         defaults = {"rollout": RolloutConfig(), "train": TrainConfig(), "server": ServeConfig()}
         set_here = [f"{stage}.{name}" for stage, names in PIPELINE_FIELDS.items() for name in names
                     if getattr(getattr(self, stage), name) not in ("", None, self.train.model,
@@ -169,12 +185,37 @@ def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill
 
 
 def summarise_validation(trajs: list[Trajectory], crits: list[Critique]) -> Validation:
+    if trajs and all(mt.is_multi_turn(t.meta) for t in trajs):
+        return summarise_episodes(trajs, crits)
     outcomes = [reply_outcome(t, c, reply_outcomes) for t, c in zip(trajs, crits)]
     n = len(outcomes)
     acc = sum(HEADLINE["official_accuracy"][1](o) for o in outcomes)
     err = sum(o["rows"]["n_errors"] not in ("0", "not_checked") for o in outcomes)
     und = sum(HEADLINE["names_undeclared_tool"][1](o) for o in outcomes)
     gt = sum(HEADLINE["names_gt_function"][1](o) for o in outcomes)
+    return Validation(n, acc / max(n, 1), err / max(n, 1), und / max(n, 1), stats.wilson(acc, n), stats.wilson(err, n),
+                      gt / max(n, 1))
+
+
+def summarise_episodes(trajs: list[Trajectory], crits: list[Critique]) -> Validation:
+    """Multi-turn episodes: accuracy = BFCL's official multi-turn checker; an error = the critic found one; an
+    undeclared name = some reply calls a tool the episode never declared; the ground-truth function = the
+    episode's first call names a function of the first turn's ground truth."""
+    by_id = {c.trajectory_id: c for c in crits}
+    n = len(trajs)
+    acc = err = und = gt = 0
+    for t in trajs:
+        o = episode_outcome(t, by_id.get(t.id))
+        info = t.meta["multi_turn"]
+        declared = {(x.get("function") or x).get("name") for x in
+                    [*t.tools, *(f for fs in (info.get("added_tools") or {}).values() for f in fs)]}
+        names = [(c.get("function") or {}).get("name") for m in t.messages if m.get("role") == "assistant"
+                 for c in m.get("tool_calls") or []]
+        first_gt = {s.split("(", 1)[0] for s in (info.get("ground_truth") or [[]])[0]}
+        acc += o["valid"]
+        err += o["critic"] == "error"
+        und += any(x not in declared for x in names)
+        gt += bool(names) and names[0] in first_gt
     return Validation(n, acc / max(n, 1), err / max(n, 1), und / max(n, 1), stats.wilson(acc, n), stats.wilson(err, n),
                       gt / max(n, 1))
 
