@@ -61,7 +61,9 @@ class DemoConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.eval.tasks == HELDOUT_SPEC and multi_turn_split(self.rollout.tasks, "heldout"):
+        if self.eval.tasks == HELDOUT_SPEC and self.tasks:
+            self.eval.tasks = self.rollout.tasks.rsplit(":", 1)[0] + ":heldout"  # --tasks: its held-out split
+        elif self.eval.tasks == HELDOUT_SPEC and multi_turn_split(self.rollout.tasks, "heldout"):
             self.eval.tasks = multi_turn_split(self.rollout.tasks, "heldout")  # multi-turn rounds: multi-turn held-out
         d = EvalConfig()
         set_here = [f"eval.{n}" for n in ("before", "after", "out", "train_run", "critic") if getattr(self.eval, n) != getattr(d, n)]

@@ -81,6 +81,10 @@ def _loop_train() -> TrainConfig:
 class LoopConfig:
     out: str = field(default="runs/loop", metadata={"help": "output folder: round_K/ per round, loop.json, loop.md"})
     rounds: int = field(default=3, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
+    tasks: str = field(default="", metadata={
+        "help": "BFCL categories for every stage, bfcl:CAT[,CAT...] (e.g. bfcl:multi_turn_base): rounds draw from "
+                "their train split, validation scores their validation split (and the demo their heldout split); "
+                "'' = rollout.tasks and validation_tasks as given"})
     fresh_tasks: bool = field(default=True, metadata={
         "help": "each round trains on the next rollout.limit tasks of a seeded shuffle of rollout.tasks "
                 "(--no-fresh-tasks: the same tasks every round)"})
@@ -110,6 +114,17 @@ class LoopConfig:
             raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
         if self.rollout.limit is None or self.rollout.limit < 1:
             raise ValueError("rollout.limit: the tasks per round, must be >= 1")
+        if self.tasks:
+            parts = self.tasks.split(":")
+            if len(parts) not in (2, 3) or parts[0] != "bfcl" or not parts[1] or parts[2:] not in ([], ["train"]):
+                raise ValueError(f"tasks: BFCL categories, bfcl:CAT[,CAT...] (each stage takes its own split), got "
+                                 f"{self.tasks!r}; give a task file as --rollout.tasks instead")
+            train = f"bfcl:{parts[1]}:train"
+            if self.rollout.tasks not in (TRAIN_SPEC, train):
+                raise ValueError(f"tasks, rollout.tasks: give one of them (got {self.tasks!r} and {self.rollout.tasks!r})")
+            self.rollout.tasks = train
+            if self.validation_tasks == VALIDATION_SPEC:
+                self.validation_tasks = f"bfcl:{parts[1]}:validation"
         if self.validation_tasks == VALIDATION_SPEC and multi_turn_split(self.rollout.tasks, "validation"):
             self.validation_tasks = multi_turn_split(self.rollout.tasks, "validation")
         defaults = {"rollout": RolloutConfig(), "train": TrainConfig(), "server": ServeConfig()}

@@ -37,6 +37,23 @@ def test_multi_turn_rounds_validate_and_evaluate_on_the_multi_turn_splits():
     assert multi_turn_split("tasks.jsonl", "heldout") is None
 
 
+def test_tasks_flag_gives_every_stage_its_split_of_the_same_categories():
+    for spec in ("bfcl:multi_turn_base", "bfcl:multi_turn_base:train"):
+        cfg = DemoConfig(tasks=spec)
+        assert (cfg.rollout.tasks, cfg.validation_tasks, cfg.eval.tasks) == (
+            "bfcl:multi_turn_base:train", "bfcl:multi_turn_base:validation", "bfcl:multi_turn_base:heldout")
+    cfg = DemoConfig(tasks="bfcl:simple,multiple")
+    assert (cfg.rollout.tasks, cfg.validation_tasks, cfg.eval.tasks) == (
+        "bfcl:simple,multiple:train", "bfcl:simple,multiple:validation", "bfcl:simple,multiple:heldout")
+    assert dataclasses.replace(cfg, rounds=1).rollout.tasks == "bfcl:simple,multiple:train"  # rebuilt: same
+    for bad, match in (("bfcl:multi_turn_base:heldout", "^tasks: BFCL categories"), ("tasks.jsonl", "^tasks: "),
+                       ("bfcl:", "^tasks: ")):
+        with pytest.raises(ValueError, match=match):
+            DemoConfig(tasks=bad)
+    with pytest.raises(ValueError, match="^tasks, rollout.tasks: give one of them"):
+        LoopConfig(tasks="bfcl:multi_turn_base", rollout=_rollout("bfcl:simple:train"))
+
+
 def test_multi_turn_validation_reads_episodes_with_the_official_checker():
     t = task("multi_turn_base_0")
     good = play_script(t, script(gt_script(t)))
@@ -57,7 +74,7 @@ def test_demo_on_multi_turn_tasks_evaluates_held_out_episodes_with_the_official_
     from opsd.cli import main
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--rounds", "1", "--rollout.tasks", MT_TRAIN, "--rollout.limit", "1",
+    rc = main(["demo", "--rounds", "1", "--tasks", "bfcl:multi_turn_base", "--rollout.limit", "1",
                "--rollout.max-new-tokens", "12", "--rollout.max-steps-per-turn", "1", "--validation-limit", "1",
                "--train.batch-size", "1", "--train.max-steps", "1", "--train.gradient-checkpointing",
                "--train.min-hint-effect=-inf", "--train.no-progress", "--eval.limit", "1", "--eval.max-new-tokens", "12",
