@@ -19,7 +19,7 @@ from opsd.io.models import PRECISIONS, generation_settings
 from opsd.types import DIVERGENCES as KINDS
 from opsd.types import PLACEMENTS, SPANS, TEACHERS
 
-MODES = ("auto", "opsd", "gkd")
+MODES = ("auto", "opsd", "gkd", "sft", "reinforce")
 
 
 def _yes_no_auto(value) -> str:
@@ -36,7 +36,7 @@ class TrainConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "student: embedded default, local HF dir or cached hub id"})
     trajectories: str = field(default="", metadata={"help": "trajectory JSONL (any format `opsd validate` accepts)"})
     critiques: str = field(default="", metadata={"help": "critique JSONL (Critique.to_dict() + \"key\" per line); not used by mode=gkd"})
-    mode: str = field(default="auto", metadata={"help": "opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | auto: gkd when no --critiques"})
+    mode: str = field(default="auto", metadata={"help": "opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | sft (NLL of each last assistant reply: rejection-sampling or ground-truth fine-tuning) | reinforce (offline REINFORCE on each last assistant reply: reward from the trajectory's meta.reward, baseline the mean over the replies of the same meta.task_id) | auto: gkd when no --critiques"})
     out: str = field(default="", metadata={"help": "run folder: model/, config.yaml, metrics.jsonl, checkpoints/, examples.jsonl"})
     # hinted examples
     placement: str = field(default="user", metadata={"help": "where the hint goes: user | system | inline"})
@@ -128,6 +128,9 @@ class TrainConfig:
              f"precompute_targets must be auto, yes or no, got {self.precompute_targets!r}")
         need(self.precompute_targets != "yes" or self.teacher in ("initial", "external"),
              "precompute_targets=yes needs a fixed teacher (initial or external); self/ema change during training")
+        need(not (self.is_supervised and (self.cold_start_sft or self.lmbda or self.rl_alpha < 1.0 or self.select_prompts)),
+             f"mode={self.mode} trains on the trajectories' own replies: cold_start_sft, lmbda, rl_alpha and "
+             "select_prompts do not apply")
         need(not (self.is_gkd and self.precompute_targets == "yes"),
              "precompute_targets=yes is OPSD-only: GKD scores replies sampled during training")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -151,8 +154,15 @@ class TrainConfig:
         return self.mode == "gkd" or (self.mode == "auto" and not self.critiques)
 
     @property
+    def is_supervised(self) -> bool:
+        """sft or reinforce: the trajectories' own replies are the targets, weighted by 1 or by an advantage; no teacher."""
+        return self.mode in ("sft", "reinforce")
+
+    @property
     def precompute(self) -> bool:
         """Whether the teacher's top-k targets are stored before training (`precompute_targets` resolved)."""
+        if self.is_supervised:
+            return False
         if self.precompute_targets == "auto":
             return self.teacher == "initial" and self.lora_r == 0 and not self.is_gkd
         return self.precompute_targets == "yes"
@@ -160,6 +170,8 @@ class TrainConfig:
     @property
     def teacher_in_loop(self) -> bool:
         """Whether the training loop reads the teacher: unless every step's targets were precomputed."""
+        if self.is_supervised:
+            return False
         return not self.precompute or self.cold_start_sft > 0  # SFT steps' replies have no precomputed targets
 
     @property

@@ -110,7 +110,9 @@ def data_sources(cfg: TrainConfig, s: Setup, out: Path, *, reuse: bool = False) 
     if reuse and (out / "examples.jsonl").exists():
         return [TrainRecord.from_dict(d) for d in read_jsonl(out / "examples.jsonl")], json.loads((out / "data.json").read_text())
     with acc.autocast():
-        if cfg.is_gkd:
+        if cfg.is_supervised:
+            records, report = sources.build_supervised(cfg, s.tok)
+        elif cfg.is_gkd:
             records, report = sources.build_gkd(cfg, s.tok, s.student.lm, s.teacher)
         else:
             records, report = sources.build_opsd(cfg, s.tok, s.student.lm, s.teacher, rank=acc.process_index,
@@ -118,7 +120,7 @@ def data_sources(cfg: TrainConfig, s: Setup, out: Path, *, reuse: bool = False) 
     if acc.is_main_process:
         (out / "examples.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
         (out / "data.json").write_text(json.dumps(report, indent=2))
-    log.info("%s examples: %s", "GKD" if cfg.is_gkd else "OPSD", json.dumps(report))
+    log.info("%s examples: %s", cfg.mode if cfg.is_supervised else "GKD" if cfg.is_gkd else "OPSD", json.dumps(report))
     if cfg.is_gkd and cfg.teacher in ("self", "initial") and not cfg.teacher_system and cfg.rl_alpha == 1.0:
         log.warning("GKD with the student as its own teacher and no --teacher-system: the loss is 0")
     if not records:

@@ -17,7 +17,9 @@ stays exact (`step_source`):
 - `dataset`  GKD: the dataset replies;
 - `student`  GKD, with probability `--lmbda`: fresh student samples on the batch's prompts
              (`--samples-per-prompt` each under GKD+RL, with REINFORCE advantages from `reward_fn`);
-- `teacher`  GKD otherwise with `--seq-kd`: teacher samples (sequence-level KD).
+- `teacher`  GKD otherwise with `--seq-kd`: teacher samples (sequence-level KD);
+- `reinforce` mode=reinforce: the trajectories' last replies with their REINFORCE advantages
+             (`build_supervised`); mode=sft draws `sft` every step, on the trajectories' last replies.
 
 Records longer than the model's context are skipped and counted (`skipped.too_long` in data.json).
 """
@@ -42,7 +44,7 @@ from opsd.train.scoring import collate, eval_mode, span_logits
 from opsd.types import Critique, Trajectory
 
 RewardFn = Callable[[list[Trajectory]], list[float]]  # one reward per sampled trajectory (injected by the CLI)
-SOURCES = ("sft", "opsd", "dataset", "student", "teacher")
+SOURCES = ("sft", "opsd", "dataset", "student", "teacher", "reinforce")
 
 
 # ---------------------------------------------------------------- which source a step draws from
@@ -56,6 +58,8 @@ def gkd_source(cfg, step: int) -> str:
 
 def step_source(cfg, step: int) -> str:
     """The data source of optimizer step `step`: `sft` during the cold start, then the mode's own."""
+    if cfg.mode in ("sft", "reinforce"):
+        return cfg.mode
     if step < cfg.cold_start_sft:
         return "sft"
     return gkd_source(cfg, step) if cfg.is_gkd else "opsd"
@@ -159,6 +163,34 @@ def build_gkd(cfg, tok, student_lm, teacher) -> tuple[list[TrainRecord], dict]:
     return records, report
 
 
+def build_supervised(cfg, tok) -> tuple[list[TrainRecord], dict]:
+    """mode=sft / reinforce: one record per trajectory, its last assistant reply the target; plus the counts.
+
+    reinforce: each trajectory's `meta.reward` (a number; required) minus the mean reward of the replies
+    that share its `meta.task_id` (the per-task baseline) is its advantage. Replies with advantage 0 (every
+    reply of the task got the same reward: no signal) are dropped and counted.
+    """
+    trajs = load_trajectories(cfg.trajectories)
+    records, counts = build_records(trajs, tok)
+    records = _drop_too_long(records, context_limit(cfg.model, tok), counts)
+    report = {"trajectories": len(trajs), "built": len(records)}
+    if cfg.mode == "reinforce":
+        rewards = []
+        for r in records:
+            x = r.meta.get("reward")
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ValueError(f"{cfg.trajectories}: trajectory {r.id!r}: mode=reinforce needs a number in "
+                                 f"meta.reward, got {x!r}")
+            rewards.append(float(x))
+        groups = [str(r.meta.get("task_id", r.id)) for r in records]
+        adv = advantages(rewards, [hash(g) for g in groups])
+        counts["zero_advantage"] += sum(a == 0 for a in adv)
+        report |= {"reward_mean": sum(rewards) / len(rewards) if rewards else None, "tasks": len(set(groups))}
+        records = [replace(r, advantage=a) for r, a in zip(records, adv) if a != 0]
+    report |= {"kept": len(records), "skipped": {k: v for k, v in sorted(counts.items()) if k != "used"}}
+    return records, report
+
+
 @torch.no_grad()
 def measure_overlap(teacher, student_lm, records: list[TrainRecord], *, batch_size: int, k: int, temperature: float,
                     pad_id: int) -> list[float]:
@@ -250,7 +282,8 @@ def teacher_samples(micro: list[list[TrainRecord]], *, teacher, tok, cfg, seed: 
 def source_records(source: str, micro: list[list[TrainRecord]], *, student, teacher, tok, cfg, seed: int,
                    reward_fn: RewardFn | None = None) -> tuple[list[list[TrainRecord]], Counter]:
     """This process's micro-batches of records for a step of `source` (see module docstring), and sampling stats."""
-    if source in ("opsd", "dataset") or (source == "sft" and cfg.is_gkd and not cfg.seq_kd):
+    if source in ("opsd", "dataset", "reinforce") or (source == "sft" and (cfg.is_gkd or cfg.is_supervised)
+                                                       and not cfg.seq_kd):
         return micro, Counter()
     if source == "student":
         return student_samples(micro, student=student, tok=tok, cfg=cfg, seed=seed, reward_fn=reward_fn)

@@ -136,10 +136,13 @@ def draw(state: TrainState, step: int) -> StepData:
     return StepData(step, source, micro, stats, n_tokens, len(window), {"draw_s": time.perf_counter() - t0})
 
 
-def targets(teacher: Teacher | None, mb: MicroBatch) -> Targets:
-    """The teacher's targets at the micro-batch's target tokens: precomputed top-k, or full logits (no grad)."""
+def targets(teacher: Teacher | None, mb: MicroBatch, cfg=None) -> Targets | None:
+    """The teacher's targets at the micro-batch's target tokens: precomputed top-k, or full logits (no grad);
+    None where the objective has no divergence (mode=sft / reinforce: no teacher)."""
     if mb.topk is not None:
         return mb.topk
+    if cfg is not None and cfg.is_supervised:
+        return None
     if teacher is None:
         raise RuntimeError("records without precomputed targets, and no teacher to compute them")
     return FullLogits(teacher.logits(mb.teacher))
@@ -149,7 +152,7 @@ def objective(mb: MicroBatch, div_N: torch.Tensor, student_lp_N: torch.Tensor, r
     """The step objective summed over target tokens (not yet normalised).
 
     sft: −Σ log q(target); distillation: Σ divergence; GKD+RL student samples:
-    α·Σ divergence − (1−α)·Σ advantage · log q(target) (REINFORCE: ∇ = Σ A ∇log q).
+    α·Σ divergence − (1−α)·Σ advantage · log q(target) (REINFORCE: ∇ = Σ A ∇log q); mode=reinforce is α = 0.
     """
     if mb.sft:
         return -student_lp_N.sum()
@@ -158,7 +161,7 @@ def objective(mb: MicroBatch, div_N: torch.Tensor, student_lp_N: torch.Tensor, r
     return rl_alpha * div_N.sum() - (1.0 - rl_alpha) * (mb.advantage_N.to(div_N.device) * student_lp_N).sum()
 
 
-def loss(student: Student, mb: MicroBatch, tgt: Targets, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(student: Student, mb: MicroBatch, tgt: Targets | None, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of one micro-batch (with grad) and its detached sums for the metrics.
 
     The forward runs under the precision's autocast; the log-softmax, the divergence and the
@@ -167,11 +170,13 @@ def loss(student: Student, mb: MicroBatch, tgt: Targets, cfg) -> tuple[torch.Ten
     dev = student.accelerator.device
     logits_NV = student.logits(mb.student)  # (N, V)
     targets_N = mb.student.targets.to(dev)
+    if tgt is None:  # mode=sft / reinforce: the student's own (detached) distribution, so every divergence is 0
+        tgt = FullLogits(logits_NV.detach())
     tgt = tgt.to(dev) if isinstance(tgt, TopK) else FullLogits(tgt.logits_NV.to(dev))
     with torch.autocast(device_type=dev.type, enabled=False):
         student_lp_N = losses.token_logprobs(logits_NV, targets_N)  # (N,) fp32, with grad
         div_N = losses.divergence(logits_NV, tgt, kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
-        obj = objective(mb, div_N, student_lp_N, cfg.rl_alpha)
+        obj = objective(mb, div_N, student_lp_N, 0.0 if cfg.mode == "reinforce" else cfg.rl_alpha)
         with torch.no_grad():
             if isinstance(tgt, TopK):
                 teacher_lp_N = tgt.target_logprobs_N
@@ -194,7 +199,7 @@ def accumulate(state: TrainState, data: StepData) -> Counter:
     for k, recs in enumerate(data.micro):
         mb = make_micro_batch(recs, state.pad_id, sft=data.source == "sft")
         t = time.perf_counter()
-        tgt = targets(state.teacher, mb)
+        tgt = targets(state.teacher, mb, cfg)
         times["teacher_s"] += time.perf_counter() - t
         last = k == len(data.micro) - 1
         with acc.no_sync(state.student.span_lm) if not last else nullcontext():
