@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.opsd-installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean vllm test-serve mutation
+.PHONY: install demo compare test test-fast bench clean vllm test-serve mutation
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/opsd demo
+
+# OPSD against dense, reward, rft and sft-gt on the same budget (runs/compare/compare.md; ~45 min on 2 cores)
+compare: $(STAMP)
+	$(BIN)/opsd compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

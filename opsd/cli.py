@@ -154,6 +154,13 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _compare(argv: list[str]) -> int:
+    from opsd.pipelines.compare import CompareConfig, main
+
+    main(parse(CompareConfig, argv, prog="opsd compare", description=COMMANDS["compare"][0]))
+    return 0
+
+
 def _serve(argv: list[str]) -> int:
     from opsd.serve.config import ServeConfig
     from opsd.serve.run import main
@@ -173,6 +180,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks", _eval),
     "loop": ("on-policy rounds: rollout -> critique -> train, each from the previous round's student", _loop),
     "demo": ("end-to-end run on the embedded model and BFCL", _demo),
+    "compare": ("opsd vs dense, reward, rft and sft-gt on the same rollouts, steps and held-out tasks", _compare),
     "serve": ("run a vLLM server for token-exact rollouts (from .venv-vllm: make vllm) until Ctrl-C", _serve),
 }
 
@@ -188,6 +196,7 @@ CONFIGS = {
     "eval": "opsd.eval.config:EvalConfig",
     "loop": "opsd.pipelines.loop:LoopConfig",
     "demo": "opsd.pipelines.demo:DemoConfig",
+    "compare": "opsd.pipelines.compare:CompareConfig",
     "serve": "opsd.serve.config:ServeConfig",
 }
 
