@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,10 @@ from bench.timing import child_json_path, run_child
 AXES = {"seq": [512, 1024, 2048, 4096], "vocab": [49152, 98304, 151936], "span": [8, 32, 128, 256]}
 BASE = {"seq_len": 1024, "span": 32, "vocab": 49152, "batch": 1, "hint": 20}
 SIDES = ("opsd", "distill", "gkd")
-GKD_TENSORS = 16  # full-vocabulary (T x V) fp32 tensors alive in GKDTrainer's loss (FINDINGS: ~15 besides the logits)
+# full-vocabulary (T x V) fp32-sized tensors alive at GKDTrainer's peak: bench/step.py measured 11.7 GB peak RSS at
+# bf16 for 4 x 512 tokens x 49,152 (0.40 GB per tensor) with ~2.7 GB of model state, i.e. ~22 such tensors
+GKD_TENSORS = 24
+GKD_MEMORY_SHARE = 0.8  # a GKD point runs only when its predicted logits fit in this share of MemAvailable
 
 
 def random_model(vocab: int, root: Path) -> str:
@@ -63,36 +67,88 @@ def free_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
 
 
-def point(side: str, model: str, precision: str, p: dict, steps: int) -> dict:
+def point(side: str, model: str, precision: str, p: dict, steps: int, memo: dict | None = None) -> dict:
+    """One side at one point, in its own process (so peak RSS is that point's, not a running max). A point
+    already measured in this run (the base point is on the `seq` and `span` axes) is reused from `memo`."""
+    key = (side, model, precision, p["batch"], p["seq_len"], p["span"], p["hint"], steps)
+    if memo is not None and key in memo:
+        return dict(memo[key], reused=True)
     path = child_json_path()
     cmd = [sys.executable, str(ROOT / "bench" / "step.py"), "--side", side, "--precision", precision, "--out-json", path,
            "--model", model, "--batch", str(p["batch"]), "--seq-len", str(p["seq_len"]), "--span", str(p["span"]),
            "--hint", str(p["hint"]), "--steps", str(steps), "--warmup", "1", "--lr", "1e-5", "--matmul-reps", "1"]
+    discarded = []
     try:
         res, meta = run_child(cmd, cwd=ROOT, out_json=path)
+        if meta["loaded"]:  # another process used > 10% of the CPU meanwhile: run the point once more, keep that
+            discarded.append(meta | {"times": res["times"], "peak_rss_gb": res["peak_rss_gb"]})
+            res, meta = run_child(cmd, cwd=ROOT, out_json=path)
     except RuntimeError as e:
         return {"error": str(e)[-600:]}
-    return {"step_s": statistics.median(res["times"]), "times": res["times"], "peak_rss_gb": res["peak_rss_gb"],
-            "rss_after_load_gb": res["rss_after_load_gb"], "round": meta}
+    out = {"step_s": statistics.median(res["times"]), "times": res["times"], "peak_rss_gb": res["peak_rss_gb"],
+           "rss_after_load_gb": res["rss_after_load_gb"], "round": meta}
+    if discarded:
+        out["discarded"] = discarded
+    if memo is not None:
+        memo[key] = out
+    return out
 
 
-def run_axis(axis: str, precision: str, steps: int, model_root: Path, log=print) -> list[dict]:
+def run_axis(axis: str, precision: str, steps: int, model_root: Path, log=print, memo: dict | None = None,
+             vocab_seq_len: int | None = None) -> list[dict]:
     rows = []
     for x in AXES[axis]:
-        p = dict(BASE, **({"seq_len": x} if axis == "seq" else {"span": x} if axis == "span" else {"vocab": x}))
+        p = dict(BASE, **({"seq_len": x} if axis == "seq" else {"span": x} if axis == "span"
+                          else {"vocab": x, "seq_len": vocab_seq_len or BASE["seq_len"]}))
         model = random_model(x, model_root) if axis == "vocab" else "smollm2-135m-instruct"
         row = {"x": x, **p, "sides": {}}
         for side in SIDES:
             need = GKD_TENSORS * p["batch"] * p["seq_len"] * p["vocab"] * 4 / 2**30
-            if side == "gkd" and need > 0.6 * free_gb():
-                row["sides"][side] = {"skipped": f"predicted {need:.0f} GB of logits > 60% of free memory"}
+            if side == "gkd" and need > GKD_MEMORY_SHARE * free_gb():
+                row["sides"][side] = {"skipped": f"skipped: predicted {need:.0f} GB of logits > "
+                                                 f"{GKD_MEMORY_SHARE:.0%} of the {free_gb():.0f} GB available"}
                 continue
-            row["sides"][side] = r = point(side, model, precision, p, steps)
+            row["sides"][side] = r = point(side, model, precision, p, steps, memo)
             log(f"  {axis}={x:6d} {side:8s} " + (f"step {r['step_s']:6.2f} s  peak RSS {r['peak_rss_gb']:5.2f} GB  "
-                                                 f"others' CPU {r['round']['others_cpu'] or 0:.0%}"
-                                                 if "step_s" in r else r["error"][-200:]))
+                                                 f"wall {r['round']['wall_s']:5.1f} s  others' CPU "
+                                                 f"{r['round']['others_cpu'] or 0:.0%}" + ("  (reused)" if r.get("reused") else "")
+                                                 if "step_s" in r else r["error"][-200:]), flush=True)
         rows.append(row)
     return rows
+
+
+STATE_BYTES = {"opsd": 16, "distill": 20, "gkd": 20}  # per weight: fp32 weights, gradients, 2 AdamW moments; TRL: + fp32 teacher copy
+
+
+def shape(result: dict) -> dict:
+    """What each curve shows, per axis and side: growth of step time and peak RSS from the first to the last
+    measured point, RSS per unit of the axis, how far the middle points lie from the straight line through the
+    end points (share of the total growth), and on the vocabulary axis the part of the growth that is the
+    larger model's own state (ΔV x hidden x STATE_BYTES[side]) and what remains beyond it (activations, logits)."""
+    out: dict = {}
+    unit = {"seq": 1024, "span": 128, "vocab": 10_000}
+    for axis, rows in result.get("axes", {}).items():
+        sides = {}
+        for side in SIDES:
+            pts = [(r["x"], r["sides"][side]) for r in rows if "step_s" in r["sides"].get(side, {})]
+            if len(pts) < 2:
+                continue
+            (x0, a), (x1, z) = pts[0], pts[-1]
+            grow = z["peak_rss_gb"] - a["peak_rss_gb"]
+            dev = max((abs(v["peak_rss_gb"] - (a["peak_rss_gb"] + grow * (x - x0) / (x1 - x0))) for x, v in pts[1:-1]),
+                      default=None)
+            d = {"x": [x0, x1], "points": len(pts), "step_s": [a["step_s"], z["step_s"]], "step_ratio": z["step_s"] / a["step_s"],
+                 "peak_rss_gb": [a["peak_rss_gb"], z["peak_rss_gb"]], "rss_growth_gb": grow,
+                 "rss_gb_per_unit": grow / (x1 - x0) * unit[axis], "unit": unit[axis],
+                 "step_s_per_unit": (z["step_s"] - a["step_s"]) / (x1 - x0) * unit[axis],
+                 "rss_off_line_share": None if dev is None or abs(grow) < 0.05 else dev / abs(grow),
+                 "rss_off_line_gb": dev}
+            if axis == "vocab" and result.get("hidden"):
+                state = (x1 - x0) * result["hidden"] * STATE_BYTES[side] / 2**30
+                d |= {"model_state_growth_gb": state, "rss_growth_beyond_state_gb": grow - state}
+            sides[side] = d
+        out[axis] = sides
+    return out
 
 
 def plot(result: dict, out_dir: Path) -> list[str]:
@@ -141,7 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "curves.json"))
     p.add_argument("--plot-only", action="store_true", help="only redraw the PNGs from --json")
     p.add_argument("--quick", action="store_true", help="smoke sizes: two small points per axis, not a measurement")
+    p.add_argument("--points", action="append", default=[], metavar="AXIS=X,Y,...",
+                   help="the points of an axis (repeatable), e.g. span=8,64,256 (default: " +
+                        ", ".join(f"{k}={','.join(map(str, v))}" for k, v in AXES.items()) + ")")
+    p.add_argument("--vocab-seq-len", type=int, help="trajectory length on the vocab axis (default: the base point's)")
     a = p.parse_args(argv)
+    for spec in a.points:
+        axis, _, xs = spec.partition("=")
+        if axis not in AXES or not xs:
+            p.error(f"--points {spec!r}: expected AXIS=X,Y,... with AXIS one of {sorted(AXES)}")
+        AXES[axis] = [int(x) for x in xs.split(",")]
     path = Path(a.json)
     result = json.loads(path.read_text()) if path.exists() else {}
     if not a.plot_only:
@@ -151,13 +216,30 @@ def main(argv: list[str] | None = None) -> dict:
         if a.quick:
             AXES.update(seq=[64, 128], vocab=[49152, 65536], span=[4, 8])
             BASE.update(seq_len=128, span=8, hint=6)
-        result |= {"precision": precision, "base": BASE, "quick": a.quick}
+        from transformers import AutoConfig
+
+        from opsd.io import models
+
+        cfg = AutoConfig.from_pretrained(models.default_model_dir())
+        result |= {"precision": precision, "base": BASE, "quick": a.quick, "steps": a.steps, "warmup": 1,
+                   "vocab_seq_len": a.vocab_seq_len or BASE["seq_len"], "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "tied_embedding": cfg.tie_word_embeddings}
         result.setdefault("axes", {})
+        result.setdefault("runs", {})
+        memo: dict = {}
         with tempfile.TemporaryDirectory(prefix="opsd-curves-") as d:
             for axis in a.axis or list(AXES):
                 print(f"cost curve: {axis} {AXES[axis]} at {precision}", flush=True)
-                result["axes"][axis] = run_axis(axis, precision, a.steps, Path(d))
+                t0 = time.perf_counter()
+                rows = run_axis(axis, precision, a.steps, Path(d), memo=memo,
+                                vocab_seq_len=a.vocab_seq_len)
+                metas = [v["round"] for r in rows for v in r["sides"].values() if "round" in v and not v.get("reused")]
+                result["axes"][axis] = rows
+                result["runs"][axis] = {"wall_s": time.perf_counter() - t0, "processes": len(metas),
+                                        "child_cpu_s": sum(m["child_cpu_s"] for m in metas),
+                                        "loaded_points": sum(bool(m["loaded"]) for m in metas),
+                                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
                 path.write_text(json.dumps(result, indent=2))
+    result["shape"] = shape(result)
     result["plots"] = plot(result, path.parent)
     path.write_text(json.dumps(result, indent=2))
     print("plots: " + ", ".join(result["plots"]))
