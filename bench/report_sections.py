@@ -98,10 +98,20 @@ def curves(cur: dict | None) -> list[str]:
     if not cur or not cur.get("axes"):
         return out + ["Not measured in this run (`python bench/curves.py --axis seq|vocab|span`).", ""]
     b = cur["base"]
-    out += [f"One training step at {cur['precision']}, batch {b['batch']}, each point in its own process (1 warm-up step, "
-            f"then the timed step); base point {b['seq_len']} tokens, span {b['span']}, vocabulary {b['vocab']}. The "
-            "vocabulary axis uses random-initialised models of SmolLM2-135M's shape (only the embedding/lm_head grows). "
-            "Peak RSS is the whole process (model, optimizer state, activations).", ""]
+    n = cur.get("steps", 1)
+    out += [f"One training step at {cur['precision']} on every side (bf16 = autocast with fp32 master weights), batch "
+            f"{b['batch']}; each side at each point in its own process (1 warm-up step, then "
+            f"{'the median of ' + str(n) + ' timed steps' if n > 1 else 'one timed step'}), so peak RSS is that point's "
+            f"own (`ru_maxrss` of the process: model, optimizer state, activations). Base point {b['seq_len']} tokens, "
+            f"span {b['span']}, vocabulary {b['vocab']}. The vocabulary axis uses random-initialised models of "
+            f"SmolLM2-135M's shape (only the tied embedding/lm_head grows) at {cur.get('vocab_seq_len', b['seq_len'])} "
+            "tokens. A GKDTrainer point whose full-vocabulary logits are predicted not to fit in memory is skipped.", ""]
+    runs = cur.get("runs") or {}
+    if runs:
+        out += ["Run: " + "; ".join(f"{k} {v['processes']} processes, {v['wall_s'] / 60:.1f} min wall, "
+                                    f"{v['child_cpu_s'] / 60:.1f} min CPU ({v['date']})"
+                                    + (f", {v['loaded_points']} with others > 10% of the CPU" if v.get("loaded_points") else "")
+                                    for k, v in runs.items()) + ".", ""]
     if cur.get("quick"):
         out += ["> QUICK RUN: smoke sizes, not a measurement.", ""]
     for axis, rows in cur["axes"].items():
@@ -116,21 +126,42 @@ def curves(cur: dict | None) -> list[str]:
                              else v.get("skipped") or ("failed" if "error" in v else "–"))
             out.append(f"| {r['x']} | " + " | ".join(cells) + " |")
         out.append("")
-        out += _slopes(axis, rows)
+        out += _slopes(axis, (cur.get("shape") or {}).get(axis, {}))
     return out
 
 
-def _slopes(axis: str, rows: list[dict]) -> list[str]:
-    """Growth of peak RSS from the first to the last point of an axis, per side (what the curve shows)."""
+def _slopes(axis: str, shape: dict) -> list[str]:
+    """What each curve shows (bench/curves.py `shape`): growth from the first to the last point, per unit of the
+    axis, the middle points' distance from a straight line; on the vocabulary axis, growth beyond the model state."""
     lines = []
-    for s in ("opsd", "distill", "gkd"):
-        pts = [(r["x"], r["sides"][s]) for r in rows if "step_s" in r["sides"].get(s, {})]
-        if len(pts) >= 2:
-            (x0, a), (x1, z) = pts[0], pts[-1]
-            lines.append(f"{NAMES[s].split(' (')[0]}: {x0} → {x1}: step {a['step_s']:.2f} → {z['step_s']:.2f} s "
-                         f"({z['step_s'] / a['step_s']:.1f}×), peak RSS {a['peak_rss_gb']:.2f} → {z['peak_rss_gb']:.2f} GB "
-                         f"(+{z['peak_rss_gb'] - a['peak_rss_gb']:.2f} GB)")
-    return (["- " + x for x in lines] + [""]) if lines else []
+    u = {"seq": "1024 tokens", "span": "128 span tokens", "vocab": "10k vocabulary entries"}[axis]
+    for s, d in shape.items():
+        (x0, x1), (t0, t1), (m0, m1) = d["x"], d["step_s"], d["peak_rss_gb"]
+        off = f"; middle points within {d['rss_off_line_gb']:.2f} GB of a straight line" if d.get("rss_off_line_gb") is not None else ""
+        line = (f"{NAMES[s].split(' (')[0]}: {x0} → {x1}: step {t0:.2f} → {t1:.2f} s ({d['step_ratio']:.1f}×, "
+                f"{d['step_s_per_unit']:+.2f} s per {u}), peak RSS {m0:.2f} → {m1:.2f} GB ({d['rss_growth_gb']:+.2f} GB, "
+                f"{d['rss_gb_per_unit']:+.3f} GB per {u}{off})")
+        if "model_state_growth_gb" in d:
+            line += (f"; the larger model's own state (fp32 weights, gradients, AdamW moments"
+                     f"{', fp32 teacher copy' if s != 'opsd' else ''}) accounts for {d['model_state_growth_gb']:.2f} GB, "
+                     f"leaving **{d['rss_growth_beyond_state_gb']:+.2f} GB** beyond it")
+        lines.append(line)
+    out = (["- " + x for x in lines] + [""]) if lines else []
+    o, g = shape.get("opsd"), shape.get("gkd")
+    if axis == "vocab" and o and "rss_growth_beyond_state_gb" in o:
+        if not g:
+            verdict = "cannot tell: GKDTrainer was measured at fewer than two vocabulary sizes"
+        else:
+            flat = o["rss_growth_beyond_state_gb"] <= 0.2 * max(g["rss_growth_beyond_state_gb"], 1e-9)
+            linear = g["rss_off_line_share"] is None or g["rss_off_line_share"] <= 0.2
+            verdict = ("**holds**" if flat and linear else "**does not hold**") + (
+                f": beyond the model state, opsd's peak RSS grows {o['rss_growth_beyond_state_gb']:+.2f} GB from "
+                f"{o['x'][0]} to {o['x'][1]} entries, GKDTrainer's {g['rss_growth_beyond_state_gb']:+.2f} GB "
+                f"({g['rss_gb_per_unit']:.3f} GB per 10k entries in all"
+                + (f", middle point {g['rss_off_line_share']:.0%} of the growth off a straight line" if g['rss_off_line_share'] is not None else "")
+                + ")")
+        out += [f"Expected shape (issue 13: opsd's memory flat in the vocabulary, TRL's linear): {verdict}.", ""]
+    return out
 
 
 def rollout(roll: dict | None, status: str) -> list[str]:
