@@ -1,21 +1,25 @@
 """Cost curves: step time and peak RSS of opsd and TRL's trainers as the work grows (one axis at a time).
 
-    flock /tmp/opsd-torch.lock python bench/curves.py --axis seq --json bench/results/curves.json     # ~12 min
-    flock /tmp/opsd-torch.lock python bench/curves.py --axis vocab --json bench/results/curves.json   # ~10 min
-    flock /tmp/opsd-torch.lock python bench/curves.py --axis span --json bench/results/curves.json    # ~8 min
+    flock /tmp/opsd-torch.lock python bench/curves.py --vocab-seq-len 512 --points span=8,32,256   # ~10 min on 2 cores
+    flock /tmp/opsd-torch.lock python bench/curves.py --axis span --json bench/results/curves.json   # one axis
     python bench/curves.py --plot-only --json bench/results/curves.json    # bench/results/curves_*.png
+    flock /tmp/opsd-torch.lock python bench/curves.py --quick --json /tmp/curves_quick.json   # smoke sizes, ~4 min
 
-Each point runs `bench/step.py --side S` in its own process (1 warm-up step, then the median of the
-timed steps; peak RSS of that process), at the precision used (bf16 where the CPU has it), batch 1:
+Each side at each point runs `bench/step.py --side S` in its own process (1 warm-up step, then the median
+of `--steps` timed steps; peak RSS = `ru_maxrss` of that process, so it is the point's own, not a running
+maximum), at the precision used (bf16 where the CPU has it) on every side, batch 1. A point during which
+other processes used more than 10% of the CPU is run once more (bench/timing.py). Axes:
 
 - `seq`: trajectory length 512 -> 4096 tokens (span 32), the embedded SmolLM2-135M (vocabulary 49,152);
 - `vocab`: 49,152 -> 151,936 (Qwen's size) on random-initialised models of SmolLM2's shape (1024 tokens,
-  span 32); only the vocabulary differs, so the embedding / lm_head matrix grows from 28M to 88M weights;
+  or `--vocab-seq-len`, span 32); only the vocabulary differs, so the tied embedding / lm_head grows from
+  28M to 88M weights;
 - `span`: error span 8 -> 256 tokens at the end of a 1024-token trajectory (SmolLM2-135M).
 
-Results are merged into `--json` by axis, so the axes can run in separate lock sessions. A GKDTrainer
-point whose full-vocabulary logits would not fit (its loss holds about 16 (T x V) fp32 tensors) is
-skipped and marked, not run into the out-of-memory killer.
+The base point (1024 tokens, span 32) is on the `seq` and `span` axes; it is measured once per run. Results
+are merged into `--json` by axis, so the axes can run in separate lock sessions. A GKDTrainer point whose
+full-vocabulary logits are predicted not to fit (GKD_TENSORS) is skipped and marked, not run into the
+out-of-memory killer. `shape()` summarises what each curve shows; bench/report_sections.py renders it.
 """
 from __future__ import annotations
 
@@ -175,12 +179,18 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         for ax, yl in ((ax_t, "step time (s)"), (ax_m, "peak RSS (GB)")):
             ax.set_xlabel(xlabel[axis])
             ax.set_ylabel(yl)
-            ax.set_xscale("log", base=2)
+            if axis != "vocab":  # doubling points; the vocabulary axis stays linear, so linear growth looks straight
+                ax.set_xscale("log", base=2)
             ax.set_xticks([r["x"] for r in rows], [str(r["x"]) for r in rows])
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         ax_t.legend(fontsize=8)
-        fig.suptitle(f"one training step, batch 1, {result.get('precision', '')} (bench/curves.py --axis {axis})", fontsize=9)
+        b = result.get("base", BASE)
+        fixed = {"seq": f"span {b['span']}, vocabulary {b['vocab']}",
+                 "vocab": f"{result.get('vocab_seq_len', b['seq_len'])} tokens, span {b['span']}, random-init weights",
+                 "span": f"{b['seq_len']} tokens, vocabulary {b['vocab']}"}[axis]
+        fig.suptitle(f"one training step, batch {b['batch']}, {result.get('precision', '')}, {fixed} "
+                     f"(bench/curves.py --axis {axis})", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"curves_{axis}.png"
         fig.savefig(path, dpi=110)
