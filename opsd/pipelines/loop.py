@@ -13,10 +13,11 @@ Round k = 1..R (artifacts in OUT/round_k/; the base student's validation in OUT/
    and total error rate). The base student is scored the same way first.
 The loop stops early when the validation outcome gets worse than the best round so far
 (accuracy, or while accuracy is 0 for both, the share of replies with an error), and reports the
-best round. Multi-turn tasks (`--rollout.tasks bfcl:multi_turn_base:train`) are episodes in BFCL's
-simulated environments: validation then defaults to the same categories' validation split, and
-accuracy is BFCL's official multi-turn checker's verdict per episode. The held-out split is never used here: score it once, at the end (`opsd eval`, or
-`opsd demo`, which runs this loop and then the held-out evaluation).
+best round. Multi-turn tasks (`--tasks bfcl:multi_turn_base`, or a multi-turn `--rollout.tasks`) are
+episodes in BFCL's simulated environments: validation then defaults to the same categories'
+validation split, and accuracy is BFCL's official multi-turn checker's verdict per episode. The
+held-out split is never used here: score it once, at the end (`opsd eval`, or `opsd demo`, which
+runs this loop and then the held-out evaluation).
 
 With `--serve`, rollouts go through a vLLM server started from `.venv-vllm` (`make vllm`):
 token-exact completions, and after each round's training the new student is loaded into the
