@@ -159,7 +159,12 @@ def _slopes(axis: str, shape: dict) -> list[str]:
                 f"{o['x'][0]} to {o['x'][1]} entries, GKDTrainer's {g['rss_growth_beyond_state_gb']:+.2f} GB "
                 f"({g['rss_gb_per_unit']:.3f} GB per 10k entries in all"
                 + (f", middle point {g['rss_off_line_share']:.0%} of the growth off a straight line" if g['rss_off_line_share'] is not None else "")
-                + ")")
+                + ")") + (
+                f". This is the part that scales with tokens x vocabulary (GKD's full logits). opsd's *total* peak RSS is "
+                f"not flat: {o['peak_rss_gb'][0]:.2f} → {o['peak_rss_gb'][1]:.2f} GB, because the model itself grows "
+                f"(the tied embedding/lm_head)"
+                + (f"; DistillationTrainer, which never builds full logits either, grows "
+                   f"{shape['distill']['rss_growth_beyond_state_gb']:+.2f} GB beyond its state" if "distill" in shape else ""))
         out += [f"Expected shape (issue 13: opsd's memory flat in the vocabulary, TRL's linear): {verdict}.", ""]
     return out
 
