@@ -99,6 +99,9 @@ class CritiqueConfig:
     rejects: str | None = field(default=None, metadata={
         "help": "write invalid input lines here, with the reason, and go on (None: stop at the first)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+    datasets_out: str = field(default="", metadata={
+        "help": "also write the critiques (the newest per trajectory) as a `datasets` save_to_disk folder here when "
+                "the stage ends (--out stays the resumable JSONL); '' = none"})
     critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the critic and its options"})
 
     def __post_init__(self) -> None:
@@ -110,3 +113,5 @@ class CritiqueConfig:
             raise ValueError("out: give the critique file to write, e.g. runs/r/critiques.jsonl")
         if Path(self.out).is_dir():
             raise ValueError(f"out: {self.out} is a directory; give a file in it, e.g. {Path(self.out) / 'critiques.jsonl'}")
+        if self.datasets_out and Path(self.datasets_out).is_file():
+            raise ValueError(f"datasets_out: {self.datasets_out} is a file; a datasets output is a folder")

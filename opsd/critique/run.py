@@ -6,6 +6,7 @@
         --critic.base-url http://localhost:8000/v1 --critic.model my-model --critic.concurrency 16 --critic.timeout 60
 
     from opsd.critique.config import CriticConfig, CritiqueConfig
+from opsd.io.records import read_latest, write_records
     from opsd.critique.run import main
     summary = main(CritiqueConfig(inputs=["logs.jsonl"], out="critiques.jsonl"))
 
@@ -38,6 +39,7 @@ from critic.runner import (
 )
 from critic.validate import check_critique
 from opsd.critique.config import CriticConfig, CritiqueConfig
+from opsd.io.records import read_latest, write_records
 from opsd.io.trajectories import load_trajectories
 from opsd.types import Critique, StageError, Trajectory
 
@@ -96,7 +98,11 @@ def main(cfg: CritiqueConfig) -> RunSummary:
             rejects.close()
     if cfg.limit is not None:
         trajectories = trajectories[:cfg.limit]
-    return critique(trajectories, cfg.critic, cfg.out, progress=cfg.progress)[0]
+    summary, keys = critique(trajectories, cfg.critic, cfg.out, progress=cfg.progress)
+    if cfg.datasets_out:  # this run's critiques, in input order
+        latest = {r["key"]: r for r in read_latest(cfg.out)}
+        write_records(cfg.datasets_out, [latest[k] for k in keys if k in latest], format="datasets")
+    return summary
 
 
 def critique_fn(cfg: CriticConfig, *, concurrency: int | None = None, progress: bool = True,

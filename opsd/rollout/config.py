@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opsd.io.models import PRECISIONS, generation_settings
 from opsd.types import content_hash
@@ -36,6 +37,9 @@ class RolloutConfig:
     concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight"})
     timeout: float = field(default=120.0, metadata={"help": "openai backend: per-request timeout (s)"})
     extra_meta: dict = field(default_factory=dict, metadata={"help": "copied into every trajectory's meta"})
+    datasets_out: str = field(default="", metadata={
+        "help": "also write this run's trajectories as a `datasets` save_to_disk folder here when the stage ends "
+                "(--out stays the resumable JSONL); '' = none"})
     # multi-turn tasks (bfcl:multi_turn_*; opsd.rollout.multi_turn)
     max_steps_per_turn: int = field(default=8, metadata={"help": "multi-turn: replies per user turn; still calling at the cap ends the episode"})
     episode_seconds: float = field(default=600.0, metadata={"help": "multi-turn: wall-time cap per episode (s)"})
@@ -52,6 +56,8 @@ class RolloutConfig:
             raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.datasets_out and Path(self.datasets_out).is_file():
+            raise ValueError(f"datasets_out: {self.datasets_out} is a file; a datasets output is a folder")
         if self.max_steps_per_turn < 1 or self.episode_seconds <= 0:
             raise ValueError("max_steps_per_turn: must be >= 1; episode_seconds: must be > 0")
         if self.prefill_steps not in ("turn_start", "every_step", "never"):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from opsd.io.records import ResumableJsonl
+from opsd.io.records import ResumableJsonl, write_records
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.trajectories import parse_tool_call_text
 from opsd.rollout import multi_turn
@@ -141,6 +141,8 @@ def main(cfg: RolloutConfig) -> dict:
         errors_path.unlink()
     mine = [r for r in out.done.values() if r["key"].endswith("@" + chash)]
     out.close()
+    if cfg.datasets_out:
+        write_records(cfg.datasets_out, mine, format="datasets")
     parse_fail = sum(1 for r in mine if r["meta"].get("parse_error"))
     summary = {"tasks": len(tasks), "samples": cfg.samples, "written_now": len(todo) - n_err,
                "total": len(mine), "errors": n_err, "parse_errors": parse_fail, "seconds": round(time.time() - t0, 1),
