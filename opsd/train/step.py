@@ -247,7 +247,7 @@ def step_metrics(state: TrainState, data: StepData, totals: Counter, grad_norm: 
     """The metrics of one step (metrics.jsonl names), from the global sums."""
     n = data.n_tokens
     values = {"train/loss": totals["div"] / n, "train/span_tokens": n, "train/error_logprob": totals["student_lp"] / n,
-              "teacher/hint_effect": totals["hint_effect"] / n, "train/lr": state.scheduler.get_last_lr()[0],
+              "teacher/hint_effect": totals["hint_effect"] / n,
               "train/epoch": (data.step + 1) * data.n_examples / len(state.records), "train/grad_norm": grad_norm,
               "train/step_time_s": sum(data.times.values())}
     values |= {f"time/{k}": v for k, v in data.times.items()}  # seconds per phase: draw, teacher, forward, ...
@@ -267,5 +267,6 @@ def train_step(state: TrainState, step: int, *, last_good=None) -> dict:
     data = draw(state, step)
     state.sources[data.source] += 1
     totals = accumulate(state, data)
+    lr = state.scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
     grad_norm = optimizer_step(state, data, totals, last_good=last_good)
-    return step_metrics(state, data, totals, grad_norm)
+    return step_metrics(state, data, totals, grad_norm) | {"train/lr": lr}

@@ -83,3 +83,10 @@ def test_supervised_modes_refuse_gkd_options(tiny_dir, tmp_path):
     for kw in ({"cold_start_sft": 2}, {"lmbda": 0.5}, {"select_prompts": True}):
         with pytest.raises(ValueError, match="do not apply"):
             cfg(tiny_dir, TRAJECTORIES, tmp_path, mode="sft", **kw)
+
+
+def test_logged_lr_is_the_rate_each_update_used(tiny_dir, tmp_path):
+    """train/lr of step k is the rate of update k (linear decay over 2 steps: 1e-3, then 5e-4), not the next one."""
+    train.main(cfg(tiny_dir, TRAJECTORIES, tmp_path / "lr", mode="sft", max_steps=2, lr=1e-3, schedule="linear"))
+    rows = [json.loads(l) for l in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
+    assert [r["train/lr"] for r in rows] == pytest.approx([1e-3, 5e-4])
