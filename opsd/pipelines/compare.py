@@ -40,7 +40,8 @@ from opsd.critique.config import CriticConfig
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
 from opsd.eval.config import EvalConfig
-from opsd.eval.run import behaviour, gt_call
+from opsd.eval.metrics import per_task_outcomes
+from opsd.eval.run import gt_call
 from opsd.io.tasks import load_tasks
 from opsd.pipelines.compare_report import format_compare, method_row
 from opsd.pipelines.demo import HELDOUT_SPEC
@@ -253,7 +254,7 @@ def heldout(cfg: CompareConfig, records: list[dict], critique: Callable, prefill
         trajs = rollouts(cfg, model, hd / f"rollouts_{m}.jsonl", tasks=cfg.heldout_tasks, limit=cfg.heldout_limit,
                          prefill=prefill)
         crits = critique(trajs, hd / f"critiques_{m}.jsonl")
-        per_task, _ = behaviour(ecfg, tasks, b_trajs, trajs, b_crits, crits, reply_outcomes)
+        per_task = per_task_outcomes(tasks, b_trajs, trajs, b_crits, crits, reply_outcomes)
         lm, _ = models.load(model, precision=cfg.train.precision)
         with torch.no_grad():
             _, kl = gt_call_collateral(base_lm, lm, tok, b_trajs, ecfg, prefill_ids)
@@ -267,8 +268,8 @@ def heldout(cfg: CompareConfig, records: list[dict], critique: Callable, prefill
             continue
         trajs, crits, per_task, kl = scored[r["method"]]
         vs_opsd = None
-        if ref is not None and r["method"] != "opsd":
-            vs_opsd, _ = behaviour(ecfg, tasks, ref[0], trajs, ref[1], crits, reply_outcomes)
+        if ref is not None and r["method"] != "opsd":  # the same tasks in the same order: opsd's replies as "before"
+            vs_opsd = [{"before": o["after"], "after": t["after"]} for o, t in zip(ref[2], per_task)]
         rows[r["method"]] = method_row(per_task, vs_opsd, kl, bootstrap=cfg.bootstrap)
     return {"n": len(tasks), "tasks": cfg.heldout_tasks, "rows": rows}
 
