@@ -183,7 +183,7 @@ def build_supervised(cfg, tok) -> tuple[list[TrainRecord], dict]:
                                  f"meta.reward, got {x!r}")
             rewards.append(float(x))
         groups = [str(r.meta.get("task_id", r.id)) for r in records]
-        adv = advantages(rewards, [hash(g) for g in groups])
+        adv = advantages(rewards, groups)
         counts["zero_advantage"] += sum(a == 0 for a in adv)
         report |= {"reward_mean": sum(rewards) / len(rewards) if rewards else None, "tasks": len(set(groups))}
         records = [replace(r, advantage=a) for r, a in zip(records, adv) if a != 0]
@@ -222,7 +222,7 @@ def sample_replies(lm, tok, prompts: list[list[int]], *, max_new_tokens: int, te
     return [ids + [eot] if finish == "eos" or not ids else ids for ids, finish in res]
 
 
-def advantages(rewards: Sequence[float], groups: Sequence[int]) -> list[float]:
+def advantages(rewards: Sequence[float], groups: Sequence) -> list[float]:
     """REINFORCE advantages with a per-prompt mean baseline: r_i − mean(r_j : group_j = group_i)."""
     sums, counts = Counter(), Counter()
     for r, g in zip(rewards, groups):

@@ -170,23 +170,24 @@ def loss(student: Student, mb: MicroBatch, tgt: Targets | None, cfg) -> tuple[to
     dev = student.accelerator.device
     logits_NV = student.logits(mb.student)  # (N, V)
     targets_N = mb.student.targets.to(dev)
-    if tgt is None:  # mode=sft / reinforce: the student's own (detached) distribution, so every divergence is 0
-        tgt = FullLogits(logits_NV.detach())
-    tgt = tgt.to(dev) if isinstance(tgt, TopK) else FullLogits(tgt.logits_NV.to(dev))
     with torch.autocast(device_type=dev.type, enabled=False):
         student_lp_N = losses.token_logprobs(logits_NV, targets_N)  # (N,) fp32, with grad
-        div_N = losses.divergence(logits_NV, tgt, kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
+        s_lp = student_lp_N.detach()
+        if tgt is None:  # mode=sft / reinforce: no teacher, so no divergence and no teacher diagnostics
+            div_N, teacher_lp_N, diag = torch.zeros_like(s_lp), s_lp, {}
+        else:
+            tgt = tgt.to(dev) if isinstance(tgt, TopK) else FullLogits(tgt.logits_NV.to(dev))
+            div_N = losses.divergence(logits_NV, tgt, kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature)
+            with torch.no_grad():
+                if isinstance(tgt, TopK):
+                    teacher_lp_N = tgt.target_logprobs_N
+                else:
+                    teacher_lp_N = losses.token_logprobs(tgt.logits_NV, targets_N)
+                diag = diagnostics.token_diagnostics(logits_NV, tgt, k=cfg.diag_top_k, temperature=cfg.temperature)
         obj = objective(mb, div_N, student_lp_N, 0.0 if cfg.mode == "reinforce" else cfg.rl_alpha)
-        with torch.no_grad():
-            if isinstance(tgt, TopK):
-                teacher_lp_N = tgt.target_logprobs_N
-            else:
-                teacher_lp_N = losses.token_logprobs(tgt.logits_NV, targets_N)
-            diag = diagnostics.token_diagnostics(logits_NV, tgt, k=cfg.diag_top_k, temperature=cfg.temperature)
-            s_lp = student_lp_N.detach()
-            stats = {"div": div_N.detach().sum(), "student_lp": s_lp.sum(),
-                     "hint_effect": (teacher_lp_N - s_lp).sum() if teacher_lp_N is not None else torch.tensor(math.nan)}
-            stats |= {f"diag_{k}": v.sum() for k, v in diag.items()}
+        stats = {"div": div_N.detach().sum(), "student_lp": s_lp.sum(),
+                 "hint_effect": (teacher_lp_N - s_lp).sum() if teacher_lp_N is not None else torch.tensor(math.nan)}
+        stats |= {f"diag_{k}": v.sum() for k, v in diag.items()}
     return obj, stats
 
 
