@@ -72,21 +72,26 @@ class DemoConfig(LoopConfig):
                              "with the loop's --critic)")
 
 
+def trained_rounds(ecfg: EvalConfig, history: dict):
+    """(round, model, rollout name) of every round that trained a model; the best round's rollouts are the
+    evaluation's own ("after"), so they are not rolled out again."""
+    for r in history["rounds"]:
+        model = r.get("trained_model")
+        if model:
+            yield r["round"], model, "after" if model == ecfg.after else f"round_{r['round']}"
+
+
 def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str) -> list[dict]:
     """Every round's model against the base on the held-out tasks (the base rollouts are the evaluation's)."""
     tasks = load_tasks(ecfg.tasks, limit=ecfg.limit)
     base = _rollouts(ecfg.before, "before", ecfg, prefill)
     crit_base = critique(base, Path(ecfg.out) / "critiques_before.jsonl")
     rows = []
-    for r in history["rounds"]:
-        model = r.get("trained_model")
-        if not model:
-            continue
-        name = "after" if model == ecfg.after else f"round_{r['round']}"  # the best round was rolled out already
+    for k, model, name in trained_rounds(ecfg, history):
         trajs = _rollouts(model, name, ecfg, prefill)
         crits = critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")
         _, cmp = behaviour(ecfg, tasks, base, trajs, crit_base, crits, reply_outcomes)
-        rows.append({"round": r["round"], "model": model, "n": cmp["n"],
+        rows.append({"round": k, "model": model, "n": cmp["n"],
                      "outcomes": {k: cmp["outcomes"][k] for k in ROUND_KEYS}})
     return rows
 
@@ -98,17 +103,13 @@ def multi_turn_round_rows(ecfg: EvalConfig, history: dict, critique: Callable, p
     by_id = {c.trajectory_id: c for c in critique(base, Path(ecfg.out) / "critiques_before.jsonl")}
     base_o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in base}
     rows = []
-    for r in history["rounds"]:
-        model = r.get("trained_model")
-        if not model:
-            continue
-        name = "after" if model == ecfg.after else f"round_{r['round']}"  # the best round was rolled out already
+    for k, model, name in trained_rounds(ecfg, history):
         trajs = multi_turn._rollouts(model, name, ecfg, prefill, max_steps_per_turn)
         by_id = {c.trajectory_id: c for c in critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")}
         o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in trajs}
         ids = [tid for tid in base_o if tid in o]
         kw = {"n_boot": ecfg.bootstrap, "seed": ecfg.seed}
-        rows.append({"round": r["round"], "model": model, "n": len(ids), "outcomes": {
+        rows.append({"round": k, "model": model, "n": len(ids), "outcomes": {
             "official_accuracy": stats.paired_binary([base_o[i]["valid"] for i in ids], [o[i]["valid"] for i in ids], **kw),
             "critic_error": stats.paired_binary([base_o[i]["critic"] == "error" for i in ids],
                                                 [o[i]["critic"] == "error" for i in ids], **kw)}})
