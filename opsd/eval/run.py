@@ -17,6 +17,8 @@ Stages (each writes its artifacts under OUT; rollouts and critiques are resumabl
 4. collateral: per-token KL(A||B) and the log-prob change on the ground-truth call rendered as
    the reply (one per task, so n > 0 whenever tasks have ground truth), plus KL(A||B) on A's
    generated tokens outside error spans and on A's replies the critic passed.
+   Stages 3 and 4 come from one grouped pass per model: every sequence that reads a task's prompt
+   (reply, ground-truth call, hinted reply) is scored with the prompt run once (`opsd.train.shared_prefix`).
 Outputs report.json (keys documented in README "Evaluation report"), report.md (verdicts first)
 and PNG plots. `scripts/recompute_report.py` recomputes every headline rate from report.json.
 
@@ -46,15 +48,6 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def _rows(model, ids_list, spans, batch: int, pad: int):
-    """(L, V) log-prob rows over each span, computed `batch` sequences at a time (rows never all in memory)."""
-    from opsd.train.scoring import span_logprobs
-
-    for k in range(0, len(ids_list), batch):
-        yield from span_logprobs(model, ids_list[k:k + batch], spans[k:k + batch], batch_size=batch,
-                                 return_rows=True, pad_id=pad).rows
-
-
 def _score_items(trajs, critiques, examples, tok, prefill_len: int) -> list[dict]:
     """One scoring item per critiqued trajectory of A: its generated tokens (plus the error span)."""
     from opsd.render import render
@@ -78,61 +71,94 @@ def _score_items(trajs, critiques, examples, tok, prefill_len: int) -> list[dict
             lo, hi = min(lo, ex.student_span[0]), max(hi, ex.student_span[1])
         if hi <= lo:
             continue
-        items.append({"ids": r.input_ids, "span": (lo, hi), "gen": (gs, be), "example": ex})
+        items.append({"ids": r.input_ids, "span": (lo, hi), "gen": (gs, be), "example": ex,
+                      "task": t.meta.get("task_id", t.id)})
     return items
 
 
 def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique],
-                             cfg: EvalConfig, prefill_len: int = 0) -> tuple[dict, dict]:
-    """Error-span metrics on A's critiqued errors, and KL(A||B) drift, from ONE pass per model per trajectory.
+                             cfg: EvalConfig, prefill_ids: list[int] | tuple = ()) -> tuple[dict, dict]:
+    """Error-span metrics on A's critiqued errors, and KL(A||B) drift (`teacher_forced_all` without the
+    ground-truth calls)."""
+    tf, drift, _ = teacher_forced_all(model_a, model_b, tok, trajs, critiques, cfg, prefill_ids, gt_calls=False)
+    return tf, drift
 
-    Each pass returns full log-prob rows over the trajectory's generated tokens (and its error
-    span), from which come: the error tokens' log-probs under A and B, the argmax at the first
-    error token, and the per-token KL(A||B) outside error spans and on clean trajectories. The
-    hinted teacher (A with the hint) is one more pass over the hinted sequences.
+
+def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig,
+                       prefill_ids: list[int] | tuple = (), *, gt_calls: bool = True) -> tuple[dict, dict, dict]:
+    """Error-span metrics, KL(A||B) drift and the ground-truth-call collateral, from ONE grouped pass per model.
+
+    Per task, every sequence that reads its prompt is scored in one group (`opsd.train.shared_prefix`:
+    the prompt runs once): under A, the reply (full log-prob rows over its generated tokens and error
+    span), the ground-truth call (rows) and the hinted reply (the OPSD teacher: the error tokens'
+    log-probs); under B, the same sequences. From them: the error tokens' log-probs
+    under A, B and hinted A, the argmax at the first error token, the per-token KL(A||B) outside error
+    spans and on clean replies, and per task the KL and log-probs on the ground-truth call.
+    Returns (teacher_forced, drift, {task id: ground-truth-call sums}).
     """
     from opsd.hint.build import build_examples
-    from opsd.train.scoring import span_logprobs
+    from opsd.train.shared_prefix import Member, grouped_span_scores
 
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span)
-    items = _score_items(trajs, critiques, examples, tok, prefill_len)
+    items = _score_items(trajs, critiques, examples, tok, len(prefill_ids))
+    groups: dict[str, dict] = {}
+    for it in items:
+        groups.setdefault(it["task"], {"items": [], "gt": None})["items"].append(it)
+    for tid, ids, span in _gt_items(trajs, tok, prefill_ids) if gt_calls else []:
+        groups.setdefault(tid, {"items": [], "gt": None})["gt"] = (ids, span)
+    # B scores the hinted replies too (unused): with the same batches, a model compared with itself gives
+    # bit-identical numbers (a different batch shape can round differently)
+    scored = []
+    for g in groups.values():
+        own = [Member(it["ids"], it["span"], rows=True) for it in g["items"]]
+        own += [Member(*g["gt"], rows=True)] if g["gt"] else []
+        scored.append(own + [Member(it["example"].teacher_ids, tuple(it["example"].teacher_span))
+                             for it in g["items"] if it["example"] is not None])
     pad = tok.pad_token_id or 0
-    b = cfg.score_batch_size
-    ids, spans = [it["ids"] for it in items], [it["span"] for it in items]
     kl = {"err": [0.0, 0], "clean": [0.0, 0]}
-    per = []
-    for it, la, lb in zip(items, _rows(model_a, ids, spans, b, pad), _rows(model_b, ids, spans, b, pad)):
-        lo, _ = it["span"]
-        kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) = sum_v pA (log pA - log pB)
-        keep = torch.zeros(len(kl_L), dtype=torch.bool)
-        keep[it["gen"][0] - lo:it["gen"][1] - lo] = True
-        ex = it["example"]
-        if ex is not None:
-            s0, s1 = ex.student_span
-            keep[s0 - lo:s1 - lo] = False
-            tgt = torch.tensor(ex.student_ids[s0:s1])
-            a_lp = la[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]  # (S,)
-            b_lp = lb[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]
-            per.append({"trajectory_id": ex.meta["trajectory_id"], "category": ex.meta.get("category"),
-                        "span_tokens": s1 - s0, "before": a_lp.mean().item(), "after": b_lp.mean().item(),
-                        "first_before": a_lp[0].item(), "first_after": b_lp[0].item(),
-                        "argmax_before_is_error": int(la[s0 - lo].argmax()) == int(tgt[0]),
-                        "argmax_after_is_error": int(lb[s0 - lo].argmax()) == int(tgt[0])})
-        bucket = kl["err" if ex is not None else "clean"]
-        bucket[0] += kl_L[keep].sum().item()
-        bucket[1] += int(keep.sum())
+    per, gt_per = [], {}
+    scores = zip(grouped_span_scores(model_a, scored, batch_size=cfg.score_batch_size, pad_id=pad),
+                 grouped_span_scores(model_b, scored, batch_size=cfg.score_batch_size, pad_id=pad))
+    for (tid, g), (sa, sb) in zip(groups.items(), scores):
+        n = len(g["items"])
+        hinted = iter(sa[n + (g["gt"] is not None):])
+        for it, la, lb in zip(g["items"], sa, sb):
+            lo, _ = it["span"]
+            kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) = sum_v pA (log pA - log pB)
+            keep = torch.zeros(len(kl_L), dtype=torch.bool)
+            keep[it["gen"][0] - lo:it["gen"][1] - lo] = True
+            ex = it["example"]
+            if ex is not None:
+                s0, s1 = ex.student_span
+                keep[s0 - lo:s1 - lo] = False
+                tgt = torch.tensor(ex.student_ids[s0:s1])
+                a_lp = la[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]  # (S,)
+                b_lp = lb[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]
+                h_lp = next(hinted)
+                per.append({"trajectory_id": ex.meta["trajectory_id"], "category": ex.meta.get("category"),
+                            "span_tokens": s1 - s0, "before": a_lp.mean().item(), "after": b_lp.mean().item(),
+                            "hinted": h_lp.mean().item(), "first_before": a_lp[0].item(),
+                            "first_after": b_lp[0].item(), "first_hinted": h_lp[0].item(),
+                            "argmax_before_is_error": int(la[s0 - lo].argmax()) == int(tgt[0]),
+                            "argmax_after_is_error": int(lb[s0 - lo].argmax()) == int(tgt[0])})
+            bucket = kl["err" if ex is not None else "clean"]
+            bucket[0] += kl_L[keep].sum().item()
+            bucket[1] += int(keep.sum())
+        if g["gt"] is not None:
+            ids, (s0, s1) = g["gt"]
+            la, lb = sa[n], sb[n]
+            tgt = torch.tensor(ids[s0:s1])[:, None]  # (L, 1)
+            kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) per token
+            gt_per[tid] = {"n_tokens": s1 - s0, "kl_sum": kl_L.sum().item(),
+                           "logprob_before": la.gather(-1, tgt).sum().item(),
+                           "logprob_after": lb.gather(-1, tgt).sum().item()}
     drift = {"kl_outside_error_spans": {"mean": kl["err"][0] / kl["err"][1] if kl["err"][1] else None,
                                         "n_tokens": kl["err"][1]},
              "kl_critic_ok_replies": {"mean": kl["clean"][0] / kl["clean"][1] if kl["clean"][1] else None,
                                       "n_tokens": kl["clean"][1]}}
     res = {"n_examples": len(per), "build_counts": dict(counts)}
     if not per:
-        return res, drift
-    scored = [it["example"] for it in items if it["example"] is not None]
-    h = span_logprobs(model_a, [e.teacher_ids for e in scored], [tuple(e.teacher_span) for e in scored],
-                      batch_size=b, pad_id=pad).token_logprobs
-    for p, h_lp in zip(per, h):
-        p["hinted"], p["first_hinted"] = h_lp.mean().item(), h_lp[0].item()
+        return res, drift, gt_per
     mb, ma, mh = _mean(p["before"] for p in per), _mean(p["after"] for p in per), _mean(p["hinted"] for p in per)
     greedy = [p for p in per if p["argmax_before_is_error"]]
     ft = {k: _mean(p[f"first_{k}"] for p in per) for k in ("before", "after", "hinted")}
@@ -149,7 +175,7 @@ def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], cri
         "gap_closed": (ma - mb) / (mh - mb) if abs(mh - mb) > 1e-9 else None,
         "per_example": per,
     })
-    return res, drift
+    return res, drift, gt_per
 
 
 def first_acceptable(value):
@@ -175,6 +201,29 @@ def gt_call(ground_truth: list[dict]) -> list[dict]:
     return calls
 
 
+def _gt_items(trajs: list[Trajectory], tok, prefill_ids) -> list[tuple[str, list[int], tuple[int, int]]]:
+    """(task id, ids, span) per task with ground truth: its first correct call rendered as the reply; a forced
+    prefill at the reply's start is not in the span."""
+    from opsd.render import render
+
+    prefill_ids = list(prefill_ids)
+    out, seen = [], set()
+    for t in trajs:
+        gt = t.meta.get("ground_truth")
+        tid = t.meta.get("task_id", t.id)
+        if not gt or tid in seen:
+            continue
+        seen.add(tid)
+        ref = Trajectory(tid, t.messages[:-1] + [{"role": "assistant", "content": None, "tool_calls": gt_call(gt)}],
+                         t.tools)
+        r = render(ref, tok)
+        bs, be = r.body_spans[-1]
+        skip = len(prefill_ids) if prefill_ids and r.input_ids[bs:bs + len(prefill_ids)] == prefill_ids else 0
+        if be - bs - skip > 0:
+            out.append((tid, r.input_ids, (bs + skip, be)))
+    return out
+
+
 def gt_call_collateral(model_a, model_b, tok, trajs: list[Trajectory], cfg: EvalConfig,
                        prefill_ids: list[int] | tuple = ()) -> tuple[dict, dict]:
     """KL(A||B) and log-probs on the ground-truth call rendered as the assistant reply (the clean trajectory).
@@ -184,34 +233,7 @@ def gt_call_collateral(model_a, model_b, tok, trajs: list[Trajectory], cfg: Eval
     `kl_per_token` (token-weighted, bootstrap CI over tasks) and `logprob_per_token` (per-task mean
     log-prob per token under A and B, paired).
     """
-    from opsd.render import render
-
-    prefill_ids = list(prefill_ids)
-    ids, spans, tids = [], [], []
-    for t in trajs:
-        gt = t.meta.get("ground_truth")
-        tid = t.meta.get("task_id", t.id)
-        if not gt or tid in tids:
-            continue
-        ref = Trajectory(tid, t.messages[:-1] + [{"role": "assistant", "content": None, "tool_calls": gt_call(gt)}],
-                         t.tools)
-        r = render(ref, tok)
-        bs, be = r.body_spans[-1]
-        skip = len(prefill_ids) if prefill_ids and r.input_ids[bs:bs + len(prefill_ids)] == prefill_ids else 0
-        if be - bs - skip <= 0:
-            continue
-        ids.append(r.input_ids)
-        spans.append((bs + skip, be))
-        tids.append(tid)
-    per: dict[str, dict] = {}
-    pad = tok.pad_token_id or 0
-    b = cfg.score_batch_size
-    for tid, x, (s0, s1), la, lb in zip(tids, ids, spans, _rows(model_a, ids, spans, b, pad),
-                                        _rows(model_b, ids, spans, b, pad)):
-        tgt = torch.tensor(x[s0:s1])[:, None]  # (L, 1)
-        kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) per token
-        per[tid] = {"n_tokens": s1 - s0, "kl_sum": kl_L.sum().item(),
-                    "logprob_before": la.gather(-1, tgt).sum().item(), "logprob_after": lb.gather(-1, tgt).sum().item()}
+    _, _, per = teacher_forced_all(model_a, model_b, tok, trajs, [], cfg, prefill_ids)
     return per, summarise_gt_call(per, cfg.bootstrap, cfg.seed)
 
 
@@ -289,9 +311,8 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     model_b, _ = models.load(cfg.after, device=cfg.device, precision=cfg.precision)
     prefill_ids = tok(prefill, add_special_tokens=False)["input_ids"] if prefill else []
     with torch.no_grad():
-        report["teacher_forced"], drift = teacher_forced_and_drift(model_a, model_b, tok, trajs_a, crit_a, cfg,
-                                                                   len(prefill_ids))
-        gt_per, _ = gt_call_collateral(model_a, model_b, tok, trajs_a, cfg, prefill_ids)
+        report["teacher_forced"], drift, gt_per = teacher_forced_all(model_a, model_b, tok, trajs_a, crit_a, cfg,
+                                                                     prefill_ids)
     gt_per = {t["task_id"]: gt_per[t["task_id"]] for t in per_task if t["task_id"] in gt_per}  # task order
     gt_summary = summarise_gt_call(gt_per, cfg.bootstrap, cfg.seed)  # what scripts/recompute_report.py redoes
     before_ok = [t["before"] for t in per_task]

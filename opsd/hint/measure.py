@@ -1,5 +1,9 @@
 """Hint effect: one teacher pass (hinted sequence) and one student pass per example, before training.
 
+When the teacher is the student's own module, both sequences of an example are scored as one group
+(`opsd.train.shared_prefix`): the prompt above the hint runs once, and only the hint and the reply
+run for each (the same numbers, in less time).
+
     from opsd.hint.measure import measure
     m = measure(lm, lm, examples)            # the model is its own hinted teacher
     m[i].hint_effect                         # mean over the quoted error tokens of teacher − student log-prob
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from opsd.train.records import TeacherTopK
 from opsd.train.scoring import eval_mode, span_logprobs
+from opsd.train.shared_prefix import Member, grouped_span_scores
 from opsd.types import HintedExample
 
 
@@ -46,6 +53,9 @@ def measure(teacher_lm, student_lm, examples: list[HintedExample], *, batch_size
     """Hint effect of every example (see module docstring), and with `top_k` > 0 the teacher's top-k targets."""
     if not examples:
         return []
+    if teacher_lm is student_lm:  # the model is its own hinted teacher: the shared prompt runs once
+        with eval_mode(student_lm):
+            return _measure_shared(student_lm, examples, batch_size, top_k, temperature, pad_id)
     t_ids, t_spans = [e.teacher_ids for e in examples], [e.teacher_span for e in examples]
     with eval_mode(teacher_lm):  # hint effect at temperature 1; top-k targets at the training temperature
         t = span_logprobs(teacher_lm, t_ids, t_spans, batch_size=batch_size, pad_id=pad_id,
@@ -57,15 +67,34 @@ def measure(teacher_lm, student_lm, examples: list[HintedExample], *, batch_size
     with eval_mode(student_lm):
         s = span_logprobs(student_lm, [e.student_ids for e in examples], [e.student_span for e in examples],
                           batch_size=batch_size, pad_id=pad_id)
+    topks = [TeacherTopK(t.topk_ids[i].tolist(), t.topk_logprobs[i].tolist(), t.topk_tail_logprobs[i].tolist(),
+                         t.token_logprobs[i].tolist()) for i in range(len(examples))] if top_k else [None] * len(examples)
+    return [_measured(e, t_lp, s_lp, tk) for e, t_lp, s_lp, tk in zip(examples, t.token_logprobs, s.token_logprobs, topks)]
+
+
+def _measured(e: HintedExample, t_lp: torch.Tensor, s_lp: torch.Tensor, topk: TeacherTopK | None) -> HintMeasure:
+    q0, q1 = e.meta.get("quote_span", e.student_span)
+    lo, hi = q0 - e.student_span[0], q1 - e.student_span[0]  # quote tokens inside the target span
+    delta_Q = (t_lp - s_lp)[lo:hi]  # (Lq,)
+    return HintMeasure(delta_Q.mean().item(), delta_Q[0].item(), s_lp[lo:hi].mean().item(), topk)
+
+
+def _measure_shared(lm, examples: list[HintedExample], batch_size: int, top_k: int, temperature: float,
+                    pad_id: int) -> list[HintMeasure]:
+    """`measure(lm, lm, ...)` with each example's student and hinted sequences in one group: the prompt they share
+    (everything above the hint) runs once. With `top_k`, the hinted rows give the targets: a log-softmax of the
+    rows at `temperature` is the log-softmax of the logits at it (the rows differ from them by a constant)."""
+    groups = [[Member(e.student_ids, tuple(e.student_span)), Member(e.teacher_ids, tuple(e.teacher_span), rows=bool(top_k))]
+              for e in examples]
     out = []
-    for i, e in enumerate(examples):
-        q0, q1 = e.meta.get("quote_span", e.student_span)
-        lo, hi = q0 - e.student_span[0], q1 - e.student_span[0]  # quote tokens inside the target span
-        delta_Q = (t.token_logprobs[i] - s.token_logprobs[i])[lo:hi]  # (Lq,)
+    for e, (s_lp, t) in zip(examples, grouped_span_scores(lm, groups, batch_size=batch_size, pad_id=pad_id)):
         topk = None
         if top_k:
-            topk = TeacherTopK(t.topk_ids[i].tolist(), t.topk_logprobs[i].tolist(), t.topk_tail_logprobs[i].tolist(),
-                               t.token_logprobs[i].tolist())
-        out.append(HintMeasure(delta_Q.mean().item(), delta_Q[0].item(), s.token_logprobs[i][lo:hi].mean().item(),
-                               topk))
+            t_lp = t.gather(-1, torch.tensor(e.teacher_ids[e.teacher_span[0]:e.teacher_span[1]])[:, None])[:, 0]
+            rows = t if temperature == 1.0 else torch.log_softmax(t / temperature, dim=-1)
+            top = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
+            tail = rows.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # (L,) exact log-mass outside the top-k
+            topk = TeacherTopK(top.indices.tolist(), top.values.tolist(), tail.tolist(), t_lp.tolist())
+            t = t_lp
+        out.append(_measured(e, t, s_lp, topk))
     return out

@@ -66,7 +66,11 @@ def span_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); right or left padding
     hidden_BTD = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden_ND = hidden_BTD[batch_idx, pos]  # (N, D)
+    return head_logits(causal, hidden_BTD[batch_idx, pos])
+
+
+def head_logits(causal, hidden_ND: torch.Tensor) -> torch.Tensor:
+    """The LM head (N, V) of a causal LM applied to hidden states (N, D), as the model's own forward does."""
     head = causal.get_output_embeddings()
     # the head runs in its weights' precision, outside any bf16 autocast: the student's fp32 master weights give
     # fp32 logits (bf16 logits carry ~0.4% rounding per logit, more than a near-converged divergence's gradient:
