@@ -73,7 +73,11 @@ def step(step: dict | None, status: str) -> list[str]:
         N = step["n_params"]
         out += [f"FLOP count (issue 6): 6N per trained token + 2N per teacher-forward token, N = {N / 1e6:.1f}M; trained "
                 f"tokens = every student token ({o['student_tokens']}, the span's gradient flows through the whole "
-                f"prefix), teacher tokens = the hinted sequences ({o['teacher_tokens']}). The 'matmul FLOPs' column "
+                f"prefix), teacher tokens = the tokens the teacher forward runs ({o['teacher_tokens']}: opsd's "
+                "teacher=self pass starts from the student's keys/values of the prompt above the hint, so only the "
+                "hint and the reply run; the whole hinted sequences would be "
+                f"{o.get('hinted_tokens', o['teacher_tokens'])}, and counting them would raise opsd's floor share). "
+                "The 'matmul FLOPs' column "
                 "counts what is actually needed (no input-embedding matmul, causal attention, lm_head only where "
                 "applied); GKD applies lm_head on every token of both models.", ""]
     trl = {s: v["settings"] for b in step["by_precision"].values() for s, v in b["sides"].items() if v.get("settings")}

@@ -9,7 +9,8 @@ AdamW (same lr, betas, no weight decay), grad clip 1.0, no gradient checkpointin
 own process (`--side`), alternated A B C D ... in every round, at every precision (`--precisions`,
 default fp32 and bf16; bf16 = autocast with fp32 master weights on every side):
 
-- `opsd`: opsd's own training stage functions (`opsd.train`), teacher=self on the hinted sequence.
+- `opsd`: opsd's own training stage functions (`opsd.train`), teacher=self on the hinted sequence (its
+  pass starts from the student's keys/values of the prompt above the hint: only hint + reply run).
 - `gkd`, `distill`: `trl.experimental.gkd.GKDTrainer` and `trl.DistillationTrainer` (bench/trl_sides.py).
 - `opsd_pre` (once, at the precision used): teacher=initial with precomputed top-k targets.
 - `matmul`: `torch.mm` GFLOP/s at each precision on the model's GEMM shapes (forward, grad-input and
@@ -129,9 +130,22 @@ def run_opsd(a, precompute: bool) -> dict:
     return {"times": times, "phases": med, "load_s": load_s, "precompute_s": precompute_s,
             "rss_after_load_gb": rss_loaded, "peak_rss_gb": peak_rss_gb(),
             "student_tokens": sum(len(r.student_ids) for r in records),
-            "teacher_tokens": 0 if precompute else sum(len(r.teacher_ids) for r in records),
+            "teacher_tokens": 0 if precompute else teacher_tokens_run(state, records),
+            "hinted_tokens": sum(len(r.teacher_ids) for r in records),
             "span_tokens": sum(r.n_targets for r in records),
             "profile": profile}
+
+
+def teacher_tokens_run(state, records) -> int:
+    """Tokens the teacher forward runs per step: the whole hinted sequences, or with teacher=self reusing the
+    student's keys/values (`--teacher-reuses-prefix`, the default) only what follows the shared prompt."""
+    from opsd.train import step as train_step
+    from opsd.train.shared_prefix import common_prefix
+
+    mb = train_step.make_micro_batch(records, state.pad_id)
+    if not train_step.reuses_student_kv(state, mb):
+        return sum(len(r.teacher_ids) for r in records)
+    return sum(len(r.teacher_ids) - common_prefix(r.student_ids, r.teacher_ids, r.teacher_span[0] - 1) for r in records)
 
 
 def opsd_step(state, step) -> dict:
@@ -270,6 +284,7 @@ def summarise_side(side: str, rs: list[dict], a, mm: dict, n_params: float) -> d
             "trajectories_per_s": a.batch / worst, "student_tokens_per_s": r0["student_tokens"] / worst,
             "peak_rss_gb": max(r["peak_rss_gb"] for r in rs), "rss_after_load_gb": max(r["rss_after_load_gb"] for r in rs),
             "student_tokens": r0["student_tokens"], "teacher_tokens": r0["teacher_tokens"],
+            "hinted_tokens": r0.get("hinted_tokens"),
             "span_tokens": r0["span_tokens"], "flops_6n2n": fl, "floor_s": fl / rate,
             "floor_share": fl / rate / worst, "flops_exact": fx, "floor_exact_s": fx / rate,
             "floor_share_exact": fx / rate / worst, "phases": r0.get("phases"), "precompute_s": r0.get("precompute_s"),

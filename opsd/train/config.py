@@ -88,6 +88,7 @@ class TrainConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated names"})
+    teacher_reuses_prefix: bool = field(default=True, metadata={"help": "OPSD with teacher=self: the hinted pass starts from the keys/values the student's forward computed for the tokens above the hint, and runs only the hint and the reply (the same targets; off: the whole hinted sequence runs again)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16: bf16 autocasts the matmuls, with fp32 master weights, optimizer state, log-softmax and divergence; auto = bf16 where the CPU (AVX512-BF16/AMX) or GPU has bf16 units, except GKD on CPU: fp32 (a near-converged divergence rose under bf16, measured)"})
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})

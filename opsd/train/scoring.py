@@ -60,12 +60,13 @@ def _causal_lm(model):
 
 
 def span_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_idx: torch.Tensor,
-                pos: torch.Tensor) -> torch.Tensor:
-    """Logits (N, V) predicted at positions `pos` (N,) of rows `batch_idx` (N,): lm_head only there."""
+                pos: torch.Tensor, cache=None) -> torch.Tensor:
+    """Logits (N, V) predicted at positions `pos` (N,) of rows `batch_idx` (N,): lm_head only there.
+    With `cache` (an empty transformers DynamicCache) the forward also leaves its keys/values there."""
     causal = _causal_lm(lm)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); right or left padding
-    hidden_BTD = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden_BTD = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=cache, use_cache=cache is not None).last_hidden_state
     return head_logits(causal, hidden_BTD[batch_idx, pos])
 
 
@@ -90,8 +91,8 @@ class SpanLM(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, batch_idx, pos):
-        return span_logits(self.lm, input_ids, attention_mask, batch_idx, pos)
+    def forward(self, input_ids, attention_mask, batch_idx, pos, cache=None):
+        return span_logits(self.lm, input_ids, attention_mask, batch_idx, pos, cache)
 
 
 @dataclass

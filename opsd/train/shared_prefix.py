@@ -80,24 +80,34 @@ def _batch(causal, groups: Sequence[Sequence[Member]], pad_id: int, temperature:
                 use_cache=True)
     owner = [i for i, g in enumerate(groups) for _ in g]  # group of each member row
     members = [m for g in groups for m in g]
-    own = [len(m.ids) - shared[i] for i, m in zip(owner, members)]
-    S = max(own)
-    ids = torch.full((len(members), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(members), S), dtype=torch.long)
-    for r, (i, m, n) in enumerate(zip(owner, members, own)):
-        ids[r, :n] = torch.tensor(list(m.ids[shared[i]:]))
-        mask[r, :n] = 1
-    start = torch.tensor([shared[i] for i in owner])[:, None]  # (M, 1) position of each row's first own token
-    pos = start + torch.arange(S)[None, :]  # (M, S); padding positions are masked, their values unused
     if Pm:
         cache.batch_select_indices(torch.tensor(owner, device=dev))  # each member row gets its group's prefix KV
-    hidden = decoder(input_ids=ids.to(dev), attention_mask=torch.cat([pre_mask[owner], mask.to(dev)], dim=1),
-                     position_ids=pos.to(dev), past_key_values=cache if Pm else None, use_cache=bool(Pm)).last_hidden_state
+    hidden = continue_from(decoder, cache if Pm else None, pre_mask[owner], [shared[i] for i in owner],
+                           [m.ids for m in members], pad_id)
     out: list[list[torch.Tensor]] = [[] for _ in groups]
     for r, (i, m) in enumerate(zip(owner, members)):
         s, e = m.span
         out[i].append(_scores(causal, hidden[r, s - 1 - shared[i]:e - 1 - shared[i]], m, temperature))
     return out
+
+
+def continue_from(decoder, cache: DynamicCache | None, pre_mask_MP: torch.Tensor, shared: Sequence[int],
+                  ids_list: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Hidden states (M, S, D) of each row's own tokens `ids_list[r][shared[r]:]`, right-padded to S, run on top
+    of `cache` (M rows of P positions, row r attending to the positions where `pre_mask_MP[r]` is 1: its first
+    `shared[r]` tokens, wherever they sit). Row r's own tokens take positions shared[r], shared[r] + 1, ...;
+    `cache` is extended in place. With no cache (P = 0) the rows run from scratch."""
+    dev = pre_mask_MP.device
+    own = [len(ids) - n for ids, n in zip(ids_list, shared)]
+    S = max(own)
+    ids = torch.full((len(ids_list), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids_list), S), dtype=torch.long)
+    for r, (x, n, k) in enumerate(zip(ids_list, shared, own)):
+        ids[r, :k] = torch.tensor(list(x[n:]))
+        mask[r, :k] = 1
+    pos = torch.tensor(list(shared))[:, None] + torch.arange(S)[None, :]  # (M, S); padding positions are masked
+    return decoder(input_ids=ids.to(dev), attention_mask=torch.cat([pre_mask_MP.long(), mask.to(dev)], dim=1),
+                   position_ids=pos.to(dev), past_key_values=cache, use_cache=cache is not None).last_hidden_state
 
 
 def grouped_span_scores(model, groups: Sequence[Sequence[Member]], *, batch_size: int = 8, pad_id: int = 0,
@@ -111,3 +121,40 @@ def grouped_span_scores(model, groups: Sequence[Sequence[Member]], *, batch_size
         if any(not g for g in chunk):
             raise ValueError("a group has no members")
         yield from _batch(causal, chunk, pad_id, temperature)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common start of `a` and `b`, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@torch.no_grad()
+def logits_after_student(lm, cache: DynamicCache, student_ids: Sequence[Sequence[int]],
+                         teacher_ids: Sequence[Sequence[int]], teacher_spans: Sequence[tuple[int, int]],
+                         pad_id: int = 0) -> torch.Tensor:
+    """A teacher=self pass that starts from the student's own forward: logits (N, V) at the teacher spans.
+
+    `cache` holds the keys/values the student's forward left (its rows right-padded, row b = student_ids[b]);
+    the tokens row b's teacher sequence shares with it (everything above the hint turn) are not run again:
+    only the rest of the teacher sequence (the hint and the reply) runs, on top of those keys/values
+    (detached). Equal to running the whole teacher sequence when both passes see the same weights in the
+    same mode (no dropout): the student's keys/values are the teacher's. Rows in order, span tokens in order,
+    as `opsd.train.scoring.collate` lists them.
+    """
+    causal = _causal_lm(lm)
+    shared = [common_prefix(s, t, sp[0] - 1) for s, t, sp in zip(student_ids, teacher_ids, teacher_spans)]
+    Pm = max(shared)
+    dev = next(causal.parameters()).device
+    prefix = None
+    if Pm:
+        prefix = DynamicCache()
+        for li, layer in enumerate(cache.layers):
+            prefix.update(layer.keys[:, :, :Pm].detach(), layer.values[:, :, :Pm].detach(), li)
+    pre_mask = (torch.arange(Pm)[None, :] < torch.tensor(shared)[:, None]).to(dev)  # (B, Pm): row b's shared tokens
+    hidden = continue_from(causal.get_decoder(), prefix, pre_mask, shared, teacher_ids, pad_id)
+    rows = [hidden[b, s - 1 - n:e - 1 - n] for b, ((s, e), n) in enumerate(zip(teacher_spans, shared))]
+    return head_logits(causal, torch.cat(rows))

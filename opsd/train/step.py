@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from opsd.train import diagnostics, losses
 from opsd.train.losses import FullLogits, Targets, TopK
@@ -161,14 +162,28 @@ def objective(mb: MicroBatch, div_N: torch.Tensor, student_lp_N: torch.Tensor, r
     return rl_alpha * div_N.sum() - (1.0 - rl_alpha) * (mb.advantage_N.to(div_N.device) * student_lp_N).sum()
 
 
-def loss(student: Student, mb: MicroBatch, tgt: Targets | None, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reuses_student_kv(state: TrainState, mb: MicroBatch) -> bool:
+    """Whether this micro-batch's teacher pass starts from the student's forward (teacher=self, see
+    `opsd.train.shared_prefix.logits_after_student`) instead of running the whole hinted sequence.
+
+    OPSD only: its hinted targets stand nats away from the student. In GKD a teacher equal to the student must
+    give a divergence of exactly 0, and a differently computed teacher pass gives rounding noise instead,
+    which Adam turns into full-size steps (tests/train/test_gkd.py)."""
+    t, cfg = state.teacher, state.cfg
+    return (cfg.teacher_reuses_prefix and not cfg.is_gkd and mb.topk is None and not cfg.is_supervised and t is not None
+            and getattr(t, "reads_student_kv", False) and state.student.kv_reusable(cfg))
+
+
+def loss(student: Student, mb: MicroBatch, tgt: Targets | None, cfg, *,
+         logits_NV: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of one micro-batch (with grad) and its detached sums for the metrics.
 
-    The forward runs under the precision's autocast; the log-softmax, the divergence and the
-    diagnostics run in fp32 outside it.
+    The forward runs under the precision's autocast (or was run by the caller: `logits_NV`); the
+    log-softmax, the divergence and the diagnostics run in fp32 outside it.
     """
     dev = student.accelerator.device
-    logits_NV = student.logits(mb.student)  # (N, V)
+    if logits_NV is None:
+        logits_NV = student.logits(mb.student)  # (N, V)
     targets_N = mb.student.targets.to(dev)
     with torch.autocast(device_type=dev.type, enabled=False):
         student_lp_N = losses.token_logprobs(logits_NV, targets_N)  # (N,) fp32, with grad
@@ -199,13 +214,23 @@ def accumulate(state: TrainState, data: StepData) -> Counter:
     times = Counter()
     for k, recs in enumerate(data.micro):
         mb = make_micro_batch(recs, state.pad_id, sft=data.source == "sft")
+        reuse = reuses_student_kv(state, mb)
         t = time.perf_counter()
-        tgt = targets(state.teacher, mb, cfg)
+        tgt = None if reuse else targets(state.teacher, mb, cfg)
         times["teacher_s"] += time.perf_counter() - t
         last = k == len(data.micro) - 1
         with acc.no_sync(state.student.span_lm) if not last else nullcontext():
             t = time.perf_counter()
-            obj, stats = loss(state.student, mb, tgt, cfg)
+            logits_NV = None
+            if reuse:  # student forward first; the teacher pass continues from its keys/values
+                cache = DynamicCache()
+                logits_NV = state.student.logits(mb.student, cache)
+                t_teacher = time.perf_counter()
+                tgt = FullLogits(state.teacher.logits_after_student(cache, recs, state.pad_id))
+                del cache
+                times["teacher_s"] += time.perf_counter() - t_teacher
+                t += time.perf_counter() - t_teacher
+            obj, stats = loss(state.student, mb, tgt, cfg, logits_NV=logits_NV)
             times["student_forward_s"] += time.perf_counter() - t
             t = time.perf_counter()
             # DDP averages gradients over processes, so scale by world / global target tokens

@@ -84,12 +84,21 @@ class Student:
         self.prepared = True
         return optimizer
 
-    def logits(self, batch: SpanBatch) -> torch.Tensor:
-        """Logits (N, V) at the batch's target positions, through the prepared wrapper (autocast inside)."""
+    def logits(self, batch: SpanBatch, cache=None) -> torch.Tensor:
+        """Logits (N, V) at the batch's target positions, through the prepared wrapper (autocast inside); with
+        `cache` (an empty DynamicCache) the forward's keys/values are left there too."""
         dev = self.accelerator.device
         with self.accelerator.autocast():
             return self.span_lm(batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.batch_idx.to(dev),
-                                batch.pos.to(dev))
+                                batch.pos.to(dev), cache)
+
+    def kv_reusable(self, cfg) -> bool:
+        """Whether keys/values of this student's training forward equal those of an eval-mode forward of the same
+        weights: no dropout, no recomputation, not sharded (a teacher=self pass may then start from them)."""
+        drop = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.lm.modules())
+        c = getattr(self.lm, "config", None)
+        drop = drop or float(getattr(c, "attention_dropout", 0.0) or 0.0) > 0
+        return not (drop or self.sharded or cfg.gradient_checkpointing)
 
     @contextlib.contextmanager
     def full_weights(self, purpose: str) -> Iterator[torch.nn.Module]:

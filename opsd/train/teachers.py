@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from opsd.train.scoring import SpanBatch, _causal_lm, eval_mode, span_logits
+from opsd.train.shared_prefix import logits_after_student
 from opsd.train.student import Student
 
 
@@ -69,6 +70,21 @@ class LiveTeacher(Teacher):
     def logits(self, batch: SpanBatch) -> torch.Tensor:
         with self._frozen(), eval_mode(self.student.span_lm):
             return self.student.logits(batch).float()
+
+    @property
+    def reads_student_kv(self) -> bool:
+        """Whether this teacher is the student's current weights as they are (teacher=self, adapters on), so that
+        its pass over a hinted sequence may start from the student's keys/values of the tokens above the hint."""
+        return not (self.adapters_off or self.until_first_update)
+
+    @torch.no_grad()
+    def logits_after_student(self, cache, records, pad_id: int) -> torch.Tensor:
+        """`logits(batch)` of the records' teacher sequences, from the student's forward's `cache` (see
+        `opsd.train.shared_prefix.logits_after_student`)."""
+        with self._frozen(), eval_mode(self.student.span_lm), self.student.accelerator.autocast():
+            return logits_after_student(self.student.lm, cache, [r.student_ids for r in records],
+                                        [r.teacher_ids for r in records], [tuple(r.teacher_span) for r in records],
+                                        pad_id).float()
 
     @contextlib.contextmanager
     def model(self) -> Iterator[torch.nn.Module]:

@@ -238,8 +238,8 @@ def test_nonfinite_gradient_stops_with_clipping_off(tiny_dir, tmp_path, monkeypa
     """A finite loss with a NaN gradient, max_grad_norm=0: the run stops before the update (it used to step)."""
     real_loss = train_step.loss
 
-    def nan_gradient_loss(student, mb, tgt, cfg):
-        obj, stats = real_loss(student, mb, tgt, cfg)
+    def nan_gradient_loss(student, mb, tgt, cfg, **kw):
+        obj, stats = real_loss(student, mb, tgt, cfg, **kw)
         zero = obj * 0.0
         return obj + zero.abs().sqrt(), stats  # value + 0, gradient 0 * inf = NaN
     monkeypatch.setattr(train_step, "loss", nan_gradient_loss)
