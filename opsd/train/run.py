@@ -150,8 +150,11 @@ def start(cfg: TrainConfig, s: Setup, records: list[TrainRecord], *, reward_fn=N
     acc = s.accelerator
     steps = total_steps(cfg, len(records), acc.num_processes)
     params = [p for p in s.student.lm.parameters() if p.requires_grad]
+    # fused: one vectorised kernel over all weights instead of ~10 ops per tensor (CPU and CUDA, fp32 weights);
+    # what HF Trainer (and so TRL) uses by default
+    fused = bool(params) and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     optimizer = s.student.prepare(optimizer)
     acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
