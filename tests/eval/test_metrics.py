@@ -247,3 +247,30 @@ def test_per_category_rates():
     assert pc["multiple"]["outcomes"]["official_accuracy"]["after"]["count"] == 10
     assert pc["simple_python"]["outcomes"]["official_accuracy"]["after"]["count"] == 0
     assert pc["multiple"]["outcomes"]["names_undeclared_tool"]["direction"] == "down"
+
+
+def test_compare_reports_pairs_the_same_side_of_two_reports(tmp_path):
+    """scripts/compare_reports.py: report A's after-model vs report B's after-model, task by task."""
+    wrong = [_reply(t, _call(t.tools[0]["function"]["name"] + "_v2", {})) for t in TASKS]
+    right = [_reply(t, _correct(t)) for t in TASKS]
+    half = [_reply(t, _correct(t) if k % 2 else _call("nope", {})) for k, t in enumerate(TASKS)]
+    a = _report(*_compare(wrong, right))  # A: after = every call right
+    b = _report(*_compare(wrong, half))  # B: after = half right, half undeclared
+    b["per_task"] = b["per_task"][::-1][:-1]  # order does not matter; a task only A scored is left out
+    for name, rep in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    out = tmp_path / "cmp.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
+                        str(tmp_path / "b.json"), "--names", "fp32", "bf16", "--bootstrap", "200", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    n = len(TASKS) - 1
+    und = res["after"]["outcomes"]["names_undeclared_tool"]
+    assert res["after"]["n"] == n and und["before"]["count"] == 0
+    assert und["after"]["count"] == sum(k % 2 == 0 for k in range(1, len(TASKS))) and und["p"] < 0.05  # task 0 left out
+    assert res["before"]["outcomes"]["names_undeclared_tool"]["diff"] == 0  # the same base replies on both sides
+    assert "| names an undeclared tool | 0.0% (0) |" in r.stdout and "bf16 − fp32" in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
+                          str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "missing.json: cannot read" in bad.stderr
