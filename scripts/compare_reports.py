@@ -6,13 +6,17 @@
 Each report holds per-task outcomes of its "before" and "after" models (`report.json` `per_task`). This pairs
 the chosen side of report A with the same side of report B task by task (only tasks both scored), and runs
 `opsd.eval.metrics.compare` on the pairs: every headline outcome, every error category, each with the two
-rates, the paired difference (bootstrap 95% CI over tasks) and the exact McNemar p. Both sides are printed
-as one markdown table per side. Used for RESULTS.md's fp32-vs-bf16 demo comparison (issue 13).
+rates, the paired difference (bootstrap 95% CI over tasks) and the exact McNemar p. One markdown table per
+side. `--side round_K` compares the demo's round-K models: their held-out replies are the report folder's
+`rollouts_round_K.jsonl` (critiques next to it, outcomes recomputed with the schema+reference checks), or
+the report's "after" when round K was the round the demo kept. Used for RESULTS.md's fp32-vs-bf16 demo
+comparison (issue 13).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,15 +25,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def paired_tasks(a: dict, b: dict, side: str) -> list[dict]:
-    """per_task rows whose "before" is report A's `side` and "after" report B's, on the tasks both scored."""
-    by_id = {t["task_id"]: t for t in b["per_task"]}
-    out = []
-    for t in a["per_task"]:
-        u = by_id.get(t["task_id"])
-        if u is not None:
-            out.append({**t, "before": t[side], "after": u[side]})
+def side_outcomes(report: dict, folder: Path, side: str) -> dict[str, dict]:
+    """{task id: outcome} of one model of a report: "before", "after", or "round_K" (see the module docstring)."""
+    if side in ("before", "after"):
+        return {t["task_id"]: t[side] for t in report["per_task"]}
+    m = re.fullmatch(r"round_(\d+)", side)
+    if not m:
+        raise ValueError(f"side must be before, after or round_K, got {side!r}")
+    path = folder / f"rollouts_{side}.jsonl"
+    if not path.exists():
+        kept = re.search(r"round_(\d+)", str(report.get("config", {}).get("after", "")))
+        if kept and kept.group(1) == m.group(1):
+            return side_outcomes(report, folder, "after")
+        raise FileNotFoundError(f"{path}: no held-out replies of {side} (and the report's after-model is another round)")
+    from opsd.critique.outcomes import reply_outcomes as outcome_fn
+    from opsd.eval.metrics import reply_outcome
+    from opsd.io.records import read_jsonl
+    from opsd.io.trajectories import load_trajectories
+    from opsd.types import Critique
+
+    crits = {c["trajectory_id"]: Critique.from_dict(c) for c in read_jsonl(folder / f"critiques_{side}.jsonl")}
+    out: dict[str, dict] = {}
+    for t in load_trajectories(path):
+        out.setdefault(t.meta.get("task_id", t.id), reply_outcome(t, crits.get(t.id), outcome_fn))
     return out
+
+
+def paired_tasks(a: dict, b: dict, side: str, folders: tuple[Path, Path] = (Path("."), Path("."))) -> list[dict]:
+    """per_task rows whose "before" is report A's `side` and "after" report B's, on the tasks both scored."""
+    oa, ob = side_outcomes(a, folders[0], side), side_outcomes(b, folders[1], side)
+    return [{**t, "before": oa[t["task_id"]], "after": ob[t["task_id"]]} for t in a["per_task"]
+            if t["task_id"] in oa and t["task_id"] in ob]
 
 
 def _pct(r: dict) -> str:
@@ -55,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("report_a")
     p.add_argument("report_b")
     p.add_argument("--names", nargs=2, default=["A", "B"], help="labels of the two reports")
-    p.add_argument("--side", choices=["before", "after", "both"], default="both")
+    p.add_argument("--side", nargs="+", default=["before", "after"],
+                   help="models to compare: before, after, round_K (several: one table each)")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--json", help="also write the comparisons here")
     a = p.parse_args(argv)
@@ -68,8 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "per_task" not in reports[-1]:
             p.error(f"{path}: no per_task outcomes (expected an `opsd eval` report.json, version >= 2)")
     out = {}
-    for side in (["before", "after"] if a.side == "both" else [a.side]):
-        pairs = paired_tasks(reports[0], reports[1], side)
+    folders = (Path(a.report_a).parent, Path(a.report_b).parent)
+    for side in a.side:
+        try:
+            pairs = paired_tasks(reports[0], reports[1], side, folders)
+        except (ValueError, OSError) as e:
+            p.error(str(e))
         if not pairs:
             p.error("the two reports share no task")
         out[side] = compare(pairs, n_boot=a.bootstrap)

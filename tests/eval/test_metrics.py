@@ -274,3 +274,20 @@ def test_compare_reports_pairs_the_same_side_of_two_reports(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
                           str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing.json: cannot read" in bad.stderr
+    # a round's model: its rollouts file next to the report, or the report's after-model when that round was kept
+    a["config"]["after"], b["config"]["after"] = "runs/x/round_1/train/model", "runs/y/round_2/train/model"
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "b.json").write_text(json.dumps(b))
+    with (tmp_path / "b" / "rollouts_round_1.jsonl").open("w") as f:  # B's round 1 replies: its after-model's
+        f.writelines(json.dumps(t.to_dict()) + "\n" for t in half[1:])
+    with (tmp_path / "b" / "critiques_round_1.jsonl").open("w") as f:
+        f.writelines(json.dumps(c.to_dict()) + "\n" for c in _critique(half[1:]))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
+                        str(tmp_path / "b" / "b.json"), "--side", "round_1", "--bootstrap", "200", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["round_1"]["outcomes"]["names_undeclared_tool"] == und
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
+                        str(tmp_path / "b" / "b.json"), "--side", "round_3"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "rollouts_round_3.jsonl" in r.stderr
