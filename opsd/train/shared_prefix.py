@@ -18,6 +18,10 @@ with explicit position ids, so a row's positions are those of its unpadded seque
 `torch.no_grad()` in the model's current mode; the LM head (and log-softmax) runs only at target
 positions, in fp32, one member at a time, so at most one member's (L, V) rows are built at once
 beyond those returned.
+
+Training uses the same continuation (`continue_from`) without a prefix pass of its own:
+`logits_after_student` runs OPSD's teacher=self pass from the keys/values the student's forward already
+computed for the tokens above the hint (`opsd.train.step.reuses_student_kv` says when that is exact).
 """
 from __future__ import annotations
 
