@@ -6,7 +6,7 @@ import torch
 
 from opsd.hint.build import build_examples
 from opsd.train.scoring import span_logprobs
-from opsd.train.shared_prefix import Member, grouped_span_scores, shared_length
+from opsd.train.shared_prefix import Member, common_prefix, grouped_span_scores, shared_length
 from tests.conftest import tiny_llama
 
 
@@ -57,3 +57,22 @@ def test_grouped_scores_reject_bad_input(smol_tok):
         list(grouped_span_scores(model, [[]]))
     with pytest.raises(ValueError, match="batch_size"):
         list(grouped_span_scores(model, [[Member([1, 2, 3], (1, 3))]], batch_size=0))
+
+
+def test_edges_of_the_shared_length_and_the_common_prefix():
+    assert shared_length([Member([1, 2, 3], (1, 3))]) == 0  # a span may start at token 1: nothing is shared
+    with pytest.raises(ValueError, match="span"):
+        shared_length([Member([1, 2, 3], (2, 2))])  # an empty span
+    assert common_prefix([1, 2], [1, 2, 3], 10) == 2 and common_prefix([1, 2, 3], [1, 2], 10) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3], 2) == 2 and common_prefix([1, 2, 3], [1, 2, 3], 10) == 3
+    assert common_prefix([5], [6], 3) == 0 and common_prefix([5, 2], [6, 2], 3) == 0
+    assert shared_length([Member([1, 2, 3], (2, 3)), Member([9, 2, 3], (2, 3))]) == 0  # they differ at token 0
+
+
+def test_grouped_scores_at_a_temperature(smol_tok, trajectories, critiques):
+    model = tiny_llama(len(smol_tok), seed=5)
+    groups = _groups(smol_tok, trajectories, critiques)[:3]
+    for g, scores in zip(groups, grouped_span_scores(model, groups, batch_size=2, pad_id=2, temperature=2.0)):
+        for m, x in zip(g, scores):
+            ref = span_logprobs(model, [m.ids], [m.span], return_rows=m.rows, temperature=2.0)
+            torch.testing.assert_close(x, ref.rows[0] if m.rows else ref.token_logprobs[0], atol=1e-5, rtol=1e-5)
