@@ -6,7 +6,6 @@
         --critic.base-url http://localhost:8000/v1 --critic.model my-model --critic.concurrency 16 --critic.timeout 60
 
     from opsd.critique.config import CriticConfig, CritiqueConfig
-from opsd.io.records import read_latest, write_records
     from opsd.critique.run import main
     summary = main(CritiqueConfig(inputs=["logs.jsonl"], out="critiques.jsonl"))
 

@@ -49,12 +49,8 @@ def shared_length(members: Sequence[Member]) -> int:
         if not 1 <= s < e <= len(m.ids):
             raise ValueError(f"span {(s, e)} invalid for a sequence of {len(m.ids)} tokens (need 1 <= start < end <= len)")
     n = min(m.span[0] for m in members) - 1
-    first = members[0].ids
     for m in members[1:]:
-        i = 0
-        while i < n and m.ids[i] == first[i]:
-            i += 1
-        n = i
+        n = common_prefix(members[0].ids, m.ids, n)
     return n
 
 
