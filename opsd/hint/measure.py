@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from opsd.train.records import TeacherTopK
-from opsd.train.scoring import eval_mode, span_logprobs
+from opsd.train.scoring import eval_mode, span_logprobs, topk_with_tail
 from opsd.train.shared_prefix import Member, grouped_span_scores
 from opsd.types import HintedExample
 
@@ -92,8 +92,7 @@ def _measure_shared(lm, examples: list[HintedExample], batch_size: int, top_k: i
         if top_k:
             t_lp = t.gather(-1, torch.tensor(e.teacher_ids[e.teacher_span[0]:e.teacher_span[1]])[:, None])[:, 0]
             rows = t if temperature == 1.0 else torch.log_softmax(t / temperature, dim=-1)
-            top = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
-            tail = rows.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # (L,) exact log-mass outside the top-k
+            top, tail = topk_with_tail(rows, top_k)
             topk = TeacherTopK(top.indices.tolist(), top.values.tolist(), tail.tolist(), t_lp.tolist())
             t = t_lp
         out.append(_measured(e, t, s_lp, topk))

@@ -129,6 +129,12 @@ def collate(ids_list: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
     return SpanBatch(input_ids, mask, torch.tensor(rows), torch.tensor(pos), torch.tensor(targets), lengths)
 
 
+def topk_with_tail(lp_NV: torch.Tensor, k: int):
+    """The top-k (values, indices) of log-prob rows (N, V), and the exact log-mass outside them (N,)."""
+    top = lp_NV.topk(min(k, lp_NV.shape[-1]), dim=-1)
+    return top, lp_NV.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+
+
 @dataclass
 class SpanScores:
     token_logprobs: list[torch.Tensor]  # (L_i,) per example
@@ -157,8 +163,7 @@ def span_logprobs(model, ids_list: Sequence[Sequence[int]], spans: Sequence[tupl
                                 b.batch_idx.to(device), b.pos.to(device))
         lp_NV = torch.log_softmax(logits_NV.float() / temperature, dim=-1).cpu()  # (N, V)
         tok_N = lp_NV.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        top = lp_NV.topk(min(top_k, lp_NV.shape[-1]), dim=-1) if top_k else None
-        tail_N = lp_NV.scatter(-1, top.indices, float("-inf")).logsumexp(-1) if top_k else None  # (N,) exact
+        top, tail_N = topk_with_tail(lp_NV, top_k) if top_k else (None, None)
         start = 0
         for i, n in zip(idx, b.lengths):
             sl = slice(start, start + n)
