@@ -3,13 +3,15 @@
     from opsd.eval.stats import rate, paired_binary, paired_mean, ratio_of_sums
     rate(5, 64)                                   # one rate with its 95% Wilson interval
     paired_binary(before_flags, after_flags)      # diff, paired bootstrap CI, exact McNemar p, "up"/"down"
-    paired_mean(before_values, after_values)      # diff of means, bootstrap CI, exact sign-test p
+    paired_mean(before_values, after_values)      # diff of means, bootstrap CI, sign-flip permutation p
     ratio_of_sums(kl_sums, token_counts)          # a per-token mean over tasks, bootstrap CI over tasks
 
 Every comparison pairs the i-th before value with the i-th after value (the same task). The
 bootstrap resamples tasks (not replies or tokens) with a fixed seed, so a report recomputes to
 the same numbers. A change is called "up" or "down" only when its p-value is below `alpha`;
-otherwise "no significant change". `n` is in every result.
+otherwise "no significant change". The direction and the p-value always come from the same test:
+McNemar for paired rates, a sign-flip permutation test on the mean for paired values (so a mean
+pulled up by one outlier while most tasks went down is not called "up"). `n` is in every result.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Sequence
 import numpy as np
 
 N_BOOT = 2000
+N_PERM = 10000  # random sign flips of the permutation test when exact enumeration is too big
+EXACT_PERM_MAX = 16  # up to 2**16 sign patterns are enumerated exactly
 SEED = 0
 ALPHA = 0.05
 
@@ -60,6 +64,24 @@ def sign_test(diffs: Sequence[float]) -> float:
     pos = sum(1 for d in diffs if d > 0)
     neg = sum(1 for d in diffs if d < 0)
     return binom_two_sided(pos, pos + neg)
+
+
+def sign_flip_p(diffs: Sequence[float], *, n_perm: int = N_PERM, seed: int = SEED) -> float:
+    """Two-sided paired permutation p-value that the mean difference is 0: the share of sign flips of the
+    differences whose |sum| is at least the observed |sum| (zero differences dropped). Exact over all 2^m
+    flips for m <= EXACT_PERM_MAX non-zero differences; otherwise `n_perm` seeded random flips, p = (k+1)/(n_perm+1)."""
+    d = np.asarray([x for x in diffs if x != 0], dtype=float)
+    m = len(d)
+    if m == 0:
+        return 1.0
+    observed = abs(d.sum())
+    tol = 1e-9 * max(1.0, float(np.abs(d).sum()))  # the observed pattern itself always counts
+    if m <= EXACT_PERM_MAX:
+        signs = ((np.arange(2 ** m)[:, None] >> np.arange(m)) & 1) * 2 - 1  # (2^m, m) every sign pattern
+        return float(np.mean(np.abs(signs @ d) >= observed - tol))
+    signs = np.random.default_rng(seed).integers(0, 2, size=(n_perm, m)) * 2 - 1  # (n_perm, m)
+    k = int(np.sum(np.abs(signs @ d) >= observed - tol))
+    return (k + 1) / (n_perm + 1)
 
 
 def direction(diff: float | None, p: float | None, alpha: float = ALPHA) -> str:
@@ -110,8 +132,9 @@ def paired_binary(before: Sequence[bool], after: Sequence[bool], *, n_boot: int 
 
 def paired_mean(before: Sequence[float], after: Sequence[float], *, n_boot: int = N_BOOT, seed: int = SEED,
                 alpha: float = ALPHA) -> dict:
-    """Means before and after on the same tasks, the mean paired difference with a bootstrap 95% CI and an
-    exact sign-test p-value."""
+    """Means before and after on the same tasks, the mean paired difference with a bootstrap 95% CI, and the
+    p-value of a sign-flip permutation test on that mean (`sign_flip_p`): direction and p test the same
+    quantity. `increased`/`decreased` count the tasks whose value went up/down (the sign test's inputs)."""
     if len(before) != len(after):
         raise ValueError(f"paired values need equal lengths, got {len(before)} before and {len(after)} after")
     b = np.asarray(before, dtype=float)
@@ -121,10 +144,11 @@ def paired_mean(before: Sequence[float], after: Sequence[float], *, n_boot: int 
         return {"n": 0, "before": None, "after": None, "diff": None, "ci95": None, "p": None,
                 "direction": direction(None, None)}
     d = a - b
-    p = sign_test(d.tolist())
+    p = sign_flip_p(d.tolist(), seed=seed)
     diff = float(d.mean())
     return {"n": n, "before": float(b.mean()), "after": float(a.mean()), "diff": diff,
-            "ci95": _ci(d[_resamples(n, n_boot, seed)].mean(1)), "p": p, "direction": direction(diff, p, alpha)}
+            "ci95": _ci(d[_resamples(n, n_boot, seed)].mean(1)), "p": p, "test": "sign-flip permutation",
+            "increased": int((d > 0).sum()), "decreased": int((d < 0).sum()), "direction": direction(diff, p, alpha)}
 
 
 def ratio_of_sums(numerators: Sequence[float], denominators: Sequence[float], *, n_boot: int = N_BOOT,

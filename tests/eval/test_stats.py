@@ -86,10 +86,26 @@ def test_paired_mean_and_ratio_of_sums():
     r = stats.paired_mean([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0])
     assert r["diff"] == pytest.approx(1.0) and r["ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
     assert r["p"] == pytest.approx(2 / 16) and r["direction"] == "no significant change"
-    r = stats.paired_mean([0.0] * 8, [-0.1] * 7 + [0.2])
-    assert r["diff"] == pytest.approx(-0.0625) and r["p"] == pytest.approx(18 / 256)
+    r = stats.paired_mean([0.0] * 8, [-0.1] * 7 + [0.2])  # sign flips with |sum| >= 0.5: 60 of 256
+    assert r["diff"] == pytest.approx(-0.0625) and r["p"] == pytest.approx(60 / 256)
+    assert (r["increased"], r["decreased"]) == (1, 7)
     r = stats.ratio_of_sums([1.0, 3.0], [10, 10])
     assert r["mean"] == pytest.approx(0.2) and r["n"] == 2 and r["n_units"] == 20
     lo, hi = r["ci95"]
     assert 0.1 - 1e-9 <= lo <= 0.2 <= hi <= 0.3 + 1e-9
     assert stats.ratio_of_sums([], [])["mean"] is None
+
+
+def test_paired_mean_direction_and_p_come_from_the_same_test():
+    """One outlier pulls the mean up while 9 of 10 tasks went down: the test on the mean finds nothing (the
+    old sign test said p = 0.021 next to a mean going "up")."""
+    r = stats.paired_mean([0.0] * 10, [-1.0] * 9 + [100.0])
+    assert r["diff"] == pytest.approx(9.1) and r["p"] == 1.0 and r["direction"] == "no significant change"
+    r = stats.paired_mean([0.0] * 10, [1.0] * 9 + [-100.0])  # the mirror: not "down" either
+    assert r["p"] == 1.0 and r["direction"] == "no significant change"
+    r = stats.paired_mean([0.0] * 12, [1.0] * 12)  # every task up: exact p = 2 / 2^12
+    assert r["p"] == pytest.approx(2 / 4096) and r["direction"] == "up"
+    big = stats.paired_mean([0.0] * 40, [-0.5 + 0.01 * k for k in range(40)])  # random flips, seeded
+    assert big == stats.paired_mean([0.0] * 40, [-0.5 + 0.01 * k for k in range(40)])
+    assert big["diff"] < 0 and big["p"] < 0.05 and big["direction"] == "down"
+    assert stats.sign_flip_p([]) == 1.0 and stats.sign_flip_p([0.0, 0.0]) == 1.0
