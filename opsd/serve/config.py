@@ -9,23 +9,43 @@ endpoints (`opsd.serve.adapters`) once you have started them yourself.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ENGINES = ("vllm", "sglang")
 VLLM_PYTHON_ENV = "OPSD_VLLM_PYTHON"  # python of the vLLM venv; default .venv-vllm/bin/python next to the repo
+VLLM_VENV = ".venv-vllm"  # the folder `make vllm` creates, in the repository root
+REPO_ROOT = Path(__file__).resolve().parents[2]  # opsd/serve/config.py -> the checkout (or site-packages)
+
+
+def vllm_python_candidates() -> list[Path]:
+    """Where `.venv-vllm/bin/python` is looked for, in order: the repository this opsd runs from (where
+    `make vllm` puts it), next to the venv that runs opsd (`.venv` and `.venv-vllm` side by side), then
+    the current directory. Never only the current directory: `opsd serve` works from any folder."""
+    roots = [REPO_ROOT, Path(sys.prefix).resolve().parent, Path.cwd()]
+    out: list[Path] = []
+    for root in roots:
+        p = root / VLLM_VENV / "bin" / "python"
+        if p not in out:
+            out.append(p)
+    return out
 
 
 def default_vllm_python() -> str:
-    """$OPSD_VLLM_PYTHON, else `.venv-vllm/bin/python` in the current directory (where `make vllm` puts it)."""
-    return os.environ.get(VLLM_PYTHON_ENV) or str(Path(".venv-vllm", "bin", "python").absolute())
+    """$OPSD_VLLM_PYTHON, else the first `.venv-vllm/bin/python` of `vllm_python_candidates()` that exists
+    (none: the repository's, so the error names where `make vllm` would put it)."""
+    if os.environ.get(VLLM_PYTHON_ENV):
+        return os.environ[VLLM_PYTHON_ENV]
+    found = next((p for p in vllm_python_candidates() if p.is_file()), None)
+    return str(found or vllm_python_candidates()[0])
 
 
 @dataclass
 class ServeConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "base model: a local HF dir or the embedded default"})
     served_model_name: str = field(default="smollm2", metadata={"help": "name the base model is served under"})
-    python: str | None = field(default=None, metadata={"help": f"python of the vLLM venv (default: ${VLLM_PYTHON_ENV} or .venv-vllm/bin/python)"})
+    python: str | None = field(default=None, metadata={"help": f"python of the vLLM venv (default: ${VLLM_PYTHON_ENV}, else .venv-vllm/bin/python in the opsd repository, next to opsd's venv, or in the current directory)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=0, metadata={"help": "port; 0 picks a free one"})
     dtype: str = field(default="bfloat16", metadata={"help": "weights/activations dtype on the server (auto | bfloat16 | float32)"})

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from opsd.serve.config import ServeConfig, default_vllm_python
+from opsd.serve.config import VLLM_PYTHON_ENV, ServeConfig, default_vllm_python, vllm_python_candidates
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,10 @@ class VLLMServer:
 
         python = self.cfg.python or default_vllm_python()
         if not Path(python).is_file():
-            raise ServerError(f"no vLLM venv at {python}: run `make vllm` (or set $OPSD_VLLM_PYTHON / ServeConfig.python)")
+            looked = python if self.cfg.python or os.environ.get(VLLM_PYTHON_ENV) else \
+                ", ".join(map(str, vllm_python_candidates()))
+            raise ServerError(f"no vLLM venv (looked for {looked}): run `make vllm` in the opsd repository "
+                              f"(or set ${VLLM_PYTHON_ENV} / --python)")
         model_dir = str(resolve(self.cfg.model))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -141,9 +144,17 @@ class VLLMServer:
         for name, path in self.adapters.items():
             client.load(name, path)
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.time() + timeout
+    def wait_ready(self, timeout: float, *, report_every: float = 15.0) -> None:
+        """Poll /health until it answers 200; every `report_every` s log how long it has waited and the
+        server log's last line (a CPU start takes about a minute: never silent for that long)."""
+        t0 = time.time()
+        deadline, next_report = t0 + timeout, t0 + report_every
         while time.time() < deadline:
+            if time.time() >= next_report:
+                next_report += report_every
+                last = log_tail(self.log_path, 1).strip()[-160:]
+                log.info("vLLM still starting (%.0f s of at most %.0f s); last log line: %s",
+                         time.time() - t0, timeout, last or "(none yet)")
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
                 raise ServerError(f"vLLM exited with code {code} before it was ready; log {self.log_path}:\n"

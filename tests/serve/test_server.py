@@ -114,3 +114,49 @@ def test_full_weights_are_served_by_a_restart(tmp_path, fake_python, monkeypatch
         assert srv.starts == 2
         w = served_weights(client_for(srv), "smollm2")
         assert w["path"] == str(Path(tiny_model_dir).resolve()) and w["adapter"] is None and w["hash"]
+
+
+def test_default_venv_is_found_from_the_repository_not_the_cwd(tmp_path, monkeypatch):
+    """`make vllm` puts .venv-vllm in the repository root; `opsd serve` run from another folder must look there."""
+    import opsd
+    from opsd.serve.config import VLLM_PYTHON_ENV, default_vllm_python
+
+    monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    repo_python = Path(opsd.__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    assert default_vllm_python() == str(repo_python)
+    (tmp_path / ".venv-vllm" / "bin").mkdir(parents=True)  # one in the cwd is used only when the repository has none
+    (tmp_path / ".venv-vllm" / "bin" / "python").write_text("")
+    assert default_vllm_python() == str(repo_python if repo_python.is_file() else tmp_path / ".venv-vllm/bin/python")
+
+
+def test_sigterm_to_opsd_serve_stops_the_server_and_its_engine(tmp_path, fake_python):
+    """`opsd serve` says it is starting at once; SIGTERM (not only Ctrl-C) stops the server and its engine child,
+    which run in a session of their own and used to outlive it, still answering /health."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    pidfile, log = tmp_path / "child.pid", tmp_path / "server.log"
+    env = {**os.environ, "FAKE_VLLM_CHILD_PID": str(pidfile), "FAKE_VLLM_DELAY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "opsd.cli", "serve", "--python", fake_python, "--log", str(log)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        info = json.loads(proc.stdout.readline())  # printed once /health answers
+        assert httpx.get(info["base_url"].removesuffix("/v1") + "/health").status_code == 200
+        child = int(pidfile.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "starting vLLM" in err and str(log) in err, err
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "the engine's child process outlived opsd serve"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(info["base_url"].removesuffix("/v1") + "/health", timeout=2)
