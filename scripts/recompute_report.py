@@ -70,7 +70,8 @@ def rows_of(o: dict, task: dict) -> dict[str, str]:
 
 
 def headline(o: dict, r: dict) -> dict[str, bool]:
-    return {"names_undeclared_tool": r["name"] == "undeclared",
+    return {"names_no_declared_tool": r["name"] not in ("gt_function", "other_declared", "declared_no_ground_truth"),
+            "names_undeclared_tool": r["name"] == "undeclared",
             "names_declared_tool": r["name"] in ("gt_function", "other_declared", "declared_no_ground_truth"),
             "names_no_tool": r["name"] == "no_name",
             "names_gt_function": r["name"] == "gt_function",

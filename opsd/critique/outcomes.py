@@ -8,6 +8,9 @@ all of them: this runs the schema checks (`critic.schema.call_issues`) over ever
 block of the reply and, when the task has ground truth, the reference comparison over every
 parsed call (`critic.reference`), and returns each problem found. `reference` is the reference
 critic's verdict on the reply ("ok" | "error" | "failed"; "n/a" without ground truth).
+A reply that makes no call at all is an error too: `missing_call` (one per ground-truth call) when the
+task has ground truth, `no_call` when it has none. So prose, a copied placeholder or an empty reply
+never counts as error-free (every outcome that counts errors counts it against the model).
 The critic modules are used read-only; `opsd.eval` receives this function from its caller and
 never imports `critic` itself.
 """
@@ -80,4 +83,6 @@ def reply_outcomes(traj: Trajectory) -> dict:
         if gt is not None:
             for cat, call, span in reference_problems(blocks, gt, tools):
                 errors.append({"category": cat, "source": "reference", "call": call, "quote": _quote(text, span)})
+    if not blocks and not msg.get("tool_calls") and not any(e["category"] == "missing_call" for e in errors):
+        errors.append({"category": "no_call", "source": "outcomes", "call": None, "quote": text[:_QUOTE_CHARS]})
     return {"errors": errors, "reference": reference}

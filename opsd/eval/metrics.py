@@ -15,6 +15,12 @@ closed or not. A name that was never closed counts as undeclared once it has lef
 name (a looping or runaway name); while it is still a prefix of a declared name it names no tool.
 So a model cannot lower its "names an undeclared tool" rate by breaking the call around the name.
 
+It can lower it by naming nothing (prose, a copied placeholder, an empty reply). The rule for every
+error-type outcome is therefore: a reply without the wanted behaviour counts against the model. The
+outcome the targets use is "does not name a declared tool" (`names_no_declared_tool`: undeclared,
+no name, or no reply); "names an undeclared tool" is kept as a diagnostic row and is only read next
+to "names no tool" and "no parseable call" (`opsd.eval.targets.no_collapse`).
+
 This module never imports `critic`: the schema/reference error lists come from the `outcome_fn`
 the caller passes (`opsd.critique.outcomes.reply_outcomes` for the rule critics).
 """
@@ -49,7 +55,10 @@ TABLE_TITLES = {
 DECLARED_ROWS = ("gt_function", "other_declared", "declared_no_ground_truth")
 FINISH = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "length": "length"}
 HEADLINE = {  # key: (label, predicate on an outcome)
-    "names_undeclared_tool": ("names an undeclared tool", lambda o: o["rows"]["name"] == "undeclared"),
+    "names_no_declared_tool": ("does not name a declared tool (undeclared, none, or no reply)",
+                               lambda o: o["rows"]["name"] not in DECLARED_ROWS),
+    "names_undeclared_tool": ("names an undeclared tool (diagnostic: naming none also lowers it)",
+                              lambda o: o["rows"]["name"] == "undeclared"),
     "names_declared_tool": ("names a declared tool", lambda o: o["rows"]["name"] in DECLARED_ROWS),
     "names_no_tool": ("names no tool", lambda o: o["rows"]["name"] == "no_name"),
     "names_gt_function": ("names the ground-truth function", lambda o: o["rows"]["name"] == "gt_function"),
@@ -60,7 +69,7 @@ HEADLINE = {  # key: (label, predicate on an outcome)
     "cut_off": ("cut off at the token limit", lambda o: o["rows"]["finish"] == "length"),
     "critique_failed": ("critique failed", lambda o: o["rows"]["critic"] == "critique_failed"),
 }
-PER_CATEGORY_KEYS = ("names_undeclared_tool", "names_declared_tool", "names_no_tool", "names_gt_function",
+PER_CATEGORY_KEYS = ("names_no_declared_tool", "names_undeclared_tool", "names_declared_tool", "names_no_tool", "names_gt_function",
                      "official_accuracy", "critic_ok", "no_parseable_call", "cut_off")
 
 

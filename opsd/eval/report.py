@@ -27,7 +27,7 @@ _ROW_LABELS = {
     "not_compared": "not compared (no verdict from one of them)", "ok": "ok", "critique_failed": "critique_failed",
     "stop": "stop (end of turn or stop text)", "length": "length (cut off at the token limit)", "other": "other",
     "0": "no error found", "1": "1 error category", "2": "2 error categories", "3+": "3 or more error categories",
-    "not_checked": "not checked (no outcome function or it failed)",
+    "not_checked": "not checked (the check crashed, or no outcome function)",
 }
 
 _HIDDEN_WHEN_EMPTY = ("no_reply", "declared_no_ground_truth", "n/a", "other", "not_compared", "not_checked")
@@ -105,13 +105,17 @@ def errors_table(cmp: dict) -> list[str]:
         return []
     rows = [f"| error category present (multi-label: a reply counts once per category it has; n={cmp['n']}) "
             "| before | after | after − before, pts [95% CI] | McNemar p | change |", "|---|---|---|---|---|---|"]
+    o = cmp["outcomes"].get("no_parseable_call")
+    if o:  # a reply without a call has none of the per-call errors below: read them next to this row
+        rows.append(f"| (no parseable call: read every row below next to it) | {_cell(o['before'])} | "
+                    f"{_cell(o['after'])} | {_diff(o)} | {fmt_p(o['p'])} | {_change(o)} |")
     for cat, o in cmp["errors"].items():
         rows.append(f"| {cat} | {_cell(o['before'])} | {_cell(o['after'])} | {_diff(o)} | {fmt_p(o['p'])} | {_change(o)} |")
     return rows
 
 
 def per_category_table(cmp: dict) -> list[str]:
-    keys = ("names_undeclared_tool", "names_declared_tool", "names_gt_function", "official_accuracy")
+    keys = ("names_no_declared_tool", "names_no_tool", "names_gt_function", "official_accuracy")
     head = " | ".join(HEADLINE[k][0] for k in keys)
     rows = [f"| category (n, tools per task) | {head} |", "|---" * (len(keys) + 1) + "|"]
     for cat, c in cmp["per_category"].items():
@@ -132,7 +136,7 @@ def teacher_forced_table(tf: dict) -> list[str]:
     return [f"| teacher-forced on {tf['n_examples']} held-out errors of the base model | before | after | hinted teacher |",
             "|---|---|---|---|",
             f"| mean error-span log-prob | {_fmt(es['before'])} | {_fmt(es['after'])} | {_fmt(es['hinted'])} |",
-            f"| after − before [95% CI], sign-test p | | {_fmt(pe['diff'])} [{_fmt(ci[0])}, {_fmt(ci[1])}], "
+            f"| after − before [95% CI], permutation p | | {_fmt(pe['diff'])} [{_fmt(ci[0])}, {_fmt(ci[1])}], "
             f"p={fmt_p(pe['p'])} | |",
             f"| first error token log-prob | {_fmt(ft['before'])} | {_fmt(ft['after'])} | {_fmt(ft['hinted'])} |",
             f"| examples lowered | | {tf['lowered']['count']}/{tf['lowered']['n']} | |",
@@ -150,7 +154,7 @@ def collateral_table(col: dict) -> list[str]:
     rows = ["| collateral | value |", "|---|---|",
             f"| KL(before‖after) per token on ground-truth calls (n={g.get('n', 0)} calls, {g.get('n_tokens', 0)} tokens)"
             f" | {_fmt(kl.get('mean'), 4)} [{_fmt(kl_ci[0], 4)}, {_fmt(kl_ci[1], 4)}] |",
-            f"| Δ log-prob per token of the ground-truth call (n={lp.get('n', 0)}), sign-test p={fmt_p(lp.get('p'))}"
+            f"| Δ log-prob per token of the ground-truth call (n={lp.get('n', 0)}), permutation p={fmt_p(lp.get('p'))}"
             f" | {_fmt(lp.get('diff'))} [{_fmt(lp_ci[0])}, {_fmt(lp_ci[1])}] |",
             f"| KL(before‖after) per token, base model's generated tokens outside error spans "
             f"(n={col['kl_outside_error_spans']['n_tokens']} tokens) | {_fmt(col['kl_outside_error_spans']['mean'], 4)} |",

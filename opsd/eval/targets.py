@@ -4,28 +4,43 @@
     for v in verdicts(report): print(v["verdict"], v["target"], v["evidence"])
 
 Targets (issue "Evaluation that cannot flatter"), all on paired before/after replies to the same tasks:
-- the rate of replies that name an undeclared tool falls by >= 50% relative, with McNemar p < 0.01;
-- the rate of replies that name a declared tool rises (p < 0.05);
+- the rate of replies that do NOT name a declared tool (they name an undeclared one, name none, or the
+  reply is missing) falls by >= 50% relative, with McNemar p < 0.01;
+- no collapse: neither "names no tool" nor "no parseable call" rises (no rise with p < 0.05);
 - the official-checker accuracy does not fall (no fall with p < 0.05; the CI and any rise's p stated);
 - the per-token KL(before||after) on the ground-truth calls is < 0.05 nats (the CI's upper end below it).
 
-"not testable" says that a target could not fail on this data (e.g. accuracy 0 before cannot fall),
-so it is never reported as met.
+The rule behind the first two: an error-type outcome counts every reply without the wanted behaviour
+against the model. "Names an undeclared tool" alone falls when a model stops naming anything (issue 24:
+86% -> 0% "met" while "names no tool" went 0% -> 79%); "does not name a declared tool" cannot fall
+that way, and the collapse guard puts the rise of replies without a call on a verdict line of its own.
+
+"not testable" says that a target could not fail (or could not be met) on this data, so it is never
+reported as met. Testability comes from the test itself: a fall (rise) is testable only when moving
+every reply that could move gives McNemar p below the target's threshold (`reachable`): accuracy
+with fewer than 6 correct base replies cannot fall with p < 0.05 (2 * 0.5^5 = 0.0625).
 """
 from __future__ import annotations
 
-UNDECLARED_RELATIVE_DROP = 0.5
-UNDECLARED_P = 0.01
+from opsd.eval.stats import mcnemar_exact
+
+NO_DECLARED_RELATIVE_DROP = 0.5
+NO_DECLARED_P = 0.01
 ALPHA = 0.05
 KL_MAX = 0.05
 
 TARGETS = {
-    "undeclared_tool_falls": f"names an undeclared tool: falls by >= {UNDECLARED_RELATIVE_DROP:.0%} relative "
-                             f"(paired McNemar p < {UNDECLARED_P})",
-    "declared_tool_rises": f"names a declared tool: rises (paired McNemar p < {ALPHA})",
+    "no_declared_tool_falls": f"does not name a declared tool (names an undeclared tool, none, or no reply): falls "
+                              f"by >= {NO_DECLARED_RELATIVE_DROP:.0%} relative (paired McNemar p < {NO_DECLARED_P})",
+    "no_collapse": f"no collapse: 'names no tool' and 'no parseable call' do not rise (no rise with p < {ALPHA})",
     "official_accuracy_holds": f"official BFCL accuracy: does not fall (no fall with p < {ALPHA})",
     "gt_call_kl": f"per-token KL(before||after) on ground-truth calls < {KL_MAX} nats (95% CI below it)",
 }
+
+
+def reachable(movable: int, alpha: float) -> bool:
+    """Whether `movable` replies, all changing the same way, would give an exact McNemar p below `alpha`."""
+    return mcnemar_exact(movable, 0) < alpha
 
 
 def _pct(x: float | None) -> str:
@@ -54,31 +69,47 @@ def binary_evidence(o: dict) -> str:
     return s + f", McNemar p={fmt_p(o['p'])}, n={o['n']}"
 
 
-def undeclared_tool_falls(o: dict) -> tuple[str, str]:
+def _count(o: dict, side: str) -> int:
+    return o[side]["count"] if o else 0
+
+
+def no_declared_tool_falls(o: dict, undeclared: dict | None = None, no_name: dict | None = None) -> tuple[str, str]:
+    """`o`: the paired outcome "does not name a declared tool"; `undeclared`/`no_name`: its parts, for the evidence."""
     ev = binary_evidence(o)
-    if o["before"]["count"] == 0:
-        return "not testable", ev + " (no reply named an undeclared tool before: nothing to lower)"
-    big = o["relative"] is not None and o["relative"] <= -UNDECLARED_RELATIVE_DROP
-    if big and o["p"] < UNDECLARED_P:
+    if undeclared is not None and no_name is not None:
+        parts = [(side, _count(undeclared, side), _count(no_name, side)) for side in ("before", "after")]
+        ev += "; of which " + ", ".join(f"{side}: undeclared {u}, no name {x}, no reply {_count(o, side) - u - x}"
+                                        for side, u, x in parts)
+    k = o["before"]["count"]
+    if not reachable(k, NO_DECLARED_P):
+        return "not testable", ev + (f" (only {k} replies missed a declared tool before: even fixing all of them "
+                                     f"gives p = {fmt_p(mcnemar_exact(k, 0))}, not below {NO_DECLARED_P})")
+    big = o["relative"] is not None and o["relative"] <= -NO_DECLARED_RELATIVE_DROP
+    if big and o["p"] < NO_DECLARED_P:
         return "met", ev
     return ("not significant" if big else "not met"), ev
 
 
-def declared_tool_rises(o: dict) -> tuple[str, str]:
-    ev = binary_evidence(o)
-    if o["before"]["count"] == o["n"]:
-        return "not testable", ev + " (every reply named a declared tool before: cannot rise)"
-    if o["diff"] is not None and o["diff"] > 0:
-        return ("met" if o["p"] < ALPHA else "not significant"), ev
-    return "not met", ev
+def no_collapse(no_name: dict, no_parse: dict) -> tuple[str, str]:
+    """Not met when replies that name no tool, or that hold no parseable call, rose with p < ALPHA."""
+    ev = f"names no tool: {binary_evidence(no_name)}; no parseable call: {binary_evidence(no_parse)}"
+    rose = [label for label, o in (("names no tool", no_name), ("no parseable call", no_parse))
+            if o["diff"] is not None and o["diff"] > 0 and o["p"] < ALPHA]
+    if rose:
+        return "not met", ev + f" (COLLAPSE: {' and '.join(rose)} rose significantly)"
+    if not any(reachable(o["n"] - o["before"]["count"], ALPHA) for o in (no_name, no_parse)):
+        return "not testable", ev + " (nearly every reply already lacked a name and a parseable call: cannot rise)"
+    return "met", ev
 
 
 def official_accuracy_holds(o: dict) -> tuple[str, str]:
     ev = binary_evidence(o)
     if o["diff"] is not None and o["diff"] > 0:
         ev += f"; a rise, p={fmt_p(o['p'])}" + (" (significant)" if o["p"] < ALPHA else " (not significant)")
-    if o["before"]["count"] == 0:
-        return "not testable", ev + " (0 correct before: accuracy cannot fall)"
+    k = o["before"]["count"]
+    if not reachable(k, ALPHA):
+        return "not testable", ev + (f" ({k} correct before: even losing all of them gives McNemar "
+                                     f"p = {fmt_p(mcnemar_exact(k, 0))}, so accuracy cannot fall significantly)")
     if o["diff"] is not None and o["diff"] < 0 and o["p"] < ALPHA:
         return "not met", ev
     return "met", ev
@@ -94,7 +125,7 @@ def gt_call_kl(summary: dict) -> tuple[str, str]:
     lp = summary.get("logprob_per_token") or {}
     if lp.get("diff") is not None:
         ev += f"; log-prob per token {lp['diff']:+.3f}" + (f" [{lp['ci95'][0]:+.3f}, {lp['ci95'][1]:+.3f}]"
-                                                           if lp.get("ci95") else "") + f", sign-test p={fmt_p(lp['p'])}"
+                                                           if lp.get("ci95") else "") + f", permutation p={fmt_p(lp['p'])}"
     if kl["mean"] >= KL_MAX:
         return "not met", ev
     return ("met" if ci and ci[1] < KL_MAX else "not significant"), ev
@@ -104,8 +135,9 @@ def verdicts(report: dict) -> list[dict]:
     """[{"key", "target", "verdict", "evidence"}] for the report's comparison and collateral."""
     out = report["comparison"]["outcomes"]
     gt = (report.get("collateral") or {}).get("gt_call") or {}
-    checks = {"undeclared_tool_falls": undeclared_tool_falls(out["names_undeclared_tool"]),
-              "declared_tool_rises": declared_tool_rises(out["names_declared_tool"]),
+    checks = {"no_declared_tool_falls": no_declared_tool_falls(out["names_no_declared_tool"],
+                                                               out.get("names_undeclared_tool"), out.get("names_no_tool")),
+              "no_collapse": no_collapse(out["names_no_tool"], out["no_parseable_call"]),
               "official_accuracy_holds": official_accuracy_holds(out["official_accuracy"]),
               "gt_call_kl": gt_call_kl(gt)}
     return [{"key": k, "target": TARGETS[k], "verdict": v, "evidence": ev} for k, (v, ev) in checks.items()]

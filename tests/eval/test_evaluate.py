@@ -116,7 +116,7 @@ def test_eval_main_writes_per_task_outcomes_that_recompute(tiny_model_dir, smol_
     assert rep["version"] == 2 and len(rep["per_task"]) == 6 == rep["comparison"]["n"]
     assert set(rep["data"]["by_category"]) == {"multiple", "parallel_multiple"}
     assert rep["collateral"]["gt_call"]["n"] == 6 and rep["collateral"]["gt_call"]["kl_per_token"]["mean"] > 0
-    assert [v["key"] for v in rep["verdicts"]] == ["undeclared_tool_falls", "declared_tool_rises",
+    assert [v["key"] for v in rep["verdicts"]] == ["no_declared_tool_falls", "no_collapse",
                                                     "official_accuracy_holds", "gt_call_kl"]
     for t in rep["per_task"]:
         assert t["before"]["reply"] and t["after"]["reply"] and t["before"]["errors"] is not None

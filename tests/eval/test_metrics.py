@@ -94,18 +94,45 @@ def test_a_model_that_hides_its_wrong_names_in_broken_calls_does_not_lower_the_u
     assert o["diff"] == 0 and o["direction"] == "no significant change"
     assert cmp["outcomes"]["no_parseable_call"]["after"]["count"] == 3 * len(TASKS) // 4  # 3 of 4 forms are broken
     v = {x["key"]: x["verdict"] for x in targets.verdicts({"comparison": cmp, "collateral": {}})}
-    assert v["undeclared_tool_falls"] == "not met" and v["declared_tool_rises"] == "not met"
+    assert v["no_declared_tool_falls"] == "not met" and v["no_collapse"] == "not met"
 
 
-def test_a_model_that_emits_no_names_at_all_fails_the_declared_target():
-    """Dropping names lowers the undeclared rate only by raising "names no tool": the declared-tool target
-    (which a real improvement must meet too) is not met."""
+PLACEHOLDER = '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+
+
+def test_a_model_that_stops_naming_tools_meets_no_target_and_the_verdicts_show_the_collapse():
+    """Issue 24: "names an undeclared tool" went 86% -> 0% (the old target: MET) while "names no tool" went
+    0% -> 79%: replies became a copy of the prompt's placeholder, or prose. Every target that counts errors
+    counts those replies against the model, and a verdict line names the collapse."""
+    from opsd.eval.report import verdict_lines
+
+    before, after = [], []
+    for k, t in enumerate(TASKS):
+        declared = t.tools[0]["function"]["name"]
+        before.append(_reply(t, _call(declared if k < 6 else declared + "_v2", {})))  # 34/40 undeclared
+        after.append(_reply(t, _call(declared, {}) if k < 8 else PLACEHOLDER if k % 2 else "I can't help with that."))
+    per_task, cmp = _compare(before, after)
+    out = cmp["outcomes"]
+    assert (out["names_undeclared_tool"]["before"]["count"], out["names_undeclared_tool"]["after"]["count"]) == (34, 0)
+    assert out["names_no_tool"]["after"]["count"] == 32 and out["names_no_tool"]["direction"] == "up"
+    assert (out["names_no_declared_tool"]["before"]["count"], out["names_no_declared_tool"]["after"]["count"]) == (34, 32)
+    rep = {"comparison": cmp, "collateral": {}}
+    rep["verdicts"] = targets.verdicts(rep)
+    v = {x["key"]: x for x in rep["verdicts"]}
+    assert v["no_declared_tool_falls"]["verdict"] == "not met"
+    assert "undeclared 34, no name 0" in v["no_declared_tool_falls"]["evidence"]
+    assert v["no_collapse"]["verdict"] == "not met" and "COLLAPSE: names no tool and no parseable call" in \
+        v["no_collapse"]["evidence"]
+    text = "\n".join(verdict_lines(rep))
+    assert "**NOT MET**: no collapse" in text and "0/40 (0.0%) -> 32/40 (80.0%)" in text and "**MET**" not in text
+
+
+def test_a_real_fix_of_invented_names_meets_the_name_targets():
     before = [_reply(t, _call(t.tools[0]["function"]["name"] + "_v2", {})) for t in TASKS]
-    after = [_reply(t, '<tool_call>\n{"arguments": {"x": 1}}\n</tool_call>') for t in TASKS]
+    after = [_reply(t, _correct(t)) for t in TASKS]
     _, cmp = _compare(before, after)
-    assert cmp["outcomes"]["names_no_tool"]["direction"] == "up"
     v = {x["key"]: x["verdict"] for x in targets.verdicts({"comparison": cmp, "collateral": {}})}
-    assert v["declared_tool_rises"] == "not met"
+    assert v["no_declared_tool_falls"] == "met" and v["no_collapse"] == "met"
 
 
 def test_every_reply_lands_in_one_row_of_each_table_with_failed_and_missing_critiques():
@@ -176,6 +203,20 @@ def test_every_error_is_listed_not_only_the_first():
     assert out["reference"] == "error"
 
 
+def test_a_reply_without_any_call_is_never_error_free():
+    """Without ground truth, a prose reply used to have no error at all ("replies with an error" fell when a
+    model stopped calling tools); it is a `no_call` error now; with ground truth it is `missing_call`."""
+    t = TASKS[0]
+    prose = _reply(t, "I cannot help with that.")
+    no_gt = Trajectory(prose.id, prose.messages, prose.tools, {k: v for k, v in prose.meta.items() if k != "ground_truth"})
+    assert [e["category"] for e in reply_outcomes(no_gt)["errors"]] == ["no_call"]
+    assert {e["category"] for e in reply_outcomes(prose)["errors"]} == {"missing_call"}
+    assert metrics.reply_outcome(no_gt, None, reply_outcomes)["rows"]["n_errors"] == "1"
+    called = _reply(t, _call(t.tools[0]["function"]["name"], {}))
+    called = Trajectory(called.id, called.messages, called.tools, no_gt.meta)
+    assert "no_call" not in {e["category"] for e in reply_outcomes(called)["errors"]}
+
+
 def _report(per_task, cmp):
     rep = {"version": 2, "config": {"bootstrap": 500, "seed": 0, "before": "a", "after": "b", "tasks": "t",
                                     "limit": None}, "comparison": cmp, "per_task": per_task, "collateral": {}}
@@ -215,25 +256,43 @@ def _binary(b, a, n, **kw):
 
 def test_verdicts_follow_the_targets():
     # 40 -> 10 of 128: -75% relative, p tiny: met
-    assert targets.undeclared_tool_falls(_binary(40, 10, 128))[0] == "met"
-    # 6 -> 2 of 20: -67% but p = 0.29: not significant
-    assert targets.undeclared_tool_falls(_binary(6, 2, 20))[0] == "not significant"
+    assert targets.no_declared_tool_falls(_binary(40, 10, 128))[0] == "met"
+    # 10 -> 4 of 30: -60% but p = 0.031: not significant
+    assert targets.no_declared_tool_falls(_binary(10, 4, 30))[0] == "not significant"
     # 60 -> 40 of 128: significant but only -33%: not met
-    assert targets.undeclared_tool_falls(_binary(60, 40, 128))[0] == "not met"
-    assert targets.undeclared_tool_falls(_binary(0, 0, 128))[0] == "not testable"
-    assert targets.declared_tool_rises(_binary(20, 60, 128))[0] == "met"
-    assert targets.declared_tool_rises(_binary(20, 22, 128))[0] == "not significant"
-    assert targets.declared_tool_rises(_binary(20, 20, 128))[0] == "not met"
+    assert targets.no_declared_tool_falls(_binary(60, 40, 128))[0] == "not met"
+    assert targets.no_declared_tool_falls(_binary(0, 0, 128))[0] == "not testable"
+    # 7 -> 0: even the best case has McNemar p = 2/128 >= 0.01: it cannot be met, so it is not testable
+    assert targets.no_declared_tool_falls(_binary(7, 0, 128))[0] == "not testable"
+    assert targets.no_declared_tool_falls(_binary(8, 0, 128))[0] == "met"
+    rise, flat = _binary(20, 60, 128), _binary(20, 22, 128)
+    assert targets.no_collapse(rise, flat)[0] == "not met" and targets.no_collapse(flat, rise)[0] == "not met"
+    assert targets.no_collapse(flat, flat)[0] == "met" and targets.no_collapse(rise, flat)[1].count("COLLAPSE") == 1
+    assert targets.no_collapse(_binary(125, 125, 128), _binary(128, 128, 128))[0] == "not testable"
     assert targets.official_accuracy_holds(_binary(0, 0, 128))[0] == "not testable"  # cannot fall: never "met"
     assert targets.official_accuracy_holds(_binary(20, 5, 128))[0] == "not met"
     assert targets.official_accuracy_holds(_binary(20, 18, 128))[0] == "met"
-    ok, ev = targets.official_accuracy_holds(_binary(5, 20, 128))
+    ok, ev = targets.official_accuracy_holds(_binary(6, 20, 128))
     assert ok == "met" and "a rise" in ev and "(significant)" in ev
     kl = {"n": 10, "n_tokens": 300, "kl_per_token": {"mean": 0.01, "ci95": [0.005, 0.02]}}
     assert targets.gt_call_kl(kl)[0] == "met"
     assert targets.gt_call_kl(kl | {"kl_per_token": {"mean": 0.04, "ci95": [0.02, 0.07]}})[0] == "not significant"
     assert targets.gt_call_kl(kl | {"kl_per_token": {"mean": 0.08, "ci95": [0.06, 0.1]}})[0] == "not met"
     assert targets.gt_call_kl({"n": 0})[0] == "not testable"
+
+
+def test_accuracy_that_cannot_fall_significantly_is_not_testable():
+    """McNemar needs 6 discordant pairs for p < 0.05 (2 * 0.5^5 = 0.0625): with 5 correct base replies even
+    losing all 5 is "no significant fall", so "does not fall" could never fail and is not reported as met."""
+    from opsd.eval import stats
+
+    assert targets.official_accuracy_holds(_binary(5, 0, 128))[0] == "not testable"
+    ok, ev = targets.official_accuracy_holds(_binary(5, 20, 128))
+    assert ok == "not testable" and "a rise" in ev and "p = 0.062" in ev
+    assert targets.official_accuracy_holds(_binary(6, 0, 128))[0] == "not met"
+    assert targets.official_accuracy_holds(_binary(6, 6, 128))[0] == "met"
+    first = next(k for k in range(1, 20) if stats.mcnemar_exact(k, 0) < targets.ALPHA)
+    assert first == 6 and targets.reachable(first, targets.ALPHA) and not targets.reachable(first - 1, targets.ALPHA)
 
 
 def test_per_category_rates():
@@ -270,7 +329,7 @@ def test_compare_reports_pairs_the_same_side_of_two_reports(tmp_path):
     assert res["after"]["n"] == n and und["before"]["count"] == 0
     assert und["after"]["count"] == sum(k % 2 == 0 for k in range(1, len(TASKS))) and und["p"] < 0.05  # task 0 left out
     assert res["before"]["outcomes"]["names_undeclared_tool"]["diff"] == 0  # the same base replies on both sides
-    assert "| names an undeclared tool | 0.0% (0) |" in r.stdout and "bf16 − fp32" in r.stdout
+    assert "| names an undeclared tool (diagnostic: naming none also lowers it) | 0.0% (0) |" in r.stdout and "bf16 − fp32" in r.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_reports.py"), str(tmp_path / "a.json"),
                           str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing.json: cannot read" in bad.stderr
