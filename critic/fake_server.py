@@ -12,7 +12,8 @@ served concurrently), with scripted replies and faults and an optional fixed lat
 Each POST /v1/chat/completions consumes the next scripted action; when the script is empty the
 `responder(body) -> action` is called (default: an `ok` critique). Actions:
 
-- `Reply(content, usage=None)`: 200 with a chat.completion whose message content is `content`;
+- `Reply(content, usage=None, finish_reason="stop")`: 200 with a chat.completion whose message content is
+  `content`;
 - `Status(code, body=None, headers=None)`: an error status with an OpenAI-style error body;
 - `Hang(seconds)`: sleep, then close without answering (the client must time out);
 - `Raw(body, content_type)`: 200 with an arbitrary (e.g. malformed) body.
@@ -47,6 +48,7 @@ class _Server(ThreadingHTTPServer):
 class Reply:
     content: str
     usage: dict | None = None
+    finish_reason: str = "stop"  # "length": cut off at max_tokens
 
 
 @dataclass
@@ -193,7 +195,7 @@ class FakeServer:
                                          "total_tokens": prompt_tokens + len(action.content.split())}
                 out = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                        "model": body.get("model", "fake"),
-                       "choices": [{"index": 0, "finish_reason": "stop",
+                       "choices": [{"index": 0, "finish_reason": action.finish_reason,
                                     "message": {"role": "assistant", "content": action.content}}],
                        "usage": usage}
                 self._send(200, json.dumps(out).encode())

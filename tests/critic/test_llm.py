@@ -233,3 +233,71 @@ def test_cli_reports_a_template_error_without_a_traceback(server, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and f"{p}:2: template error" in err and "Traceback" not in err
     assert srv.requests == []
+
+
+# ---- a real small local server (issue 24): enforced structure, raw replies, cut-off and timeout reasons
+
+def test_the_schema_sent_is_one_a_constrained_decoder_enforces(server, llm_critic, enum_traj):
+    """vLLM's xgrammar compiled the old schema (a top-level allOf/if/then) into `root ::= basic_any`: any JSON
+    value, so the request was accepted and nothing was enforced. The wire schema keeps only what it can enforce."""
+    from critic.llm import reply_schema
+
+    srv = server([Reply(GOOD)])
+    _run(llm_critic(srv), enum_traj)
+    sent = srv.requests[0]["response_format"]["json_schema"]["schema"]
+    assert not {"allOf", "anyOf", "oneOf", "if", "then", "$schema"} & set(sent)
+    assert sent["type"] == "object" and sent["additionalProperties"] is False
+    assert sent["required"] == reply_schema()["required"] and sent["properties"] == reply_schema()["properties"]
+    for key in ("quote", "hint", "category"):  # bounded strings: a reply cannot run on to max_tokens inside one
+        assert sent["properties"][key]["maxLength"] <= 400
+
+
+def test_the_wire_schema_compiles_to_an_object_grammar_in_vllms_xgrammar():
+    """The check at the source: xgrammar from `make vllm` (skipped without it)."""
+    import subprocess
+    from pathlib import Path
+
+    from critic.llm import reply_schema, wire_schema
+    from opsd.serve.config import default_vllm_python
+
+    python = default_vllm_python()
+    if not Path(python).is_file():
+        pytest.skip("needs the vLLM venv (make vllm)")
+    code = ("import json, sys, xgrammar as xgr\n"
+            "for s in json.loads(sys.stdin.read()):\n"
+            "    root = [l for l in str(xgr.Grammar.from_json_schema(s)).splitlines() if l.startswith('root ::=')][0]\n"
+            "    print(json.dumps(root))\n")
+    r = subprocess.run([python, "-c", code], input=json.dumps([wire_schema(), reply_schema()]), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wire_root, full_root = [json.loads(l) for l in r.stdout.splitlines()[-2:]]
+    assert '"\\"verdict\\""' in wire_root  # an object that starts with "verdict"
+    assert "basic_any" in full_root or "basic_object" in full_root  # the full schema: unconstrained (why it was)
+
+
+def test_a_reply_cut_off_at_max_tokens_is_named_as_such_and_not_reasked(server, llm_critic, enum_traj):
+    srv = server([Reply('{"verdict": "error", "step": 2, "quote": "\\"kel', finish_reason="length")] * 3)
+    c = _run(llm_critic(srv, max_tokens=16), enum_traj)
+    assert c.verdict == "failed" and "cut off at max_tokens=16" in c.error and "finish_reason 'length'" in c.error
+    assert len(srv.requests) == 1  # the same budget would cut the re-ask off again
+    assert c.replies == [{"round": 0, "finish_reason": "length", "text": '{"verdict": "error", "step": 2, "quote": "\\"kel'}]
+
+
+def test_every_raw_reply_is_saved_in_the_record_with_its_finish_reason(server, llm_critic, samples, tmp_path):
+    srv = server([Reply(f"I think step 2 is wrong. {FAKE_KEY}"), Reply(GOOD)])
+    out = tmp_path / "c.jsonl"
+    run_critiques([samples["weather-enum"]], llm_critic(srv), out, progress=False)
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["verdict"] == "error"
+    assert [(r["round"], r["finish_reason"]) for r in rec["replies"]] == [(0, "stop"), (1, "stop")]
+    assert rec["replies"][1]["text"] == GOOD and "step 2 is wrong" in rec["replies"][0]["text"]
+    assert FAKE_KEY not in out.read_text()  # an echoed key is redacted
+
+
+def test_a_timeout_says_how_to_fix_it_and_warns_at_once(server, llm_critic, enum_traj, caplog):
+    srv = server(responder=lambda body: Hang(30))
+    with caplog.at_level("WARNING", logger="critic.llm"):
+        c = _run(llm_critic(srv, timeout=0.3, max_attempts=2), enum_traj)
+    assert c.verdict == "failed" and c.retryable and "--critic.timeout" in c.error and "timed out after 0.3 s" in c.error
+    assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records)) == 1
+    assert "--critic.timeout" in caplog.records[0].message
