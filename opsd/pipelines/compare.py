@@ -149,8 +149,10 @@ def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path) -> di
     critiques = str(out / "critiques.jsonl")
     rollouts = str(out / "rollouts.jsonl")
     return {
-        "opsd": {"mode": "opsd", "span": "quote", "trajectories": rollouts, "critiques": critiques, "examples": errors},
-        "dense": {"mode": "opsd", "span": "step", "trajectories": rollouts, "critiques": critiques, "examples": errors},
+        "opsd": {"mode": "opsd", "span": "quote", "trajectories": rollouts, "critiques": critiques, "examples": errors,
+                 "critiqued_errors": errors},  # examples: replaced by what training kept (data.json) once trained
+        "dense": {"mode": "opsd", "span": "step", "trajectories": rollouts, "critiques": critiques, "examples": errors,
+                 "critiqued_errors": errors},  # examples: replaced by what training kept (data.json) once trained
         "reward": {"mode": "reinforce", "trajectories": write_trajectories(rewarded, out / "data" / "reward.jsonl"),
                    "examples": signal, "replies": len(rewarded), "passed": len(passed)},
         "rft": {"mode": "sft", "trajectories": write_trajectories(passed, out / "data" / "rft.jsonl"),
@@ -179,7 +181,8 @@ def train_config(cfg: CompareConfig, data: dict, lr: float, out: Path) -> TrainC
 def run_method(cfg: CompareConfig, method: str, data: dict, critique: Callable, prefill: str, base_val: Validation,
                out: Path, echo: Callable[[str], None]) -> dict:
     """Train the method at every learning rate, score each on the validation split; the best run is picked."""
-    rec: dict = {"method": method, "data": {k: v for k, v in data.items() if k in ("examples", "replies", "passed")},
+    rec: dict = {"method": method, "data": {k: v for k, v in data.items()
+                                            if k in ("examples", "critiqued_errors", "replies", "passed")},
                  "runs": []}
     if not data["examples"]:
         why = {"reward": "every task's replies got the same reward (no REINFORCE signal)",
@@ -201,6 +204,9 @@ def run_method(cfg: CompareConfig, method: str, data: dict, critique: Callable, 
             echo(f"[compare {method}] not trained: {e}")
             return rec
         wall = _train_wall(run_dir / "train", time.time() - t0)
+        if (run_dir / "train" / "data.json").exists():  # the examples built and kept by the hint-effect filter
+            rec["data"]["examples"] = json.loads((run_dir / "train" / "data.json").read_text()).get(
+                "kept", rec["data"]["examples"])
         trajs = rollouts(cfg, model, run_dir / "validation" / "rollouts.jsonl", tasks=cfg.validation_tasks,
                          limit=cfg.validation_limit, prefill=prefill)
         v = summarise_validation(trajs, critique(trajs, run_dir / "validation" / "critiques.jsonl"))

@@ -3,8 +3,12 @@
     row = method_row(per_task, per_task_vs_opsd, gt_kl)   # per_task: opsd.eval.metrics.per_task_outcomes
     print(format_compare(result))                          # OUT/compare.md
 
-Every rate counts every held-out reply (a missing reply counts as a failure in each outcome); each
-difference is paired on the same tasks, with a bootstrap 95% CI and an exact McNemar p.
+Every rate counts every held-out reply, and a reply without the wanted behaviour counts against the
+method in each outcome: a missing reply, a reply with no call and a reply whose check crashed are
+"replies with an error"; a reply that names no tool is one that "does not name a declared tool" (the
+old column "names an undeclared tool" fell when a method stopped naming tools). A crashed check also
+has a column of its own. Each difference is paired on the same tasks, with a bootstrap 95% CI and an
+exact McNemar p.
 """
 from __future__ import annotations
 
@@ -14,14 +18,20 @@ from opsd.eval.targets import fmt_p
 
 
 def any_error(o: dict) -> bool:
-    """The reply has at least one error (schema or reference, whole reply); a missing reply counts as one."""
-    return o["rows"]["n_errors"] not in ("0", "not_checked")
+    """The reply has at least one error (schema or reference, whole reply; no call at all is one), or it is
+    missing, or its check crashed (`not_checked`): only a reply checked and found clean is error-free."""
+    return o["rows"]["n_errors"] != "0"
+
+
+def check_crashed(o: dict) -> bool:
+    return o["rows"]["n_errors"] == "not_checked"
 
 
 OUTCOMES = {  # key: (label, predicate on a reply outcome, higher is better)
     "official_accuracy": ("accuracy (official)", HEADLINE["official_accuracy"][1], True),
     "any_error": ("replies with an error", any_error, False),
-    "names_undeclared_tool": ("names an undeclared tool", HEADLINE["names_undeclared_tool"][1], False),
+    "not_checked": ("check crashed (counted as an error)", check_crashed, False),
+    "names_no_declared_tool": ("does not name a declared tool", HEADLINE["names_no_declared_tool"][1], False),
     "names_gt_function": ("names the right function", HEADLINE["names_gt_function"][1], True),
     "no_parseable_call": ("no parseable call", HEADLINE["no_parseable_call"][1], False),
 }
@@ -107,26 +117,33 @@ def format_compare(result: dict) -> str:
     cats = sorted({c for r in ho["rows"].values() for c in r.get("errors_vs_base", {})})
     if cats:
         lines += ["", "## Every error category (multi-label), against the base", "",
-                  "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+                  "A reply without a parseable call has none of the per-call errors: read each column next to the "
+                  "first.", "",
+                  "| method | no parseable call | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
         if base_row:
-            lines.append("| base | " + " | ".join(
+            lines.append(f"| base | {100 * base_row['vs_base']['no_parseable_call']['before']['rate']:.1f}% | " + " | ".join(
                 f"{100 * base_row['errors_vs_base'][c]['before']['rate']:.1f}%" if c in base_row["errors_vs_base"]
                 else "0.0%" for c in cats) + " |")
         for m, r in ho["rows"].items():
             if r.get("status") == "trained":
-                lines.append(f"| {m} | " + " | ".join(_cell(r["errors_vs_base"][c]) if c in r["errors_vs_base"]
-                                                      else "0.0%" for c in cats) + " |")
-    lines += ["", "## Learning-rate sweep (validation)", "", "| method | data | lr | val. accuracy | val. right function "
-              "| val. replies with an error | train wall |", "|---|---|---|---|---|---|---|"]
-    bv = result["base_validation"]
-    lines.append(f"| base | | | {bv['accuracy']:.3f} | {bv['gt_function']:.3f} | {bv['error_rate']:.3f} | |")
+                lines.append(f"| {m} | {_cell(r['vs_base']['no_parseable_call'])} | " + " | ".join(
+                    _cell(r["errors_vs_base"][c]) if c in r["errors_vs_base"] else "0.0%" for c in cats) + " |")
+    lines += ["", "## Learning-rate sweep (validation)", "",
+              "Picked by `Validation.better_than`: accuracy, then the right function in a parseable call, then "
+              "parseable replies, then fewer replies with an error.", "",
+              "| method | data | lr | val. accuracy | val. right function, parseable (any) | val. parseable "
+              "| val. replies with an error (check crashed) | train wall |", "|---|---|---|---|---|---|---|---|"]
+
+    def val(v: dict) -> str:
+        return (f"{v['accuracy']:.3f} | {v.get('gt_function_parseable', 0.0):.3f} ({v['gt_function']:.3f}) | "
+                f"{v.get('parseable', 0.0):.3f} | {v['error_rate']:.3f} ({v.get('not_checked', 0.0):.3f})")
+
+    lines.append(f"| base | | | {val(result['base_validation'])} | |")
     for m, rec in recs.items():
         data = ", ".join(f"{k} {v}" for k, v in rec["data"].items())
         if not rec["runs"]:
-            lines.append(f"| {m} | {data} | | {rec.get('status')}: {rec.get('reason', '')} | | | |")
+            lines.append(f"| {m} | {data} | | {rec.get('status')}: {rec.get('reason', '')} | | | | |")
         for run in rec["runs"]:
-            v = run["validation"]
             mark = " (picked)" if rec.get("picked") and run["lr"] == rec["picked"]["lr"] else ""
-            lines.append(f"| {m} | {data} | {run['lr']:g}{mark} | {v['accuracy']:.3f} | {v['gt_function']:.3f} | "
-                         f"{v['error_rate']:.3f} | {run['train_wall_s']:.0f} s |")
+            lines.append(f"| {m} | {data} | {run['lr']:g}{mark} | {val(run['validation'])} | {run['train_wall_s']:.0f} s |")
     return "\n".join(lines) + "\n"

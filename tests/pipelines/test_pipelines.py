@@ -21,7 +21,7 @@ def opsd(*args):
 
 
 def v(acc: float, err: float, gt: float = 0.0) -> Validation:
-    return Validation(10, acc, err, 0.0, (0.0, 1.0), (0.0, 1.0), gt)
+    return Validation(10, acc, err, 0.0, (0.0, 1.0), (0.0, 1.0), gt, 1.0, gt)  # every reply parses
 
 
 def test_validation_order_is_accuracy_then_ground_truth_function_then_errors():
