@@ -28,7 +28,7 @@ from typing import Callable
 
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
-from opsd.eval import multi_turn, stats
+from opsd.eval import multi_turn
 from opsd.eval.config import EvalConfig
 from opsd.eval.report import summary_table
 from opsd.eval.run import _rollouts, behaviour
@@ -73,9 +73,9 @@ class DemoConfig(LoopConfig):
 
 
 def trained_rounds(ecfg: EvalConfig, history: dict):
-    """(round, model, rollout name) of every round that trained a model; the best round's rollouts are the
-    evaluation's own ("after"), so they are not rolled out again."""
-    for r in history["rounds"]:
+    """(round, model, rollout name) of every round that trained a model, the cold start as round 0; the best
+    round's rollouts are the evaluation's own ("after"), so they are not rolled out again."""
+    for r in [*([history["cold_start"]] if history.get("cold_start") else []), *history["rounds"]]:
         model = r.get("trained_model")
         if model:
             yield r["round"], model, "after" if model == ecfg.after else f"round_{r['round']}"
@@ -98,21 +98,19 @@ def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str
 
 def multi_turn_round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str,
                           max_steps_per_turn: int) -> list[dict]:
-    """`round_rows` for multi-turn tasks: episodes, BFCL's official multi-turn checker, the critic's error rate."""
+    """`round_rows` for multi-turn tasks: episodes, BFCL's official multi-turn checker, the critic's error rate;
+    paired over every held-out task (an episode whose rollout failed is a failure)."""
+    ids = [t.id for t in load_tasks(ecfg.tasks, limit=ecfg.limit)]
     base = multi_turn._rollouts(ecfg.before, "before", ecfg, prefill, max_steps_per_turn)
-    by_id = {c.trajectory_id: c for c in critique(base, Path(ecfg.out) / "critiques_before.jsonl")}
-    base_o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in base}
+    base_c = critique(base, Path(ecfg.out) / "critiques_before.jsonl")
     rows = []
     for k, model, name in trained_rounds(ecfg, history):
         trajs = multi_turn._rollouts(model, name, ecfg, prefill, max_steps_per_turn)
-        by_id = {c.trajectory_id: c for c in critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")}
-        o = {t.meta["task_id"]: multi_turn.episode_outcome(t, by_id.get(t.id)) for t in trajs}
-        ids = [tid for tid in base_o if tid in o]
-        kw = {"n_boot": ecfg.bootstrap, "seed": ecfg.seed}
-        rows.append({"round": k, "model": model, "n": len(ids), "outcomes": {
-            "official_accuracy": stats.paired_binary([base_o[i]["valid"] for i in ids], [o[i]["valid"] for i in ids], **kw),
-            "critic_error": stats.paired_binary([base_o[i]["critic"] == "error" for i in ids],
-                                                [o[i]["critic"] == "error" for i in ids], **kw)}})
+        per_task = multi_turn.paired_episodes(ids, base, base_c, trajs,
+                                              critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl"))
+        cmp = multi_turn.compare_episodes(per_task, n_boot=ecfg.bootstrap, seed=ecfg.seed)
+        rows.append({"round": k, "model": model, "n": len(per_task),
+                     "outcomes": {"official_accuracy": cmp["accuracy"], "critic_error": cmp["critic_error"]}})
     return rows
 
 
@@ -134,7 +132,7 @@ def format_round_rows(rows: list[dict]) -> str:
             ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
             diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
             cells.append(f"{100 * o['after']['rate']:.1f}% ({diff}{ci_s}, p={fmt_p(o['p'])})")
-        lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {'cold start' if r['round'] == 0 else r['round']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -149,7 +147,8 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
     base = cfg.train.model
     best = history["best_model"]
     prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
-    best_run = out / f"round_{history['best_round']}" / "train" if history["best_round"] else None
+    best_run = next((r["train_dir"] for r in [history.get("cold_start") or {}, *history["rounds"]]
+                     if r.get("trained_model") == best and r.get("train_dir")), None)
     ecfg = dataclasses.replace(cfg.eval, before=base, after=best, out=str(out / "report"), prefill=prefill,
                                train_run=str(best_run) if best_run else None, critic=cfg.critic)
     echo(f"[demo 2/3] held-out evaluation, scored once: base vs the best round ({history['best_round']})")

@@ -42,10 +42,12 @@ from opsd.critique.run import critique_fn
 from opsd.eval import stats
 from opsd.eval.metrics import HEADLINE, reply_outcome
 from opsd.eval.multi_turn import episode_outcome
+from opsd.hint.ceiling import format_ceiling, run_ceiling
 from opsd.hint.run import category_effects
 from opsd.io.records import read_jsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.tasks import bfcl_multi_turn as mt
+from opsd.pipelines.cold_start import cold_start
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
@@ -95,6 +97,15 @@ class LoopConfig:
     validation_limit: int = field(default=64, metadata={"help": "validation tasks (a stratified sample)"})
     early_stop: bool = field(default=True, metadata={
         "help": "stop when the validation outcome gets worse than the best round so far"})
+    cold_start_steps: int = field(default=0, metadata={
+        "help": "off-policy cold start before round 1: SFT steps on the ground-truth calls of cold_start_tasks "
+                "(0 = off); the cold-started model is scored as round 0"})
+    cold_start_lr: float = field(default=3e-5, metadata={"help": "learning rate of the cold start's SFT steps"})
+    cold_start_tasks: str = field(default="", metadata={
+        "help": "tasks with ground truth for the cold start ('' = rollout.tasks, the rounds' train split)"})
+    ceiling: bool = field(default=True, metadata={
+        "help": "every round: decode greedily with each critique's hint in view and score it (the hinted teacher's "
+                "ceiling, OUT/round_K/ceiling/; single-turn tasks)"})
     rollout: RolloutConfig = field(default_factory=_loop_rollout, metadata={
         "help": "training rollouts: tasks is the spec rounds draw from, limit the tasks per round; out and model "
                 "are set by the loop"})
@@ -115,6 +126,9 @@ class LoopConfig:
             raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
         if self.rollout.limit is None or self.rollout.limit < 1:
             raise ValueError("rollout.limit: the tasks per round, must be >= 1")
+        if self.cold_start_steps < 0 or not self.cold_start_lr > 0:
+            raise ValueError(f"cold_start_steps >= 0 and cold_start_lr > 0, got {self.cold_start_steps} and "
+                             f"{self.cold_start_lr}")
         if self.tasks:
             parts = self.tasks.split(":")
             if len(parts) not in (2, 3) or parts[0] != "bfcl" or not parts[1] or parts[2:] not in ([], ["train"]):
@@ -310,6 +324,25 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         echo(f"[loop] validation of the initial student {base}")
         best = validate(base, cfg, out / "base_validation", critique, prefill, served=served, server=server)
         history["base_validation"] = dataclasses.asdict(best)
+    if cfg.cold_start_steps:
+        if server is not None:
+            raise ValueError("cold_start_steps: not with --serve yet (the server holds the base weights); run the "
+                             "cold start with `opsd train --mode sft` and pass its model as --train.model")
+        cs = cold_start(cfg.cold_start_tasks or cfg.rollout.tasks, cfg.train, model=base, out=out / "cold_start",
+                        steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, trained=trained, echo=echo)
+        student = cs["model"]
+        rec0 = {"round": 0, "student": base, "trained_model": student, "cold_start": cs,
+                "train_dir": str(out / "cold_start" / "train")}
+        if cfg.validation_tasks:
+            v = validate(student, cfg, out / "cold_start" / "validation", critique, prefill)
+            rec0["validation"] = dataclasses.asdict(v)
+            echo(f"[loop cold start] validation: accuracy {v.accuracy:.3f}, replies with an error {v.error_rate:.3f} "
+                 f"(n={v.n})")
+            if v.better_than(best):
+                best, history["best_round"], history["best_model"] = v, 0, student
+        else:
+            history["best_model"] = student
+        history["cold_start"] = rec0
     for k in range(1, cfg.rounds + 1):
         rd = out / f"round_{k}"
         tasks = round_tasks(cfg.rollout.tasks, k - 1, cfg.rollout.limit, seed=cfg.rollout.seed, fresh=cfg.fresh_tasks)
@@ -321,7 +354,8 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         rcfg.out = str(rd / f"rollouts-{rcfg.hash()}.jsonl")
         crit_path = rd / f"critiques-{content_hash(dataclasses.asdict(cfg.critic))[:10]}.jsonl"
         rollout_main(rcfg)
-        crits = critique(load_rollouts(rcfg), crit_path)
+        trajs = load_rollouts(rcfg)
+        crits = critique(trajs, crit_path)
         mix: dict[str, int] = {}
         for c in crits:
             if c.verdict == "error":
@@ -329,6 +363,9 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         rec = {"round": k, "student": student, "tasks": len(tasks), "errors": sum(mix.values()),
                "error_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
                "critique_failed": sum(c.verdict == "failed" for c in crits)}
+        if cfg.ceiling and not any(mt.is_multi_turn(t.meta) for t in trajs):
+            rec["ceiling"] = run_ceiling(trajs, crits, rollout=rcfg, critique=critique, out=rd / "ceiling")
+            echo(f"[loop round {k}] {format_ceiling(rec['ceiling'])}")
         if not mix:
             echo(f"[loop round {k}] no errors left to learn from; stopping")
             history["rounds"].append(rec)
@@ -337,7 +374,7 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(crit_path),
                                    out=str(rd / "train"), resume=True)
         student = trained(tcfg, rd / "train" / "done.json")
-        rec |= {"trained_model": student, "training": _hint_summary(rd / "train")}
+        rec |= {"trained_model": student, "training": _hint_summary(rd / "train"), "train_dir": str(rd / "train")}
         if server is not None:  # the new student answers the next requests; a failed load stops here (ServerError)
             served = (publish_adapter(server, rd / "train", previous=served, label=f"round_{k}") if cfg.train.lora_r
                       else publish_full_weights(server, student))
@@ -364,9 +401,10 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
 
 def format_rounds(history: dict) -> str:
     """Markdown table: one row per round (the base student first)."""
-    lines = ["| round | student | errors (train) | top errors | hint effect | kept | val. accuracy [95% CI] | "
-             "val. names the right function | val. replies with an error [95% CI] | val. undeclared name |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| round | student | errors (train) | top errors | hint effect | kept | hinted teacher decoding: accuracy "
+             "(student) | val. accuracy [95% CI] | val. names the right function | val. replies with an error [95% CI] "
+             "| val. undeclared name |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def val(v: dict | None) -> str:
         if not v:
@@ -376,13 +414,25 @@ def format_rounds(history: dict) -> str:
                 f"{v['error_rate']:.3f} "
                 f"[{e[0]:.3f}, {e[1]:.3f}] | {v['undeclared_name']:.3f}")
 
-    lines.append(f"| base | {history['config']['train']['model']} | | | | | {val(history.get('base_validation'))} |")
+    def ceiling(c: dict | None) -> str:
+        if not c:
+            return "n/a"
+        a = c["accuracy_all"]
+        return f"{100 * a['after']['rate']:.1f}% ({100 * a['before']['rate']:.1f}%), n={a['n']}"
+
+    lines.append(f"| base | {history['config']['train']['model']} | | | | | | {val(history.get('base_validation'))} |")
+    if history.get("cold_start"):
+        r = history["cold_start"]
+        cs = r["cold_start"]
+        lines.append(f"| cold start | {r['trained_model']} | SFT: {cs['examples']} ground-truth calls, {cs['steps']} "
+                     f"steps, lr {cs['lr']:g} | | | | | {val(r.get('validation'))} |")
     for r in history["rounds"]:
         t = r.get("training") or {}
         top = ", ".join(f"{c} {n}" for c, n in list(r["error_mix"].items())[:3])
         he = t.get("hint_effect_mean")
         lines.append(f"| {r['round']} | {r.get('trained_model', '-')} | {r['errors']}/{r['tasks']} | {top} | "
-                     f"{'n/a' if he is None else f'{he:+.3f}'} | {t.get('kept', 'n/a')} | {val(r.get('validation'))} |")
+                     f"{'n/a' if he is None else f'{he:+.3f}'} | {t.get('kept', 'n/a')} | {ceiling(r.get('ceiling'))} | "
+                     f"{val(r.get('validation'))} |")
     lines.append(f"\nbest round: {history['best_round']} ({history['best_model']})"
                  + ("; stopped early: validation got worse" if history.get("stopped_early") else ""))
     return "\n".join(lines)
