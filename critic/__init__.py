@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from critic.base import (
+    DEFAULT_MAX_ERRORS,
     REFERENCE_CATEGORIES,
     SCHEMA_CATEGORIES,
     BaseCritic,
@@ -65,7 +66,8 @@ class ChainCritic(BaseCritic):
     """
 
     def __init__(self, first: BaseCritic, second: BaseCritic):
-        super().__init__(max_hint_tokens=min(first.max_hint_tokens, second.max_hint_tokens))
+        super().__init__(max_hint_tokens=min(first.max_hint_tokens, second.max_hint_tokens),
+                         all_errors=first.all_errors and second.all_errors, max_errors=first.max_errors)
         self.first, self.second = first, second
         self.name = f"{first.name}+{second.name}"
 
@@ -75,8 +77,13 @@ class ChainCritic(BaseCritic):
     async def critique(self, traj: Trajectory) -> Critique:
         subsumed = getattr(self.second, "subsumes", lambda t: False)(traj)  # multi-turn: `second` checks every step
         c = await (self.second if subsumed else self.first).critique(traj)
-        if not subsumed and c.verdict == "ok" and getattr(self.second, "applies", lambda t: True)(traj):
+        applies = not subsumed and getattr(self.second, "applies", lambda t: True)(traj)
+        if applies and c.verdict == "ok":
             c = await self.second.critique(traj)
+        elif applies and c.verdict == "error" and self.all_errors:  # every error of the step, from both critics
+            c2 = await self.second.critique(traj)
+            if c2.verdict == "error" and c2.step == c.step:
+                c = self.errors_at(traj, c.step, _entries(c) + _entries(c2))
         c.critic = self.info
         return c
 
@@ -91,6 +98,11 @@ class ChainCritic(BaseCritic):
         for c in (self.first, self.second):
             if hasattr(c, "preflight"):
                 c.preflight(traj)
+
+
+def _entries(c: Critique) -> list[dict]:
+    """The errors of an `error` critique as `errors` entries (a one-error critique gives one)."""
+    return list(c.errors or [{"quote": c.quote, "quote_at": c.quote_at, "category": c.category, "hint": c.hint}])
 
 
 class CrossCheckCritic(ChainCritic):
@@ -117,14 +129,17 @@ class CrossCheckCritic(ChainCritic):
         return c
 
 
-def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, llm_config=None) -> BaseCritic:
-    """Build a critic by name (one of `CRITICS`). `llm_config` (critic.llm.LLMConfig) is needed for "llm"."""
+def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, llm_config=None,
+                all_errors: bool = False, max_errors: int = DEFAULT_MAX_ERRORS) -> BaseCritic:
+    """Build a critic by name (one of `CRITICS`). `llm_config` (critic.llm.LLMConfig) is needed for "llm".
+    `all_errors`: the rule critics report every error of the erroneous step (at most `max_errors`), not the first."""
+    rule = {"max_hint_tokens": max_hint_tokens, "all_errors": all_errors, "max_errors": max_errors}
     if name == "schema":
-        return SchemaCritic(max_hint_tokens=max_hint_tokens)
+        return SchemaCritic(**rule)
     if name == "reference":
-        return ReferenceCritic(max_hint_tokens=max_hint_tokens)
+        return ReferenceCritic(**rule)
     if name == "schema+reference":
-        return ChainCritic(SchemaCritic(max_hint_tokens=max_hint_tokens), ReferenceCritic(max_hint_tokens=max_hint_tokens))
+        return ChainCritic(SchemaCritic(**rule), ReferenceCritic(**rule))
     if name in ("llm", "schema+llm"):
         from critic.llm import LLMCritic
 
@@ -132,7 +147,7 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
             raise ValueError(f"the {name} critic needs an LLMConfig (base_url, model, ...)")
         if name == "llm":
             return LLMCritic(llm_config)
-        return CrossCheckCritic(LLMCritic(llm_config), SchemaCritic(max_hint_tokens=max_hint_tokens))
+        return CrossCheckCritic(LLMCritic(llm_config), SchemaCritic(**rule))
     raise ValueError(f"unknown critic {name!r}; choose from {', '.join(CRITICS)}")
 
 

@@ -13,7 +13,7 @@ import jinja2
 
 import prompts
 from critic.calls import in_generated
-from critic.validate import DEFAULT_MAX_HINT_TOKENS, lint_hint
+from critic.validate import DEFAULT_MAX_HINT_TOKENS, hint_repeats_quote, lint_hint
 from opsd.types import Critique, StageError, Trajectory, content_hash
 
 # bump when a rule critic's logic changes, so cached critiques are recomputed
@@ -25,6 +25,29 @@ REFERENCE_CATEGORIES = ("wrong_function", "wrong_value", "missing_call", "extra_
 
 
 MIN_RULE_HINT_TOKENS = 9  # the longer fallback hint; rule critics need at least this budget
+DEFAULT_MAX_ERRORS = 3  # all_errors: the errors of one step a critique carries at most (one hint sentence each)
+
+
+def combine_errors(errors: list[dict], *, max_errors: int = DEFAULT_MAX_ERRORS) -> tuple[list[dict], str]:
+    """Every error of one step as one critique: the errors (each {"quote", "quote_at", "category", "hint"}) that
+    do not overlap an earlier one, in text order, at most `max_errors`, and the hint that states each fix.
+
+    An error whose quote the hint of another kept error would repeat is left out (the teacher would copy it),
+    so the combined hint passes the lint against every kept quote; each part obeys the one-hint budget.
+    """
+    kept: list[dict] = []
+    for e in sorted(errors, key=lambda e: e["quote_at"]):
+        if len(kept) == max_errors:
+            break
+        if kept and e["quote_at"] < kept[-1]["quote_at"] + len(kept[-1]["quote"]):
+            continue  # overlaps the previous error: that error's tokens are already targeted
+        if any(e["hint"] == k["hint"] for k in kept):
+            continue  # the same fix, said once
+        trial = kept + [e]
+        if any(hint_repeats_quote(x["hint"], y["quote"]) for x in trial for y in trial):
+            continue
+        kept = trial
+    return kept, " ".join(k["hint"].strip() for k in kept)
 
 
 class CriticFatalError(StageError):
@@ -36,13 +59,18 @@ class BaseCritic:
 
     name = "base"
 
-    def __init__(self, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS):
+    def __init__(self, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, all_errors: bool = False,
+                 max_errors: int = DEFAULT_MAX_ERRORS):
         if max_hint_tokens < 1:
             raise ValueError(f"max_hint_tokens must be >= 1, got {max_hint_tokens}")
+        if max_errors < 1:
+            raise ValueError(f"max_errors must be >= 1, got {max_errors}")
         self.max_hint_tokens = max_hint_tokens
+        self.all_errors, self.max_errors = all_errors, max_errors  # every error of the erroneous step, not the first
 
     def config(self) -> dict:
-        return {"max_hint_tokens": self.max_hint_tokens}
+        multi = {"all_errors": True, "max_errors": self.max_errors} if self.all_errors else {}
+        return {"max_hint_tokens": self.max_hint_tokens, **multi}
 
     @property
     def info(self) -> dict:
@@ -63,9 +91,17 @@ class BaseCritic:
         return Critique(traj.id, "ok", critic=self.info, trajectory_hash=traj.content_hash())
 
     def error(self, traj: Trajectory, step: int, quote: str, hint: str, category: str,
-              quote_at: int | None = None) -> Critique:
+              quote_at: int | None = None, errors: list[dict] | None = None) -> Critique:
         return Critique(traj.id, "error", step=step, quote=quote, hint=hint, category=category, critic=self.info,
-                        trajectory_hash=traj.content_hash(), quote_at=quote_at)
+                        trajectory_hash=traj.content_hash(), quote_at=quote_at, errors=errors)
+
+    def errors_at(self, traj: Trajectory, step: int, errors: list[dict]) -> Critique:
+        """One `error` critique for several errors of message `step` (`combine_errors`): the first error is the
+        critique's quote and category, `errors` lists them all, and the hint states every fix."""
+        kept, hint = combine_errors(errors, max_errors=self.max_errors)
+        first = kept[0]
+        return self.error(traj, step, first["quote"], hint, first["category"], quote_at=first["quote_at"],
+                          errors=kept if len(kept) > 1 else None)
 
     def failed(self, traj: Trajectory, reason: str) -> Critique:
         return Critique(traj.id, "failed", critic=self.info, error=reason, trajectory_hash=traj.content_hash())
@@ -111,8 +147,18 @@ class RuleCritic(BaseCritic):
         if not located:
             return self.failed(traj, f"message {step} is wrong but holds no generated text to quote: the model "
                                      f"generated nothing after its reply prefill {text[:start]!r}")
-        span, iss = min(located, key=lambda x: (x[0][0], (priority or {}).get(x[1].category, 99)))
+        located.sort(key=lambda x: (x[0][0], (priority or {}).get(x[1].category, 99)))
+        if self.all_errors:
+            return self.errors_at(traj, step, [self.error_entry(text, sp, iss.category, iss.hint_vars)
+                                               for sp, iss in located])
+        span, iss = located[0]
         return self.error_at(traj, step, text, span, iss.category, iss.hint_vars)
+
+    def error_entry(self, text: str, span: tuple[int, int], category: str, hint_vars: list[dict]) -> dict:
+        """One error of a step as an `errors` entry: its quote, where it is, its category and its own hint."""
+        quote = text[span[0]:span[1]]
+        return {"quote": quote, "quote_at": span[0], "category": category,
+                "hint": self.hint(category, quote, *hint_vars)}
 
     def error_at(self, traj: Trajectory, step: int, text: str, span: tuple[int, int], category: str,
                  hint_vars: list[dict]) -> Critique:

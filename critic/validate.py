@@ -108,7 +108,39 @@ def problem(c: Critique, traj: Trajectory, *, max_hint_tokens: int = DEFAULT_MAX
                 "quote only text the model generated")
     if c.category is not None and not isinstance(c.category, str):
         return f"category must be a string, got {type(c.category).__name__}"
+    if c.errors is not None:
+        return errors_problem(c, text, step, forced, max_hint_tokens=max_hint_tokens)
     return lint_hint(c.hint, c.quote, max_hint_tokens=max_hint_tokens)
+
+
+def errors_problem(c: Critique, text: str, step: int, forced: int, *, max_hint_tokens: int) -> str | None:
+    """The first rule a several-error critique breaks: `errors` is a list of >= 2 entries {"quote", "quote_at",
+    "category", "hint"} in text order that do not overlap, the first being the critique's own quote; each quote is
+    generated text of the step; the hint (one part per error, each within the budget) repeats none of them."""
+    errs = c.errors
+    if not isinstance(errs, list) or len(errs) < 2 or not all(isinstance(e, dict) for e in errs):
+        return "errors must be a list of at least 2 objects (leave it out for a single error)"
+    if (errs[0].get("quote"), errs[0].get("quote_at")) != (c.quote, c.quote_at):
+        return "errors[0] must be the critique's own quote and quote_at"
+    end = -1
+    for i, e in enumerate(errs):
+        if not isinstance(e.get("quote"), str) or not e["quote"]:
+            return f"errors[{i}].quote is empty"
+        at = locate_quote(e["quote"], e.get("quote_at"), text, step)
+        if isinstance(at, str):
+            return f"errors[{i}]: {at}"
+        if at < forced:
+            return f"errors[{i}]: quote starts inside the forced reply prefill of message {step}"
+        if at < end:
+            return f"errors[{i}] overlaps or precedes the error before it (list errors in text order, apart)"
+        end = at + len(e["quote"])
+        if not isinstance(e.get("hint"), str) or lint_hint(e["hint"], e["quote"], max_hint_tokens=max_hint_tokens):
+            return f"errors[{i}].hint: {lint_hint(e.get('hint'), e['quote'], max_hint_tokens=max_hint_tokens)}"
+    for e in errs:
+        why = lint_hint(c.hint, e["quote"], max_hint_tokens=max_hint_tokens * len(errs))
+        if why:
+            return why
+    return None
 
 
 def occurrences(quote: str, text: str) -> list[int]:

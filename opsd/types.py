@@ -82,6 +82,9 @@ class Critique:
     quote_at: int | None = None  # char offset of `quote` in message_text(messages[step]); None = unique quote
     retryable: bool = False  # a transport failure: the next run retries it
     disagreement: dict | None = None  # {"overruled": {"name", "verdict"}, "by": critic name}
+    # every error of the step (all_errors critics): [{"quote", "quote_at", "category", "hint"}], in text order, the
+    # first one being quote/quote_at/category above; `hint` then states every fix. None: the one error above
+    errors: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

@@ -50,6 +50,10 @@ class CriticConfig:
         "help": "llm: ask for response_format json_schema (falls back to JSON in text if the server rejects it)"})
     max_hint_tokens: int = field(default=64, metadata={
         "help": f"hint length limit in approximate tokens (validation; at least {MIN_HINT_TOKENS})"})
+    all_errors: bool = field(default=False, metadata={
+        "help": "rule critics: every error of the erroneous step (at most max_errors, in text order, one hint sentence "
+                "each), not only the first; OPSD then trains on every error span in one hinted pass"})
+    max_errors: int = field(default=3, metadata={"help": "all_errors: errors per critique at most"})
     concurrency: int = field(default=8, metadata={"help": "critiques in flight at once"})
     retry_failed: Literal["transport", "none", "all"] = field(default="transport", metadata={
         "help": "which failed records a rerun retries: transport (server errors that survived the retries), "
@@ -73,7 +77,7 @@ class CriticConfig:
         for name in ("timeout", "backoff", "max_wait"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
-        for name, low in (("max_attempts", 1), ("max_reasks", 0), ("max_tokens", 1), ("concurrency", 1),
+        for name, low in (("max_attempts", 1), ("max_reasks", 0), ("max_tokens", 1), ("concurrency", 1), ("max_errors", 1),
                           ("max_hint_tokens", MIN_HINT_TOKENS)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")

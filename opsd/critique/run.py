@@ -59,7 +59,8 @@ def build_critic(cfg: CriticConfig):
                         max_reasks=cfg.max_reasks, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                         structured=cfg.structured, max_hint_tokens=cfg.max_hint_tokens)
     try:
-        return make_critic(cfg.name, max_hint_tokens=cfg.max_hint_tokens, llm_config=llm)
+        return make_critic(cfg.name, max_hint_tokens=cfg.max_hint_tokens, llm_config=llm, all_errors=cfg.all_errors,
+                           max_errors=cfg.max_errors)
     except CriticFatalError as e:  # no API key in the environment: an option to fix, not a server answer
         raise ValueError(f"api_key_env: {e}") from None
 

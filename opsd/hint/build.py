@@ -121,9 +121,13 @@ def build_example(traj: Trajectory, critique: Critique, tokenizer, *, placement:
     rs = render(student_traj, tokenizer)
     try:
         quote_s = rs.quote_span(step, critique.quote, at=critique.quote_at)
+        # every error of the step (an all_errors critique): the target runs from the first error to the last, and
+        # only the error tokens are trained (`TrainRecord.target_mask`); still one hinted sequence per example
+        quote_spans = [rs.quote_span(step, e["quote"], at=e.get("quote_at")) for e in critique.errors or []]
     except ValueError as e:
         raise HintError("quote_not_found", f"{traj.id!r}: {e}") from None
-    s0, s1 = _target(rs, step, quote_s, span)
+    hull = (min(a for a, _ in quote_spans), max(b for _, b in quote_spans)) if quote_spans else quote_s
+    s0, s1 = _target(rs, step, hull, span)
     student_ids = rs.input_ids[:s1]
     if placement == "inline":
         open_tag, close_tag = inline_tags
@@ -142,6 +146,7 @@ def build_example(traj: Trajectory, critique: Critique, tokenizer, *, placement:
         "trajectory_id": traj.id, "trajectory_hash": critique.trajectory_hash, "step": step,
         "category": critique.category, "placement": placement, "span": span,
         "quote_span": list(quote_s),  # student coordinates; inside the target span for every span kind
+        **({"quote_spans": [list(q) for q in quote_spans]} if len(quote_spans) > 1 else {}),  # every error's tokens
         "hint_tokens": len(teacher_ids) - len(student_ids),
     }
     try:

@@ -73,10 +73,10 @@ def measure(teacher_lm, student_lm, examples: list[HintedExample], *, batch_size
 
 
 def _measured(e: HintedExample, t_lp: torch.Tensor, s_lp: torch.Tensor, topk: TeacherTopK | None) -> HintMeasure:
-    q0, q1 = e.meta.get("quote_span", e.student_span)
-    lo, hi = q0 - e.student_span[0], q1 - e.student_span[0]  # quote tokens inside the target span
-    delta_Q = (t_lp - s_lp)[lo:hi]  # (Lq,)
-    return HintMeasure(delta_Q.mean().item(), delta_Q[0].item(), s_lp[lo:hi].mean().item(), topk)
+    spans = e.meta.get("quote_spans") or [e.meta.get("quote_span", e.student_span)]  # every error's tokens
+    rows_Q = torch.tensor(sorted({p - e.student_span[0] for q0, q1 in spans for p in range(q0, q1)}))  # (Lq,) in span
+    delta_Q = (t_lp - s_lp)[rows_Q]  # (Lq,)
+    return HintMeasure(delta_Q.mean().item(), delta_Q[0].item(), s_lp[rows_Q].mean().item(), topk)
 
 
 def _measure_shared(lm, examples: list[HintedExample], batch_size: int, top_k: int, temperature: float,

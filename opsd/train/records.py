@@ -64,8 +64,21 @@ class TrainRecord:
             raise ValueError(f"record {self.id!r}: {len(self.teacher_topk.ids)} top-k rows for {s1 - s0} target tokens")
 
     @property
+    def target_mask(self) -> list[bool] | None:
+        """Which span tokens are trained, when not all: an OPSD example of several errors (meta `quote_spans`,
+        span kind `quote`) spans from the first error to the last, and only the error tokens carry loss."""
+        spans = self.meta.get("quote_spans")
+        if not spans or self.meta.get("span", "quote") != "quote":
+            return None
+        s0, s1 = self.student_span
+        hit = {p for q0, q1 in spans for p in range(q0, q1)}
+        return [p in hit for p in range(s0, s1)]
+
+    @property
     def n_targets(self) -> int:
-        return self.student_span[1] - self.student_span[0]
+        """Tokens that carry loss (the whole span unless `target_mask` says otherwise)."""
+        mask = self.target_mask
+        return self.student_span[1] - self.student_span[0] if mask is None else sum(mask)
 
     def prefixes(self) -> tuple[list[int], list[int]]:
         """Student and teacher ids before the target span: the prompts a new reply continues."""
@@ -79,7 +92,7 @@ class TrainRecord:
         s, t = (p + list(prefill) for p in self.prefixes())
         return replace(self, student_ids=s + list(reply), student_span=(len(s), len(s) + len(reply)),
                        teacher_ids=t + list(reply), teacher_span=(len(t), len(t) + len(reply)), scores={},
-                       teacher_topk=None, advantage=None)
+                       teacher_topk=None, advantage=None, meta={k: v for k, v in self.meta.items() if k != "quote_spans"})
 
     @classmethod
     def from_example(cls, ex: HintedExample, *, scores: dict | None = None,

@@ -43,10 +43,15 @@ class MicroBatch:
     topk: TopK | None = None  # targets precomputed before training, when the records carry them
     advantage_N: torch.Tensor | None = None  # (N,) GKD+RL: the sequence's advantage at each of its tokens
     sft: bool = False  # supervised step (cold start): the objective is the NLL of the targets
+    weight_N: torch.Tensor | None = None  # (N,) 1 on the tokens that carry loss, 0 between the errors of a record
 
     @property
     def span_tokens(self) -> int:
-        return len(self.student.targets)
+        return len(self.student.targets) if self.weight_N is None else int(self.weight_N.sum())
+
+    def weighted(self, x_N: torch.Tensor) -> torch.Tensor:
+        """x at the tokens that carry loss (every target token unless some record masks tokens between errors)."""
+        return x_N if self.weight_N is None else x_N * self.weight_N.to(x_N.device)
 
 
 def make_micro_batch(records: list[TrainRecord], pad_id: int, *, sft: bool = False) -> MicroBatch:
@@ -66,7 +71,11 @@ def make_micro_batch(records: list[TrainRecord], pad_id: int, *, sft: bool = Fal
     adv = None
     if any(r.advantage is not None for r in records):
         adv = torch.tensor([r.advantage or 0.0 for r, n in zip(records, student.lengths) for _ in range(n)])  # (N,)
-    return MicroBatch(student, teacher, topk, adv, sft)
+    masks = [r.target_mask for r in records]
+    weight = None
+    if any(m is not None for m in masks):
+        weight = torch.tensor([float(w) for m, n in zip(masks, student.lengths) for w in (m or [True] * n)])  # (N,)
+    return MicroBatch(student, teacher, topk, adv, sft, weight)
 
 
 @dataclass
@@ -156,9 +165,9 @@ def objective(mb: MicroBatch, div_N: torch.Tensor, student_lp_N: torch.Tensor, r
     α·Σ divergence − (1−α)·Σ advantage · log q(target) (REINFORCE: ∇ = Σ A ∇log q); mode=reinforce is α = 0.
     """
     if mb.sft:
-        return -student_lp_N.sum()
+        return -mb.weighted(student_lp_N).sum()
     if mb.advantage_N is None:
-        return div_N.sum()
+        return mb.weighted(div_N).sum()  # tokens between the errors of a record carry no loss
     return rl_alpha * div_N.sum() - (1.0 - rl_alpha) * (mb.advantage_N.to(div_N.device) * student_lp_N).sum()
 
 
@@ -200,9 +209,10 @@ def loss(student: Student, mb: MicroBatch, tgt: Targets | None, cfg, *,
                     teacher_lp_N = losses.token_logprobs(tgt.logits_NV, targets_N)
                 diag = diagnostics.token_diagnostics(logits_NV, tgt, k=cfg.diag_top_k, temperature=cfg.temperature)
         obj = objective(mb, div_N, student_lp_N, 0.0 if cfg.mode == "reinforce" else cfg.rl_alpha)
-        stats = {"div": div_N.detach().sum(), "student_lp": s_lp.sum(),
-                 "hint_effect": (teacher_lp_N - s_lp).sum() if teacher_lp_N is not None else torch.tensor(math.nan)}
-        stats |= {f"diag_{k}": v.sum() for k, v in diag.items()}
+        w = mb.weighted  # every sum over the tokens that carry loss, as the step's token count
+        stats = {"div": w(div_N.detach()).sum(), "student_lp": w(s_lp).sum(),
+                 "hint_effect": w(teacher_lp_N - s_lp).sum() if teacher_lp_N is not None else torch.tensor(math.nan)}
+        stats |= {f"diag_{k}": w(v).sum() for k, v in diag.items()}
     return obj, stats
 
 
