@@ -10,12 +10,14 @@
    replies and turns played;
 3. the injected critic's critiques (e.g. `reference`): where the FIRST error sits: reply k of the
    n replies of the episode (1-based), in which turn (1-based), its category;
-4. paired comparisons over tasks (`opsd.eval.stats`): accuracy (exact McNemar, bootstrap CI),
-   the critic's error rate, replies per episode;
+4. paired comparisons over every task (`opsd.eval.stats`): accuracy (exact McNemar, bootstrap CI),
+   the critic's error rate, episodes that failed, replies per episode. An episode whose rollout
+   failed (`no_episode`) is a failure in each outcome, as a missing reply is in the single-turn
+   evaluation; a missing or failed critique counts as "critic finds an error";
 5. teacher-forced, on A's critiqued errors (hints right above the erroneous reply, the span only):
    the error span's mean log-prob under A, B and the hinted A, the fraction lowered, gap closed.
 
-Writes OUT/report.json (`version`, `config`, `n_tasks`, `accuracy`, `critic_error`, `steps`,
+Writes OUT/report.json (`version`, `config`, `n_tasks`, `accuracy`, `critic_error`, `episode_failed`, `steps`,
 `first_error_position` (before/after), `finish_reasons`, `official_error_types`,
 `teacher_forced`, `per_task`) and OUT/report.md. This module never imports `critic`.
 """
@@ -64,7 +66,45 @@ def episode_outcome(traj: Trajectory, c: Critique | None) -> dict:
             "finish_reason": traj.meta.get("finish_reason"),
             "steps": sum(1 for m in traj.messages if m.get("role") == "assistant"),
             "turns_played": info.get("turns_played"), "turns": len(info.get("ground_truth") or []),
-            "critic": c.verdict if c is not None else "missing", "first_error": first_error_position(traj, c)}
+            "critic": c.verdict if c is not None else "missing", "first_error": first_error_position(traj, c),
+            "episode": True}
+
+
+NO_EPISODE = "no_episode"
+
+
+def no_episode_outcome() -> dict:
+    """The outcome of a task whose episode is missing (its rollout failed): a failure in every outcome."""
+    return {"valid": False, "official_error": NO_EPISODE, "finish_reason": None, "steps": None, "turns_played": 0,
+            "turns": None, "critic": NO_EPISODE, "first_error": None, "episode": False}
+
+
+def paired_episodes(task_ids: list[str], before: list[Trajectory], crits_before: list[Critique],
+                    after: list[Trajectory], crits_after: list[Critique]) -> list[dict]:
+    """One entry per task id, in order: {"task_id", "before", "after"}; a missing episode is `no_episode_outcome`."""
+    sides = {}
+    for k, trajs, crits in (("before", before, crits_before), ("after", after, crits_after)):
+        by_id = {c.trajectory_id: c for c in crits}
+        sides[k] = {}
+        for t in trajs:
+            sides[k].setdefault(t.meta["task_id"], episode_outcome(t, by_id.get(t.id)))
+    return [{"task_id": tid, **{k: sides[k].get(tid) or no_episode_outcome() for k in sides}} for tid in task_ids]
+
+
+def critic_error(o: dict) -> bool:
+    """The critic found an error, or gave no verdict (failed or missing critique, no episode)."""
+    return o["critic"] != "ok"
+
+
+def compare_episodes(per_task: list[dict], **kw) -> dict:
+    """Paired outcomes over every task: accuracy, the critic's error rate and failed episodes; the replies per
+    episode over the tasks whose two episodes both finished (its n says how many)."""
+    ob, oa = [p["before"] for p in per_task], [p["after"] for p in per_task]
+    both = [(b, a) for b, a in zip(ob, oa) if b["episode"] and a["episode"]]
+    return {"accuracy": stats.paired_binary([o["valid"] for o in ob], [o["valid"] for o in oa], **kw),
+            "critic_error": stats.paired_binary([critic_error(o) for o in ob], [critic_error(o) for o in oa], **kw),
+            "episode_failed": stats.paired_binary([not o["episode"] for o in ob], [not o["episode"] for o in oa], **kw),
+            "steps": stats.paired_mean([b["steps"] for b, _ in both], [a["steps"] for _, a in both], **kw)}
 
 
 def position_summary(outcomes: list[dict]) -> dict:
@@ -143,22 +183,12 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, max_steps_per_turn: int | 
     log("[eval 2/4] critiques")
     crits = {k: critique_fn(v, out / f"critiques_{k}.jsonl") for k, v in trajs.items()}
     log("[eval 3/4] BFCL's multi-turn checker, first-error positions, paired comparisons")
-    per_task = []
-    outcomes: dict[str, dict[str, dict]] = {}
-    for k in ("before", "after"):
-        by_id = {c.trajectory_id: c for c in crits[k]}
-        outcomes[k] = {t.meta["task_id"]: episode_outcome(t, by_id.get(t.id)) for t in trajs[k]}
-    ids = [t.id for t in tasks if t.id in outcomes["before"] and t.id in outcomes["after"]]
-    for tid in ids:
-        per_task.append({"task_id": tid, "before": outcomes["before"][tid], "after": outcomes["after"][tid]})
+    per_task = paired_episodes([t.id for t in tasks], trajs["before"], crits["before"], trajs["after"], crits["after"])
     ob, oa = [p["before"] for p in per_task], [p["after"] for p in per_task]
     kw = {"n_boot": cfg.bootstrap, "seed": cfg.seed}
     report: dict = {
         "version": REPORT_VERSION, "config": asdict(cfg) | {"prefill": prefill, "max_steps_per_turn": max_steps_per_turn},
-        "n_tasks": len(tasks), "n_paired": len(per_task),
-        "accuracy": stats.paired_binary([o["valid"] for o in ob], [o["valid"] for o in oa], **kw),
-        "critic_error": stats.paired_binary([o["critic"] == "error" for o in ob], [o["critic"] == "error" for o in oa], **kw),
-        "steps": stats.paired_mean([o["steps"] for o in ob], [o["steps"] for o in oa], **kw),
+        "n_tasks": len(tasks), "n_paired": len(per_task), **compare_episodes(per_task, **kw),
         "first_error_position": {"before": position_summary(ob), "after": position_summary(oa)},
         "finish_reasons": {k: dict(Counter(o["finish_reason"] for o in v)) for k, v in (("before", ob), ("after", oa))},
         "official_error_types": {k: dict(Counter(o["official_error"] for o in v if not o["valid"]))
@@ -186,14 +216,19 @@ def markdown(report: dict) -> str:
     """The report as Markdown: BFCL accuracy, the critic's error rate, where first errors sit, teacher-forced."""
     acc, crit = report["accuracy"], report["critic_error"]
     lines = [f"# Multi-turn evaluation ({report['config']['tasks']}, n={report['n_paired']})", "",
+             "Every task counts: an episode whose rollout failed is a failure in each outcome.", "",
              "| metric (held-out) | before | after | diff [95% CI] | p |", "|---|---|---|---|---|"]
-    for name, r in (("BFCL multi-turn accuracy (official checker)", acc), ("critic finds an error", crit)):
+    rows = [("BFCL multi-turn accuracy (official checker)", acc),
+            ("critic finds an error (or gave no verdict)", crit)]
+    if report.get("episode_failed"):
+        rows.append(("episode failed (no result)", report["episode_failed"]))
+    for name, r in rows:
         ci = "n/a" if r["ci95"] is None else f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         pval = "n/a" if r["p"] is None else f"{r['p']:.3g}"
         lines.append(f"| {name} | {_pct(r['before'])} | {_pct(r['after'])} | {ci} | {pval} |")
     s = report["steps"]
     if s["n"]:
-        lines.append(f"| replies per episode (mean) | {s['before']:.2f} | {s['after']:.2f} | {s['diff']:+.2f} | "
+        lines.append(f"| replies per episode (mean, n={s['n']} tasks both finished) | {s['before']:.2f} | {s['after']:.2f} | {s['diff']:+.2f} | "
                      f"{s['p']:.3g} |")
     lines += ["", "## Where the first error sits (reply k of n, 1-based)", ""]
     for k in ("before", "after"):
