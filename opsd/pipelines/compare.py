@@ -7,8 +7,9 @@ Every method starts from the same student and gets the same data and budget:
 1. the same rollouts: `samples` sampled replies per training task (temperature `temperature`), critiqued
    once by the same critic (OUT/rollouts.jsonl, OUT/critiques.jsonl);
 2. the same number of optimizer steps (`steps` x `train.batch_size`), for each learning rate of `lrs`;
-3. the learning rate picked on the validation split (greedy rollouts; official accuracy, then replies naming
-   the ground-truth function, then replies with an error: the `opsd loop` order), never on the held-out split;
+3. the learning rate picked on the validation split (greedy rollouts; official accuracy, then replies whose
+   parseable call names the ground-truth function, then parseable replies, then replies with an error: the
+   `opsd loop` order, `Validation.better_than`), never on the held-out split;
 4. the same held-out tasks, scored once per method: paired against the base student and against `opsd`.
 
 The methods (`METHODS`):

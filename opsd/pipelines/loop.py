@@ -12,8 +12,8 @@ Round k = 1..R (artifacts in OUT/round_k/; the base student's validation in OUT/
 4. score the new student on the validation split (rollouts + critiques: official-checker accuracy
    and total error rate). The base student is scored the same way first.
 The loop stops early when the validation outcome gets worse than the best round so far
-(accuracy, or while accuracy is 0 for both, the share of replies with an error), and reports the
-best round. Multi-turn tasks (`--tasks bfcl:multi_turn_base`, or a multi-turn `--rollout.tasks`) are
+(`Validation.better_than`: accuracy, then replies whose parseable call names the right function,
+then parseable replies, then fewer replies with an error), and reports the best round. Multi-turn tasks (`--tasks bfcl:multi_turn_base`, or a multi-turn `--rollout.tasks`) are
 episodes in BFCL's simulated environments: validation then defaults to the same categories'
 validation split, and accuracy is BFCL's official multi-turn checker's verdict per episode. The
 held-out split is never used here: score it once, at the end (`opsd eval`, or `opsd demo`, which
