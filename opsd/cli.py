@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[command][1](rest)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command " + ("with --resume (it continues from the newest complete "
+              "checkpoint)" if command == "train" else "to resume"), file=sys.stderr)
         return 130
     except (ValueError, OSError, StageError) as e:  # bad input, a missing file, a stage that cannot go on: no traceback
         if verbose:

@@ -203,7 +203,7 @@ def main(cfg: TrainConfig, *, on_step=None, reward_fn: sources.RewardFn | None =
         first = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         s.teacher.resumed(first)
         log.info("resumed from %s at step %d", resume_from, first)
-    metrics = Metrics(state.accelerator, out / "metrics.jsonl", asdict(cfg))
+    metrics = Metrics(state.accelerator, out / "metrics.jsonl", asdict(cfg), resume_step=first)
     if first == 0:
         metrics.log(0, data_metrics(report))
     state.sources = Counter(sources.step_source(cfg, k) for k in range(first))

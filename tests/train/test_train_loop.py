@@ -231,7 +231,65 @@ def test_kill_and_resume_is_identical(tiny_dir, tmp_path):
     for k in wf:
         assert torch.equal(wf[k], wr[k]), k
     loss = lambda run: [json.loads(l)["train/loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
-    assert loss(full.parent) == loss(out)[:2] + loss(out)[3:]  # step 3 was logged twice (before and after the crash)
+    assert loss(full.parent) == loss(out)  # step 3, logged before the crash, was dropped on resume and logged again
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), steps
+
+
+def _kill_while_writing(monkeypatch, step: int):
+    """Accelerator.save_state writes checkpoint `step` and then the process is 'killed' (KeyboardInterrupt), before
+    the checkpoint gets its trainer_state.json and its final name."""
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kw):
+        out = real(self, output_dir, **kw)
+        if str(output_dir).endswith(f"step-{step:06d}.tmp"):
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_dir, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    _kill_while_writing(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg_for(tiny_dir, out, max_steps=4, save_every=1))
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "step-000003.tmp").is_dir() and _steps(out) == [0, 1, 2, 3]
+    with caplog.at_level("WARNING", logger="opsd.train.checkpoints"):
+        train.main(cfg_for(tiny_dir, out, max_steps=4, save_every=1, resume=True))
+    assert "step-000003.tmp" in caplog.text and "resuming from step-000002" in caplog.text
+    assert _steps(out) == [0, 1, 2, 3, 4]  # step 3 once: the row the killed run logged was dropped
+    assert (out / "model").is_dir()
+
+
+def test_kill_while_writing_the_first_checkpoint_restarts_from_0_loudly(tiny_dir, tmp_path, monkeypatch, caplog):
+    """No complete checkpoint: the resumed run starts over, says so, and metrics.jsonl does not hold steps twice."""
+    out = tmp_path / "run"
+    _kill_while_writing(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg_for(tiny_dir, out, max_steps=3, save_every=2))
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="opsd.train.checkpoints"):
+        train.main(cfg_for(tiny_dir, out, max_steps=3, save_every=2, resume=True))
+    assert "no complete checkpoint: starting again from step 0" in caplog.text
+    assert _steps(out) == [0, 1, 2, 3]
+
+
+def test_an_interrupted_train_says_to_rerun_with_resume(monkeypatch, capsys):
+    from opsd import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "train", (cli.COMMANDS["train"][0], interrupted))
+    assert cli.main(["train", "--out", "x"]) == 130
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_nonfinite_gradient_stops_with_clipping_off(tiny_dir, tmp_path, monkeypatch):
