@@ -61,6 +61,8 @@ class RunSummary:
     failures: Counter = field(default_factory=Counter)  # failed reasons (first 80 chars)
     usage: Counter = field(default_factory=Counter)  # summed token usage of this run
     error: str | None = None  # why the run as a whole failed (`run_problem`); None = it did not
+    rejected: int = 0  # invalid input records skipped before the run (`--rejects`), set by the caller
+    rejects_path: str | None = None  # where they were written; None = no --rejects
 
 
 def critic_input_hash(traj: Trajectory) -> str:
@@ -203,6 +205,9 @@ def format_summary(s: RunSummary) -> str:
     """Human-readable summary: counts per verdict and per error category, top failure reasons."""
     lines = [f"{s.total} trajectories: {s.new} critiqued now, {s.skipped} already done"
              + (f" ({s.retried} failed before and retried)" if s.retried else "")]
+    if s.rejects_path is not None:
+        lines.append(f"rejected  {s.rejected} invalid input record(s)"
+                     + (f", not critiqued; each with its reason in {s.rejects_path}" if s.rejected else ""))
     lines.append("verdict   " + "  ".join(f"{v} {s.verdicts.get(v, 0)}" for v in ("error", "ok", "failed")))
     if s.categories:
         lines.append("category  " + "  ".join(f"{c} {n}" for c, n in s.categories.most_common()))

@@ -39,7 +39,7 @@ from critic.runner import (
 from critic.validate import check_critique
 from opsd.critique.config import CriticConfig, CritiqueConfig
 from opsd.io.records import read_latest, write_records
-from opsd.io.trajectories import load_trajectories
+from opsd.io.trajectories import LoadSummary, load_trajectories
 from opsd.types import Critique, StageError, Trajectory
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,16 @@ def main(cfg: CritiqueConfig) -> RunSummary:
         raise ValueError("inputs: give at least one trajectory log (--in FILE)")
     build_critic(cfg.critic)  # options and prompt errors before reading any input
     rejects = open(cfg.rejects, "w", encoding="utf-8") if cfg.rejects else None
+    loaded = LoadSummary()
     try:
-        trajectories = load_trajectories(cfg.inputs, rejects=rejects)
+        trajectories = load_trajectories(cfg.inputs, rejects=rejects, summary=loaded)
     finally:
         if rejects:
             rejects.close()
     if cfg.limit is not None:
         trajectories = trajectories[:cfg.limit]
     summary, keys = critique(trajectories, cfg.critic, cfg.out, progress=cfg.progress)
+    summary.rejected, summary.rejects_path = loaded.rejected, cfg.rejects  # the summary counts them too
     if cfg.datasets_out:  # this run's critiques, in input order
         latest = {r["key"]: r for r in read_latest(cfg.out)}
         write_records(cfg.datasets_out, [latest[k] for k in keys if k in latest], format="datasets")

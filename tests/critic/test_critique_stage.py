@@ -148,3 +148,18 @@ def test_an_llm_error_stands_under_schema_plus_llm(samples, server, monkeypatch,
     cfg = CriticConfig(name="schema+llm", base_url=srv.base_url, model="m", api_key_env="OPSD_TEST_KEY")
     (c,) = critique_fn(cfg, progress=False, echo=lambda s: None)([samples["weather-enum"]], tmp_path / "c.jsonl")
     assert (c.verdict, c.quote, c.disagreement) == ("error", "Oslo", None)
+
+
+def test_the_summary_counts_the_rejected_input_lines(tmp_path):
+    """`opsd critique --rejects` used to print a summary without the lines it skipped."""
+    from critic.runner import format_summary
+
+    logs = tmp_path / "logs.jsonl"
+    good = (DATA / "sample_openai.jsonl").read_text().splitlines()[:2]
+    logs.write_text("\n".join([good[0], '{"messages": "not a list"}', good[1], "{broken json"]) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    s = main(CritiqueConfig(inputs=[str(logs)], out=str(tmp_path / "c.jsonl"), rejects=str(rejects), progress=False,
+                            critic=CriticConfig(name="schema")))
+    assert s.total == 2 and s.rejected == 2 == len(rejects.read_text().splitlines())
+    text = format_summary(s)
+    assert "rejected  2 invalid input record(s)" in text and str(rejects) in text
