@@ -15,7 +15,7 @@ VERDICTS = ("error", "ok", "failed")
 
 
 PLACEMENTS = ("user", "system", "inline")  # where a hint goes (opsd.hint.build)
-SPANS = ("quote", "step_from_error", "step")  # which tokens are trained (opsd.hint.build)
+SPANS = ("quote", "step_from_error", "step", "random")  # which tokens are trained (opsd.hint.build)
 DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")  # opsd.train.losses
 TEACHERS = ("self", "initial", "ema", "external")  # opsd.train.teachers
 

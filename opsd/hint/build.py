@@ -16,7 +16,10 @@ Placements:
   stay exact.
 
 Target spans: `quote` (the quoted error tokens, widened to whole tokens), `step_from_error`
-(from the error to the end of the step, end-of-turn token included) and `step` (the whole step).
+(from the error to the end of the step, end-of-turn token included), `step` (the whole step), and
+`random`: as many tokens as `quote`, placed at a seeded random offset among the step's generated
+tokens (the matched-count control of `opsd compare`: the same hint and teacher, anywhere but by
+design at the error).
 
 Because `opsd.render` tokenises every message on its own, the tokens of the step are identical
 with and without the extra hint message, so the two spans cover the SAME tokens by construction
@@ -27,6 +30,7 @@ with and without the extra hint message, so the two spans cover the SAME tokens 
 """
 from __future__ import annotations
 
+import random
 from collections import Counter
 from functools import lru_cache
 from typing import Iterable
@@ -83,9 +87,15 @@ def _check(traj: Trajectory, c: Critique) -> None:
                                             f"{c.step} of {traj.id!r}: those tokens were forced, not generated")
 
 
-def _target(r: Rendered, step: int, quote: tuple[int, int], span: str) -> tuple[int, int]:
-    """Target span in `r` for the span kind; step spans include the end-of-turn token."""
+def _target(r: Rendered, step: int, quote: tuple[int, int], span: str, *, first: int = 0, seed: str = "") -> tuple[int, int]:
+    """Target span in `r` for the span kind; step spans include the end-of-turn token. `random`: quote's length at a
+    uniform offset in [first, end - length] (`first`: the step's first generated token), seeded by `seed`."""
     b0, end = r.body_spans[step][0], r.turn_end(step)
+    if span == "random":
+        n = quote[1] - quote[0]
+        lo = max(first, b0)
+        at = random.Random(f"random-span:{seed}").randint(lo, max(lo, end - n))
+        return at, min(at + n, end)
     return {"quote": quote, "step_from_error": (quote[0], end), "step": (b0, end)}[span]
 
 
@@ -127,7 +137,9 @@ def build_example(traj: Trajectory, critique: Critique, tokenizer, *, placement:
     except ValueError as e:
         raise HintError("quote_not_found", f"{traj.id!r}: {e}") from None
     hull = (min(a for a, _ in quote_spans), max(b for _, b in quote_spans)) if quote_spans else quote_s
-    s0, s1 = _target(rs, step, hull, span)
+    forced = prefill_length(traj, step)  # the reply prefill was forced, not generated: never a random target
+    first = rs.quote_span(step, message_text(traj.messages[step])[:forced], at=0)[1] if forced else 0
+    s0, s1 = _target(rs, step, hull, span, first=first, seed=f"{traj.id}:{step}")
     student_ids = rs.input_ids[:s1]
     if placement == "inline":
         open_tag, close_tag = inline_tags

@@ -74,7 +74,9 @@ def measure(teacher_lm, student_lm, examples: list[HintedExample], *, batch_size
 
 def _measured(e: HintedExample, t_lp: torch.Tensor, s_lp: torch.Tensor, topk: TeacherTopK | None) -> HintMeasure:
     spans = e.meta.get("quote_spans") or [e.meta.get("quote_span", e.student_span)]  # every error's tokens
-    rows_Q = torch.tensor(sorted({p - e.student_span[0] for q0, q1 in spans for p in range(q0, q1)}))  # (Lq,) in span
+    s0, s1 = e.student_span
+    rows = sorted({p - s0 for q0, q1 in spans for p in range(q0, q1) if s0 <= p < s1})
+    rows_Q = torch.tensor(rows or list(range(s1 - s0)))  # (Lq,) the error tokens; a span without them (random): its own
     delta_Q = (t_lp - s_lp)[rows_Q]  # (Lq,)
     return HintMeasure(delta_Q.mean().item(), delta_Q[0].item(), s_lp[rows_Q].mean().item(), topk)
 

@@ -17,6 +17,7 @@ from critic.base import combine_errors
 from critic.validate import problem
 from opsd.hint.build import build_example
 from opsd.io.models import load
+from opsd.render import message_text, prefill_length, render
 from opsd.train import losses
 from opsd.train import step as train_step
 from opsd.train.losses import FullLogits
@@ -112,3 +113,46 @@ def test_masked_loss_equals_the_sum_of_one_error_records(pairs, smol_tok, tiny_d
     parts = _objective(lm, [_part(rec, a0, a1)]) + _objective(lm, [_part(rec, b0, b1)])
     assert whole == pytest.approx(parts, rel=1e-5)
     assert rec.with_reply([5, 6, 7]).target_mask is None  # a new reply: every token is a target again
+
+
+def test_random_span_matches_the_error_count_among_generated_tokens(pairs, smol_tok):
+    moved = 0
+    for t, c, _ in pairs[:60]:
+        if c.verdict != "error":
+            continue
+        reply = t.messages[c.step]
+        if reply["content"].startswith("<tool_call>\n"):  # as rollouts record it: the forced prefill
+            t = Trajectory(t.id, [*t.messages[:c.step], {**reply, "prefill": "<tool_call>\n"}], t.tools, t.meta)
+        q = build_example(t, c, smol_tok, span="quote")
+        r = build_example(t, c, smol_tok, span="random")
+        assert r.meta["quote_span"] == q.meta["quote_span"]  # the real error is still where it is
+        (a, b), (qa, qb) = r.student_span, q.student_span
+        rs = render(Trajectory(t.id, t.messages[:c.step + 1], t.tools), smol_tok)
+        forced = prefill_length(t, c.step)
+        assert forced == 12
+        first = rs.quote_span(c.step, message_text(t.messages[c.step])[:forced], at=0)[1] if forced else 0
+        assert first <= a < b <= rs.turn_end(c.step) and (b - a == qb - qa or b == rs.turn_end(c.step))
+        assert r.student_ids == rs.input_ids[:b]
+        assert build_example(t, c, smol_tok, span="random").student_span == (a, b)  # seeded by the trajectory
+        moved += (a, b) != (qa, qb)
+    assert moved >= 10  # not at the error, by design, in most replies
+
+
+def test_random_span_control_keeps_what_the_error_span_keeps(tiny_dir, tmp_path):
+    """The control trains on the same examples as OPSD (the hint-effect filter reads the real error), only its
+    target tokens move."""
+    from opsd.train import run as train
+    from opsd.train.config import TrainConfig
+    from tests.conftest import CRITIQUES, TRAJECTORIES
+
+    kept = {}
+    for span in ("quote", "random"):
+        cfg = TrainConfig(model=str(tiny_dir), trajectories=str(TRAJECTORIES), critiques=str(CRITIQUES),
+                          out=str(tmp_path / span), span=span, min_hint_effect=0.0, max_steps=1, batch_size=2,
+                          progress=False, precision="fp32")
+        train.main(cfg)
+        rows = [json.loads(x) for x in (tmp_path / span / "examples.jsonl").read_text().splitlines()]
+        kept[span] = [(r["meta"]["trajectory_id"], r["hint_effect"], r["student_span"]) for r in rows]
+    assert 0 < len(kept["quote"]) == len(kept["random"])
+    assert [k[:2] for k in kept["quote"]] == [k[:2] for k in kept["random"]]  # same examples, same measured effect
+    assert any(q[2] != r[2] for q, r in zip(kept["quote"], kept["random"]))  # different target tokens
