@@ -17,7 +17,7 @@ from critic.validate import DEFAULT_MAX_HINT_TOKENS, hint_repeats_quote, lint_hi
 from opsd.types import Critique, StageError, Trajectory, content_hash
 
 # bump when a rule critic's logic changes, so cached critiques are recomputed
-RULES_VERSION = 5  # 5: a call that never parsed is checked inside its arguments (schema echo -> unknown_parameter); 2: exact error tokens, quote_at, the reply prefill is never quoted; 3: reply by reply (multi-turn); 4: multi-turn unknown_tool hints name the next ground-truth call
+RULES_VERSION = 6  # 6: schema: repeated_call and made_up_value; 5: a call that never parsed is checked inside its arguments (schema echo -> unknown_parameter); 2: exact error tokens, quote_at, the reply prefill is never quoted; 3: reply by reply (multi-turn); 4: multi-turn unknown_tool hints name the next ground-truth call
 
 SCHEMA_CATEGORIES = ("unknown_tool", "invalid_json", "unparsable_call", "missing_required", "unknown_parameter",
                      "type_mismatch", "enum_violation", "constraint_violation", "tool_error")

@@ -16,6 +16,19 @@ rendered text wins (later text is already conditioned on it). Categories and quo
 | constraint_violation | other schema rules (minimum, pattern, ...)        | the value (a string without its quotes) |
 | tool_error           | a tool result reports an error for a valid call   | the value the error names, else the     |
 |                      |                                                   | arguments object                        |
+| repeated_call        | a valid call identical (name and arguments) to an | the `<tool_call>` tag the model wrote,  |
+|                      | earlier one whose result is already above, with   | else the name                           |
+|                      | no user turn and no error result in between       |                                         |
+| made_up_value        | an email address, an id-like string (letters then | the value (a string without its quotes) |
+|                      | 3+ digits, or digits under an id-named parameter) |                                         |
+|                      | an amount under an amount-named parameter, that   |                                         |
+|                      | occurs nowhere before: not in the system prompt,  |                                         |
+|                      | a user turn, a tool result, an earlier reply or   |                                         |
+|                      | the tool schemas                                  |                                         |
+
+The last two are checked only in a step whose calls are all valid against the schemas, and are
+conservative: a value found anywhere before (as a whole word, numbers compared by value) is
+never flagged, and a call repeated after a new user turn or after an error result is allowed.
 
 data/README.md ("Which tokens a quote covers") defines these exactly. Every critique carries
 `quote_at`, the quote's offset in the step text, so a quote need not be unique; no quote
@@ -46,7 +59,13 @@ from opsd.types import Critique, Trajectory
 
 _PRIORITY = {c: k for k, c in enumerate(("unparsable_call", "invalid_json", "unknown_tool", "unknown_parameter",
                                           "type_mismatch", "enum_violation", "constraint_violation",
-                                          "missing_required", "tool_error"))}
+                                          "missing_required", "repeated_call", "made_up_value", "tool_error"))}
+_EMAIL_RE = re.compile(r"^[\w.+-]+@[\w-]+(\.[\w-]+)+$")
+_CODE_RE = re.compile(r"^[A-Za-z]{1,8}[-_#]?\d{3,}[A-Za-z0-9-]*$")  # ORD-1042, A12345, INV_2031: letters, then digits
+_ID_WORDS = {"id", "ids", "number", "no", "code", "ref", "reference", "sku", "tracking"}  # a parameter name's last word
+_AMOUNT_WORDS = {"amount", "price", "total", "cost", "fee", "balance", "refund", "payment"}
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
+_MIN_ID_CHARS = 3  # shorter values (1, 2, "A1") coincide too easily to call them made up
 _MAX_LISTED = 12
 _ERROR_TEXT_RE = re.compile(r"\s*(error|exception|traceback \(most recent call last\))\b", re.I)
 
@@ -317,7 +336,8 @@ class SchemaCritic(RuleCritic):
             start = prefill_length(traj, i)
             issues = [iss for b in blocks for iss in call_issues(text, b, tools, start)]
             if not issues and all(b.ok for b in blocks):
-                issues = self._tool_errors(traj, i, blocks, tools)
+                issues = (repeated_call_issues(traj, i, blocks, start) + made_up_issues(traj, i, blocks)
+                          + self._tool_errors(traj, i, blocks, tools))
             if issues or not all(b.ok for b in blocks):
                 return self.first_error(traj, i, text, start, issues, _PRIORITY)
         return self.ok(traj)
@@ -353,3 +373,108 @@ class SchemaCritic(RuleCritic):
                           [{"function": blk.name, "parameter": "", "valid_parameters": valid, "description": ""},
                            {"function": blk.name, "parameter": "", "valid_parameters": [], "description": ""}])]
         return []
+
+
+# ---------------------------------------------------------------- repeated calls, made-up values
+
+
+def _call_key(name, args) -> str:
+    return json.dumps([name, args], sort_keys=True, ensure_ascii=False)
+
+
+def _tag_or_name(blk: CallBlock, start: int) -> tuple[int, int]:
+    """The decision to call at all: the `<tool_call>` tag when the model wrote it, else the name."""
+    return (blk.start, blk.start + len("<tool_call>")) if blk.start >= start else name_span(blk)
+
+
+def answered_calls(traj: Trajectory, step: int) -> set[str]:
+    """Keys (name + arguments) of the calls before `step` whose result is in the conversation, since the last user
+    turn, and was not an error: calling one of them again learns nothing new. A tool result answers the call with
+    its `tool_call_id`, else the call in its position among the step's results."""
+    answered: set[str] = set()
+    calls: list[CallBlock] = []
+    ids: list = []
+    n_results = 0
+    for m in traj.messages[:step]:
+        role = m.get("role")
+        if role == "user":
+            answered.clear()  # a new request may ask for the same call again ("check again")
+            calls = []
+        elif role == "assistant":
+            calls = extract_calls(message_text(m))
+            ids = [c.get("id") if isinstance(c, dict) else None for c in m.get("tool_calls") or []]
+            n_results = 0
+        elif role == "tool" and calls:
+            k = ids.index(m["tool_call_id"]) if m.get("tool_call_id") in ids else n_results
+            n_results += 1
+            if k < len(calls) and calls[k].ok and tool_result_error(m.get("content")) is None:
+                answered.add(_call_key(calls[k].name, calls[k].args.value))
+    return answered
+
+
+def repeated_call_issues(traj: Trajectory, step: int, blocks: list[CallBlock], start: int) -> list[Issue]:
+    """A `repeated_call` issue for the first call of `step` identical to an answered one (`answered_calls`)."""
+    answered = answered_calls(traj, step)
+    for blk in blocks:
+        if _call_key(blk.name, blk.args.value) in answered:
+            span = _tag_or_name(blk, start)
+            return [Issue(span[0], "repeated_call", span, [{"function": blk.name}, {"function": ""}])]
+    return []
+
+
+def context_text(traj: Trajectory, step: int) -> str:
+    """Everything the model could take a value from before `step`: every earlier message (tool results included)
+    and the tool schemas."""
+    parts = [message_text(m) if m.get("role") == "assistant" else str(m.get("content") or "")
+             for m in traj.messages[:step]]
+    return "\n".join(parts + [json.dumps(traj.tools, ensure_ascii=False)])
+
+
+def _numbers(text: str) -> set[float]:
+    return {float(x.replace(",", "")) for x in _NUMBER_RE.findall(text)}
+
+
+def _last_word(key: str) -> str:
+    """The last word of a parameter name: order_id -> id, orderId -> id, refund_amount -> amount."""
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", key)
+    return words[-1].lower() if words else ""
+
+
+def _made_up_kind(key: str, value) -> str | None:
+    """Which kind of value that must come from somewhere this is: "email", "id", "amount", or None."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    word = _last_word(key)
+    if isinstance(value, str):
+        v = value.strip()
+        if _EMAIL_RE.match(v):
+            return "email"
+        if _CODE_RE.match(v) or (word in _ID_WORDS and len(v) >= _MIN_ID_CHARS and any(ch.isdigit() for ch in v)):
+            return "id"
+        return None
+    if word in _ID_WORDS and isinstance(value, int) and abs(value) >= 10 ** (_MIN_ID_CHARS - 1):
+        return "id"
+    if word in _AMOUNT_WORDS and value != 0:
+        return "amount"
+    return None
+
+
+def _found(kind: str, value, context: str, numbers: set[float]) -> bool:
+    if kind == "amount" or (kind == "id" and not isinstance(value, str)):
+        return float(value) in numbers
+    return _mentions(context, str(value))
+
+
+def made_up_issues(traj: Trajectory, step: int, blocks: list[CallBlock]) -> list[Issue]:
+    """A `made_up_value` issue for each top-level argument of `step`'s calls that is an email address, an id-like
+    value or an amount (`_made_up_kind`) occurring nowhere before the step (`context_text`)."""
+    context = context_text(traj, step)
+    numbers = _numbers(context)
+    issues = []
+    for blk in blocks:
+        for key, f in blk.args.fields.items():
+            kind = _made_up_kind(key, f.value.value)
+            if kind is not None and not _found(kind, f.value.value, context, numbers):
+                issues.append(Issue(f.value.start, "made_up_value", string_content_span(f.value),
+                                    [{"function": blk.name, "parameter": key}, {"function": "", "parameter": ""}]))
+    return issues

@@ -193,3 +193,79 @@ def test_a_cut_off_call_with_declared_keys_only_stays_unparsable(samples):
     t = _with_calls(samples["weather-ok"], '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "cel')
     c = _check(t)
     assert c.category == "unparsable_call"
+
+
+# ---- repeated calls and made-up values (issue 24 item 8): a customer-support agent's own tools
+
+SUPPORT_TOOLS = [{"type": "function", "function": {"name": n, "description": d, "parameters": {
+    "type": "object", "properties": p, "required": list(p)}}} for n, d, p in [
+    ("lookup_order", "Order status and total.", {"order_id": {"type": "string"}}),
+    ("refund", "Refund an order.", {"order_id": {"type": "string"}, "amount": {"type": "number"}}),
+    ("send_email", "Email the customer.", {"to": {"type": "string"}, "body": {"type": "string"}})]]
+SYSTEM = {"role": "system", "content": "You are a support agent for a shop."}
+ORDER = '{"order_id": "ORD-1042", "status": "delivered", "total": 89.99, "email": "Alice.M@example.com"}'
+
+
+def _call(name: str, args: str, k: int = 0) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"c{k}", "type": "function", "function": {"name": name, "arguments": args}}]}
+
+
+def _result(content: str, k: int = 0) -> dict:
+    return {"role": "tool", "tool_call_id": f"c{k}", "content": content}
+
+
+def _support(*messages) -> Trajectory:
+    return Trajectory("support", [SYSTEM, {"role": "user", "content": "Please refund order ORD-1042 and email me."},
+                                  *messages], SUPPORT_TOOLS)
+
+
+LOOKUP = _call("lookup_order", '{"order_id": "ORD-1042"}')
+SUPPORT_CASES = {  # name -> (messages after the user turn, category, marked step text or None for ok)
+    "repeated lookup": ([LOOKUP, _result(ORDER), _call("lookup_order", '{"order_id": "ORD-1042"}', 1)],
+                        "repeated_call", '«<tool_call>»\n{"name": "lookup_order", "arguments": {"order_id": "ORD-1042"}}\n</tool_call>'),
+    "made-up id": ([_call("lookup_order", '{"order_id": "ORD-7731"}')],
+                   "made_up_value", '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "«ORD-7731»"}}\n</tool_call>'),
+    "made-up amount": ([LOOKUP, _result(ORDER), _call("refund", '{"order_id": "ORD-1042", "amount": 120.0}', 1)],
+                       "made_up_value", '<tool_call>\n{"name": "refund", "arguments": {"order_id": "ORD-1042", "amount": «120.0»}}\n</tool_call>'),
+    "made-up email": ([LOOKUP, _result(ORDER), _call("send_email", '{"to": "john.doe@example.com", "body": "Refunded."}', 1)],
+                      "made_up_value", '<tool_call>\n{"name": "send_email", "arguments": {"to": "«john.doe@example.com»", "body": "Refunded."}}\n</tool_call>'),
+    # clean: values from the request and the tool result (the email in another case, the amount as 89.99)
+    "clean": ([LOOKUP, _result(ORDER), _call("refund", '{"order_id": "ORD-1042", "amount": 89.99}', 1),
+               _result('{"refunded": true}', 1), _call("send_email", '{"to": "alice.m@example.com", "body": "Done."}', 2),
+               _result('{"sent": true}', 2), {"role": "assistant", "content": "Refunded 89.99 and emailed you."}], None, None),
+    "clean: the same call after a new request": ([LOOKUP, _result(ORDER), {"role": "assistant", "content": "Delivered."},
+                                                   {"role": "user", "content": "Can you check ORD-1042 again?"},
+                                                   _call("lookup_order", '{"order_id": "ORD-1042"}', 1)], None, None),
+    "clean: a retry after an error result is the tool_error of the first call, not a repeat": (
+        [LOOKUP, _result('{"error": "timeout"}'), _call("lookup_order", '{"order_id": "ORD-1042"}', 1)], "tool_error",
+        '<tool_call>\n{"name": "lookup_order", "arguments": «{"order_id": "ORD-1042"}»}\n</tool_call>'),
+}
+
+
+@pytest.mark.parametrize("case", list(SUPPORT_CASES))
+def test_repeated_calls_and_made_up_values(case):
+    messages, category, marked = SUPPORT_CASES[case]
+    t = _support(*messages)
+    c = _check(t)
+    if category is None:
+        assert c.verdict == "ok", (c.category, c.quote)
+        return
+    text = message_text(t.messages[c.step])
+    want = marked.index("«")
+    last = max(i for i, m in enumerate(t.messages) if m["role"] == "assistant" and (category != "tool_error" or i < 4))
+    assert (c.verdict, c.category, c.step) == ("error", category, last)
+    assert text == marked.replace("«", "").replace("»", "")
+    assert (c.quote, c.quote_at) == (marked[want + 1:marked.index("»")], want)
+    assert lint_hint(c.hint, c.quote) is None
+
+
+def test_made_up_values_stay_conservative():
+    """Numbers are compared by value, words whole and without case; short or plain values are never judged."""
+    from critic.schema import _made_up_kind
+
+    assert _made_up_kind("order_id", "ORD-1042") == "id" and _made_up_kind("orderId", 12345) == "id"
+    assert _made_up_kind("refund_amount", 5) == "amount" and _made_up_kind("to", "a@b.co") == "email"
+    for key, value in [("city", "Paris"), ("time", "10am"), ("count", 250), ("number_of_people", 120), ("id", 7),
+                       ("model", "gpt4"), ("date", "2024-05-01"), ("unit", "celsius"), ("flag", True)]:
+        assert _made_up_kind(key, value) is None, (key, value)
