@@ -1,8 +1,8 @@
 """Cost curves: step time and peak RSS of opsd and TRL's trainers as the work grows (one axis at a time).
 
     flock /tmp/opsd-torch.lock python bench/curves.py --vocab-seq-len 512 --points span=8,32,256   # ~10 min on 2 cores
-    flock /tmp/opsd-torch.lock python bench/curves.py --axis span --json bench/results/curves.json   # one axis
-    python bench/curves.py --plot-only --json bench/results/curves.json    # bench/results/curves_*.png
+    flock /tmp/opsd-torch.lock python bench/curves.py --axis span --json bench/results/avx2/curves.json   # one axis
+    python bench/curves.py --plot-only --json bench/results/avx2/curves.json    # bench/results/avx2/curves_*.png
     flock /tmp/opsd-torch.lock python bench/curves.py --quick --json /tmp/curves_quick.json   # smoke sizes, ~4 min
 
 Each side at each point runs `bench/step.py --side S` in its own process (1 warm-up step, then the median
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_kind, read_isa
 from bench.timing import child_json_path, run_child
 
 AXES = {"seq": [512, 1024, 2048, 4096], "vocab": [49152, 98304, 151936], "span": [8, 32, 128, 256]}
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--axis", choices=sorted(AXES), action="append", help="axis to run (repeatable; default: all)")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (auto: bf16 where the CPU has it)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per point (after 1 warm-up step)")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "curves.json"))
+    p.add_argument("--json", help="results file (default: bench/results/KIND/curves.json, KIND this machine's CPU kind)")
     p.add_argument("--plot-only", action="store_true", help="only redraw the PNGs from --json")
     p.add_argument("--quick", action="store_true", help="smoke sizes: two small points per axis, not a measurement")
     p.add_argument("--points", action="append", default=[], metavar="AXIS=X,Y,...",
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         if axis not in AXES or not xs:
             p.error(f"--points {spec!r}: expected AXIS=X,Y,... with AXIS one of {sorted(AXES)}")
         AXES[axis] = [int(x) for x in xs.split(",")]
-    path = Path(a.json)
+    path = Path(a.json or ROOT / "bench" / "results" / cpu_kind(read_isa()) / "curves.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(path.read_text()) if path.exists() else {}
     if not a.plot_only:
         from opsd.io.models import resolve_precision

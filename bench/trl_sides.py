@@ -13,7 +13,7 @@ on the same trajectories as opsd, at a given precision.
   instead of generating), so it trains on exactly the tokens opsd trains on; the rest of its step
   (batching, padding, masks, the loss, backward, optimizer) is TRL's own code.
 
-Both: same AdamW settings as opsd, grad clip 1.0, gradient checkpointing off (TRL turns it on by
+Both run where `a.device` says (CPU by default; `bench/step.py --device cuda`). Both: same AdamW settings as opsd, grad clip 1.0, gradient checkpointing off (TRL turns it on by
 default, and bf16 too, even on CPU), bf16 autocast with fp32 master weights exactly when the
 precision is bf16 (`bf16=True`, as opsd's bf16). Their teacher reads the student's input ids: neither
 trainer can give the teacher a different (hinted) sequence, so their teacher sees no hint. The
@@ -28,17 +28,24 @@ import time
 TRAINERS = ("gkd", "distill")
 
 
-def _timer():
+def _timer(device: str = "cpu"):
+    import torch
     from transformers import TrainerCallback
+
+    def sync():  # queued CUDA work belongs to the step it was queued in
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.begin, self.times = 0.0, []
 
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             self.times.append(time.perf_counter() - self.begin)
 
     return StepTimer()
@@ -49,7 +56,7 @@ def _common_args(a, precision: str, out_dir: str) -> dict:
             "max_steps": a.warmup + a.steps, "learning_rate": a.lr, "lr_scheduler_type": "cosine",
             "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 1.0,
             "temperature": 1.0, "beta": 0.5, "bf16": precision == "bf16", "fp16": False, "gradient_checkpointing": False,
-            "use_cpu": True, "report_to": "none", "save_strategy": "no", "logging_steps": 10**6,
+            "use_cpu": getattr(a, "device", "cpu") == "cpu", "report_to": "none", "save_strategy": "no", "logging_steps": 10**6,
             "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True}
 
 
@@ -62,11 +69,12 @@ def run_trl(a, trainer: str, precision: str, model_dir: str, examples, peak_rss_
     from opsd.io import models
 
     t0 = time.perf_counter()
-    student, tok = models.load(model_dir, device="cpu", dtype=torch.float32)  # fp32 master weights, as opsd
-    teacher, _ = models.load(model_dir, device="cpu", dtype=torch.float32)  # the second copy both trainers need
+    device = getattr(a, "device", "cpu")
+    student, tok = models.load(model_dir, device=device, dtype=torch.float32)  # fp32 master weights, as opsd
+    teacher, _ = models.load(model_dir, device=device, dtype=torch.float32)  # the second copy both trainers need
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_gb()
-    timer = _timer()
+    timer = _timer(device)
     out_dir = tempfile.mkdtemp(prefix=f"bench-trl-{trainer}-")
     spans = [ex.student_span for ex in examples]
     if trainer == "gkd":
@@ -113,6 +121,7 @@ def run_trl(a, trainer: str, precision: str, model_dir: str, examples, peak_rss_
                 "teacher_dtype": str(next(tr.teacher_model.parameters()).dtype), **extra}
     tr.train()
     n_tokens = sum(len(ex.student_ids) for ex in examples)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"times": timer.times[a.warmup:], "load_s": load_s, "rss_after_load_gb": rss_loaded,
-            "peak_rss_gb": peak_rss_gb(), "student_tokens": n_tokens, "teacher_tokens": n_tokens,
+            "peak_rss_gb": peak_rss_gb(), "peak_gpu_gb": peak_gpu, "student_tokens": n_tokens, "teacher_tokens": n_tokens,
             "span_tokens": sum(s1 - s0 for s0, s1 in spans), "settings": settings, "precision": precision}
