@@ -16,6 +16,9 @@ The methods (`METHODS`):
 - `opsd`: the hinted teacher (the student at the start, frozen), on the error span only (this project);
 - `dense`: the same hint and teacher on the whole erroneous reply (SDFT / OpenClaw-RL style hinted
   self-distillation);
+- `random-span`: the same hint, teacher and examples as `opsd`, but the trained tokens are as many as the error's,
+  at a seeded random place in the same reply: the matched-count control that tells whether the critic's
+  localisation, not the amount of distillation, is what helps;
 - `reward`: REINFORCE with the critic's verdict as the only reward (1: no error and a parseable call, else 0),
   baseline the mean over the `samples` replies of the same task; offline, on the shared rollouts;
 - `rft`: rejection-sampling fine-tuning: SFT on the replies the critic passes;
@@ -25,8 +28,14 @@ A method left without training data (no reply passed, or every task's replies go
 as such, not trained.
 
 Outputs: OUT/compare.json and OUT/compare.md (one row per method: official accuracy, replies with an error,
-every error category, the per-token KL to the base on ground-truth calls, wall time; each with a paired 95% CI
-against the base and against `opsd`), OUT/<method>/lr_<lr>/ per run. Rerunning resumes from what is on disk.
+every error category, the per-token KL to the base on ground-truth calls, forgetting (`opsd.eval.forgetting`:
+KL(base || tuned) on general questions), wall time; each with a paired 95% CI against the base and against
+`opsd`), OUT/tradeoff.png (accuracy gain against forgetting, one point per method), OUT/<method>/lr_<lr>/ per run.
+With `--seeds 0,1,2` the whole comparison runs once per seed (rollout sampling and data order) in OUT/seed_S/,
+and OUT/seeds.md pairs every seed and pools them. Rerunning resumes from what is on disk.
+
+Start it from a cold-started student (`--train.model runs/demo/cold_start/train/model`) so that `reward` and
+`rft` see replies that pass.
 """
 from __future__ import annotations
 
@@ -41,10 +50,12 @@ from opsd.critique.config import CriticConfig
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
 from opsd.eval.config import EvalConfig
-from opsd.eval.metrics import per_task_outcomes
+from opsd.eval.forgetting import base_replies, forgetting_kl
+from opsd.eval.metrics import HEADLINE, per_task_outcomes
 from opsd.eval.run import gt_call
 from opsd.io.tasks import load_tasks
 from opsd.pipelines.compare_report import format_compare, method_row
+from opsd.pipelines.compare_seeds import format_tradeoff, tradeoff_plot, write_seeds
 from opsd.pipelines.demo import HELDOUT_SPEC
 from opsd.pipelines.loop import TRAIN_SPEC, VALIDATION_SPEC, Validation, summarise_validation, trained
 from opsd.rollout.config import RolloutConfig
@@ -53,7 +64,7 @@ from opsd.rollout.run import main as rollout_main
 from opsd.train.config import TrainConfig
 from opsd.types import Critique, Trajectory
 
-METHODS = ("opsd", "dense", "reward", "rft", "sft-gt")
+METHODS = ("opsd", "dense", "random-span", "reward", "rft", "sft-gt")
 REFERENCE_ONLY = ("sft-gt",)  # uses the ground truth: reported, never a competitor
 SET_BY_COMPARE = ("mode", "trajectories", "critiques", "out", "lr", "max_steps", "span")
 
@@ -84,6 +95,11 @@ class CompareConfig:
     prefill: str | None = field(default=None, metadata={"escapes": True, "help": "reply prefill; None = the student's own"})
     seed: int = field(default=0, metadata={"help": "sampling seed of the training rollouts"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for every paired 95% CI"})
+    forgetting_prompts: int = field(default=64, metadata={
+        "help": "general questions (BFCL irrelevance, asked without tools) of the forgetting probe; 0 = off"})
+    seeds: str = field(default="", metadata={
+        "help": "comma-separated seeds (rollout sampling and data order: --seed and --train.seed of each run); "
+                "several run the comparison once each in OUT/seed_S/ and pool them in OUT/seeds.md; '' = --seed only"})
     critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the critic of every method"})
     train: TrainConfig = field(default_factory=_compare_train, metadata={
         "help": "settings every run shares; train.model is the student; " + ", ".join(SET_BY_COMPARE)
@@ -154,6 +170,8 @@ def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path) -> di
                  "critiqued_errors": errors},  # examples: replaced by what training kept (data.json) once trained
         "dense": {"mode": "opsd", "span": "step", "trajectories": rollouts, "critiques": critiques, "examples": errors,
                  "critiqued_errors": errors},  # examples: replaced by what training kept (data.json) once trained
+        "random-span": {"mode": "opsd", "span": "random", "trajectories": rollouts, "critiques": critiques,
+                        "examples": errors, "critiqued_errors": errors},  # kept: the same examples as opsd
         "reward": {"mode": "reinforce", "trajectories": write_trajectories(rewarded, out / "data" / "reward.jsonl"),
                    "examples": signal, "replies": len(rewarded), "passed": len(passed)},
         "rft": {"mode": "sft", "trajectories": write_trajectories(passed, out / "data" / "rft.jsonl"),
@@ -265,26 +283,48 @@ def heldout(cfg: CompareConfig, records: list[dict], critique: Callable, prefill
         lm, _ = models.load(model, precision=cfg.train.precision)
         with torch.no_grad():
             _, kl = gt_call_collateral(base_lm, lm, tok, b_trajs, ecfg, prefill_ids)
+        forgetting = None
+        if cfg.forgetting_prompts:
+            replies = base_replies(base, out.parent / "forgetting" if out.name.startswith("seed_") else out / "forgetting",
+                                   n=cfg.forgetting_prompts, precision=cfg.train.precision)
+            forgetting = forgetting_kl(base_lm, lm, replies, n_boot=cfg.bootstrap, seed=cfg.seed)
         del lm
-        scored[m] = (trajs, crits, per_task, kl)
+        scored[m] = (trajs, crits, per_task, kl, forgetting)
     ref = scored.get("opsd")
     rows = {}
     for r in records:
         if r["method"] not in scored:
             rows[r["method"]] = {"status": r["status"], "reason": r.get("reason", "")}
             continue
-        trajs, crits, per_task, kl = scored[r["method"]]
+        trajs, crits, per_task, kl, forgetting = scored[r["method"]]
         vs_opsd = None
         if ref is not None and r["method"] != "opsd":  # the same tasks in the same order: opsd's replies as "before"
             vs_opsd = [{"before": o["after"], "after": t["after"]} for o, t in zip(ref[2], per_task)]
-        rows[r["method"]] = method_row(per_task, vs_opsd, kl, bootstrap=cfg.bootstrap)
+        accurate = HEADLINE["official_accuracy"][1]
+        rows[r["method"]] = method_row(per_task, vs_opsd, kl, bootstrap=cfg.bootstrap) | {
+            "forgetting": forgetting,  # the pairs per task, for pooling seeds (opsd.pipelines.compare_seeds)
+            "accuracy_pairs": [[bool(accurate(t["before"])), bool(accurate(t["after"]))] for t in per_task]}
     return {"n": len(tasks), "tasks": cfg.heldout_tasks, "rows": rows}
 
 
 # ---------------------------------------------------------------- main
 
 def main(cfg: CompareConfig, *, echo: Callable[[str], None] = print) -> dict:
-    """Run the comparison (see module docstring); returns what OUT/compare.json holds."""
+    """Run the comparison (see module docstring); returns what OUT/compare.json holds, or with several --seeds
+    what OUT/seeds.json holds (every seed's result and the pooled rows)."""
+    seeds = [int(x) for x in cfg.seeds.split(",") if x.strip()]
+    if len(seeds) <= 1:
+        return run_one(dataclasses.replace(cfg, seed=seeds[0]) if seeds else cfg, echo=echo)
+    results = []
+    for s in seeds:
+        echo(f"[compare seed {s}] ({seeds.index(s) + 1}/{len(seeds)})")
+        results.append(run_one(dataclasses.replace(cfg, out=str(Path(cfg.out) / f"seed_{s}"), seed=s, seeds="",
+                                                   train=dataclasses.replace(cfg.train, seed=s)), echo=echo))
+    return write_seeds(Path(cfg.out), seeds, results, bootstrap=cfg.bootstrap, echo=echo)
+
+
+def run_one(cfg: CompareConfig, *, echo: Callable[[str], None] = print) -> dict:
+    """One comparison at one seed (see module docstring); returns what OUT/compare.json holds."""
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +351,7 @@ def main(cfg: CompareConfig, *, echo: Callable[[str], None] = print) -> dict:
               "heldout": heldout(cfg, records, critique, prefill, out, echo), "wall_s": None}
     result["wall_s"] = time.time() - t0
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "compare.md").write_text(format_compare(result))
+    (out / "compare.md").write_text(format_compare(result) + "\n\n" + format_tradeoff(result) + "\n")
+    tradeoff_plot(result, out / "tradeoff.png")
     echo(format_compare(result))
     return result
