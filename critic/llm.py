@@ -20,8 +20,9 @@ Per trajectory:
    nothing is enforced. The full schema is still checked here. A server that rejects
    `response_format` (HTTP 400/422) is asked again without it, and from then on JSON is
    extracted from the text (a ```json fence or the first decodable `{...}`).
-3. Transport errors are retried with tenacity (`max_attempts` in total): 429 (waits the
-   Retry-After header when given), 5xx, timeouts, connection errors and malformed bodies,
+3. Transport errors are retried with tenacity (`max_attempts` in total; a timeout at most
+   `MAX_TIMEOUT_ATTEMPTS` times): 429 (waits the Retry-After header when given), 5xx, timeouts,
+   connection errors and malformed bodies,
    with exponential backoff plus jitter capped at `max_wait`. 401/403/404 abort the run
    (`CriticFatalError`): they are configuration errors, not per-trajectory failures.
 4. The reply is validated against the JSON schema, then as a critique (`critic.validate`: step
@@ -285,8 +286,17 @@ TIMEOUT_FIX = ("a small model on a CPU server needs longer: raise --critic.timeo
                "--critic.concurrency (e.g. 2) or --critic.max-tokens")
 
 
+MAX_TIMEOUT_ATTEMPTS = 2  # a server too slow for --critic.timeout stays too slow: do not wait max_attempts times
+
+
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError))
+
+
+def _stop_after_timeouts(state) -> bool:
+    """Stop retrying once `MAX_TIMEOUT_ATTEMPTS` attempts have timed out (they count from the first attempt)."""
+    exc = state.outcome.exception() if state.outcome is not None and state.outcome.failed else None
+    return exc is not None and _is_timeout(exc) and state.attempt_number >= MAX_TIMEOUT_ATTEMPTS
 
 
 def cut_off_reason(max_tokens: int) -> str:
@@ -422,7 +432,7 @@ class LLMCritic(BaseCritic):
 
     async def _request(self, kw: dict, usage: dict) -> tuple[str, str | None]:
         """One completion with bounded retries; returns (message text, finish_reason)."""
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_attempts), wait=self._wait,
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_attempts) | _stop_after_timeouts, wait=self._wait,
                                  retry=retry_if_exception(_retryable), reraise=True)
         try:
             async for attempt in retrying:

@@ -39,13 +39,15 @@ class CriticConfig:
         "help": "llm: environment variable holding the API key (the key itself is never a flag, logged or written)"})
     prompt: str | None = field(default=None, metadata={
         "help": "llm: custom Jinja2 prompt template (None: prompts/critic/locate_error.j2)"})
-    timeout: float = field(default=60.0, metadata={"help": "llm: seconds per request"})
+    timeout: float = field(default=300.0, metadata={"help": "llm: seconds per request (a small model on a CPU server "
+                                                                  "needs minutes under concurrent requests)"})
     max_attempts: int = field(default=5, metadata={"help": "llm: transport attempts per request (1 = no retry)"})
     backoff: float = field(default=1.0, metadata={"help": "llm: first retry wait in seconds (doubles, plus jitter)"})
     max_wait: float = field(default=30.0, metadata={"help": "llm: cap on one retry wait, Retry-After included"})
     max_reasks: int = field(default=2, metadata={"help": "llm: re-asks of an invalid reply, with the reason"})
     temperature: float = field(default=0.0, metadata={"help": "llm: sampling temperature"})
-    max_tokens: int = field(default=512, metadata={"help": "llm: completion budget per reply"})
+    max_tokens: int = field(default=384, metadata={"help": "llm: completion budget per reply (the enforced reply "
+                                                                "schema bounds a reply to about 250 tokens)"})
     structured: bool = field(default=True, metadata={
         "help": "llm: ask for response_format json_schema (falls back to JSON in text if the server rejects it)"})
     max_hint_tokens: int = field(default=64, metadata={

@@ -297,7 +297,8 @@ def test_every_raw_reply_is_saved_in_the_record_with_its_finish_reason(server, l
 def test_a_timeout_says_how_to_fix_it_and_warns_at_once(server, llm_critic, enum_traj, caplog):
     srv = server(responder=lambda body: Hang(30))
     with caplog.at_level("WARNING", logger="critic.llm"):
-        c = _run(llm_critic(srv, timeout=0.3, max_attempts=2), enum_traj)
+        c = _run(llm_critic(srv, timeout=0.3, max_attempts=5), enum_traj)
     assert c.verdict == "failed" and c.retryable and "--critic.timeout" in c.error and "timed out after 0.3 s" in c.error
+    assert len(srv.requests) == 2  # a server too slow for the timeout is not waited for 5 times
     assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records)) == 1
     assert "--critic.timeout" in caplog.records[0].message
