@@ -9,7 +9,7 @@ import pytest
 
 from opsd.pipelines.compare import METHODS, CompareConfig, method_data, passes
 from opsd.pipelines.compare_report import any_error, format_compare, method_row
-from opsd.pipelines.loop import Validation, summarise_validation
+from opsd.pipelines.validation import Validation, summarise_validation
 from opsd.types import Critique, Trajectory
 from tests.conftest import ROOT
 
@@ -95,7 +95,7 @@ def _val_tasks(n: int):
 def test_a_check_that_crashed_counts_as_an_error_and_has_its_own_row(monkeypatch):
     """Issue 22 item 5: a reply whose outcome check raised used to count as error-free in validation and compare."""
     from opsd.eval.metrics import per_task_outcomes
-    from opsd.pipelines import loop
+    from opsd.pipelines import validation
 
     tasks = _val_tasks(6)
     clean = [_bfcl_reply(t, '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>' % _gt_name(t)) for t in tasks]
@@ -104,7 +104,7 @@ def test_a_check_that_crashed_counts_as_an_error_and_has_its_own_row(monkeypatch
     def crash(traj):
         raise RuntimeError("checker bug")
 
-    monkeypatch.setattr(loop, "reply_outcomes", crash)
+    monkeypatch.setattr(validation, "reply_outcomes", crash)
     v = summarise_validation(clean, crits)
     assert (v.error_rate, v.not_checked) == (1.0, 1.0)
     per_task = per_task_outcomes(tasks, clean, clean, crits, crits, lambda t: {"errors": [], "reference": "ok"})
