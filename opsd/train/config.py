@@ -90,7 +90,7 @@ class TrainConfig:
     lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated names"})
     teacher_reuses_prefix: bool = field(default=True, metadata={"help": "OPSD with teacher=self: the hinted pass starts from the keys/values the student's forward computed for the tokens above the hint, and runs only the hint and the reply (the same targets; off: the whole hinted sequence runs again)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16: bf16 autocasts the matmuls, with fp32 master weights, optimizer state, log-softmax and divergence; auto = bf16 where the CPU (AVX512-BF16/AMX) or GPU has bf16 units, except GKD on CPU: fp32 (a near-converged divergence rose under bf16, measured)"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16: bf16 autocasts the matmuls, with fp32 master weights, optimizer state, log-softmax and divergence; auto = bf16 where the CPU (AVX512-BF16/AMX) or GPU has bf16 units, except GKD: fp32 on every device (a near-converged divergence rose under bf16, measured on CPU; the cause is bf16 rounding, not the device)"})
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     # run bookkeeping
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
@@ -132,6 +132,9 @@ class TrainConfig:
         need(not (self.is_supervised and (self.cold_start_sft or self.lmbda or self.rl_alpha < 1.0 or self.select_prompts)),
              f"mode={self.mode} trains on the trajectories' own replies: cold_start_sft, lmbda, rl_alpha and "
              "select_prompts do not apply")
+        need(not self.seq_kd or self.is_gkd,
+             f"seq_kd (train on teacher-generated replies) is a GKD option; mode={self.mode} has no teacher samples "
+             "to train on: drop --seq-kd, or use --mode gkd")
         need(not (self.is_gkd and self.precompute_targets == "yes"),
              "precompute_targets=yes is OPSD-only: GKD scores replies sampled during training")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
