@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import jinja2
 
@@ -101,16 +102,48 @@ def with_system_text(messages: list[dict], text: str) -> tuple[list[dict], int]:
 
 def eot_ids(tokenizer, model=None) -> list[int]:
     """Ids that end a turn: the chat template's end-of-turn token first (`<|im_end|>` for ChatML, else eos,
-    the one that closes a reply), then the other eos ids of the tokenizer and of `model`'s generation config."""
+    the one that closes a reply), then the other eos ids of the tokenizer and of `model`'s generation config.
+
+    The one definition every backend uses (hf decode loop, multi-turn, token-exact completions): a reply stops
+    at any of these ids and is recorded without it. `model` is a loaded model (its `generation_config`) or a
+    model name/dir (its generation_config.json, read without the weights: the completions backend has only
+    the tokenizer's model); None = the tokenizer's ids only."""
     ids = []
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
-    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for t in [tokenizer.eos_token_id] + ([cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])):
+    for t in [tokenizer.eos_token_id] + generation_eos_ids(model):
         if isinstance(t, int) and t not in ids:
             ids.append(t)
     return ids
+
+
+def generation_eos_ids(model) -> list[int]:
+    """`eos_token_id` of a model's generation config, as a list: `model` loaded, or a name/dir (a LoRA adapter
+    dir without its own generation_config.json: its base model's); [] when there is none."""
+    if model is None:
+        return []
+    gen = getattr(model, "generation_config", None)
+    if gen is None and isinstance(model, (str, Path)):
+        gen = _generation_config(str(model))
+    eos = getattr(gen, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else [t for t in (eos or []) if isinstance(t, int)]
+
+
+def _generation_config(name: str):
+    """The GenerationConfig saved with model `name` (no weights loaded); None when it has none."""
+    from transformers import GenerationConfig
+
+    from opsd.io.models import resolve
+
+    try:
+        src = resolve(name)
+        adapter = Path(src) / "adapter_config.json" if isinstance(src, Path) else None
+        if adapter is not None and adapter.exists() and not (Path(src) / "generation_config.json").exists():
+            src = resolve(json.loads(adapter.read_text())["base_model_name_or_path"])
+        return GenerationConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def tools_system_text(tools: list[dict], system: str | None = None) -> str:

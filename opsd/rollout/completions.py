@@ -31,7 +31,7 @@ import httpx
 from opsd.io.models import load_tokenizer
 from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task
-from opsd.render import prompt_ids
+from opsd.render import eot_ids, prompt_ids
 from opsd.rollout.client import run_chat
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
 from opsd.rollout.hf import expects_parallel
@@ -51,16 +51,6 @@ class TokenMismatchError(RuntimeError):
 def root_url(base_url: str) -> str:
     base = base_url.rstrip("/")
     return base.removesuffix("/v1")
-
-
-def eos_ids(tokenizer) -> set[int]:
-    """End-of-turn ids: not part of a recorded reply (the hf backend drops them too)."""
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    ids.discard(None)
-    return ids
 
 
 def completion_body(cfg: RolloutConfig, model: str, ids: list[int], *, stop: bool, sample: int) -> dict:
@@ -150,7 +140,7 @@ def run_completions(cfg: RolloutConfig, todo: list[tuple[Task, int, str]], out: 
                     cfg.base_url)
         run_chat(cfg, todo, writer)
         return meta
-    eos = eos_ids(tok)
+    eos = set(eot_ids(tok, cfg.model))  # the hf backend's ids, generation config included: same replies
     url = cfg.base_url.rstrip("/") + "/completions"
     key_env = os.environ.get(cfg.api_key_env)
     headers = {"Authorization": f"Bearer {key_env}"} if key_env else {}

@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from opsd.io import models
 from opsd.io.tasks import Task
-from opsd.render import prompt_ids
+from opsd.render import eot_ids, prompt_ids
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
 
 # Prefill forwards of more than about a thousand tokens got slower per token on 2 CPU cores (bf16, 64 BFCL
@@ -169,17 +169,6 @@ def auto_batch_size(model, *, max_prompt_tokens: int, max_new_tokens: int, free_
 
 # ----------------------------------------------------------------------------- decoding
 
-def eos_ids(model, tokenizer) -> set[int]:
-    """End-of-turn ids: the tokenizer's eos, the model's generation eos ids and `<|im_end|>`."""
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = {tokenizer.eos_token_id} | ({cfg_eos} if isinstance(cfg_eos, int) else set(cfg_eos or []))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        eos.add(im_end)
-    eos.discard(None)
-    return eos
-
-
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else nucleus sampling with `gen`."""
     if temperature == 0:
@@ -289,7 +278,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     stats = stats if stats is not None else DecodeStats()
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = eos_ids(model, tokenizer)
+    eos = set(eot_ids(tokenizer, model))  # (render.eot_ids: the one definition every backend uses)
     B = len(prompts)
     distinct: dict[tuple[int, ...], int] = {}
     for p in sorted(map(tuple, prompts), key=len, reverse=True):

@@ -38,6 +38,7 @@ import torch
 from opsd.io.tasks import Task
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.trajectories import parse_tool_call_text
+from opsd.render import eot_ids
 
 PREFILL_STEPS = ("turn_start", "every_step", "never")
 FINISH_REASONS = ("done", "max_steps", "time_limit", "context_full")
@@ -84,16 +85,6 @@ def clip_result(text: str, max_chars: int) -> str:
 
 
 # ----------------------------------------------------------------------------- hf decoding with a kept cache
-def _eos_ids(model, tok) -> set[int]:
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = {tok.eos_token_id} | ({cfg_eos} if isinstance(cfg_eos, int) else set(cfg_eos or []))
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        eos.add(im_end)
-    eos.discard(None)
-    return eos
-
-
 def sample_next(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     if temperature == 0:
         return int(logits_V.argmax())
@@ -116,7 +107,7 @@ class CachedDecoder:
                  stop_text: str | None = None, seed: int = 0):
         self.model, self.tok = model, tok
         self.max_new_tokens, self.temperature, self.top_p, self.stop_text = max_new_tokens, temperature, top_p, stop_text
-        self.eos = _eos_ids(model, tok)
+        self.eos = set(eot_ids(tok, model))
         self.dev = next(model.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.cache = None
