@@ -123,6 +123,7 @@ class CrossCheckCritic(ChainCritic):
             rule = await self.second.critique(traj)
             if rule.verdict == "error":
                 rule.usage = c.usage
+                rule.replies = getattr(c, "replies", None)  # the overruled LLM's raw replies stay in the record
                 rule.disagreement = {"overruled": {"name": self.first.name, "verdict": "ok"}, "by": self.second.name}
                 c = rule
         c.critic = self.info

@@ -138,6 +138,8 @@ def test_schema_overrules_an_llm_ok_and_records_the_disagreement(samples, server
     assert ok.verdict == "ok" and ok.disagreement is None
     assert [r["disagreement"] for r in read_jsonl(tmp_path / "c.jsonl")] in ([enum.disagreement, None],
                                                                             [None, enum.disagreement])
+    for r in read_jsonl(tmp_path / "c.jsonl"):  # the LLM's raw reply is kept, also where schema overruled it
+        assert r["replies"] == [{"round": 0, "finish_reason": "stop", "text": OK_REPLY}], r["trajectory_id"]
 
 
 def test_an_llm_error_stands_under_schema_plus_llm(samples, server, monkeypatch, tmp_path):
