@@ -35,6 +35,7 @@ from opsd.eval.run import _rollouts, behaviour
 from opsd.eval.run import main as eval_main
 from opsd.eval.targets import fmt_p
 from opsd.io.tasks import load_tasks
+from opsd.io.tasks.overlap import check_off_heldout
 from opsd.pipelines.loop import LoopConfig, format_rounds, multi_turn_split
 from opsd.pipelines.loop import main as loop_main
 from opsd.rollout.config import RolloutConfig
@@ -70,6 +71,8 @@ class DemoConfig(LoopConfig):
         if set_here:
             raise ValueError(f"{', '.join(set_here)}: set by the demo (base student vs the best round, in OUT/report, "
                              "with the loop's --critic)")
+        check_off_heldout({"rollout.tasks": self.rollout.tasks, "validation_tasks": self.validation_tasks,
+                           "cold_start_tasks": self.cold_start_tasks}, heldout=self.eval.tasks)
 
 
 def trained_rounds(ecfg: EvalConfig, history: dict):
@@ -153,18 +156,25 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
                                train_run=str(best_run) if best_run else None, critic=cfg.critic)
     echo(f"[demo 2/3] held-out evaluation, scored once: base vs the best round ({history['best_round']})")
     critique = critique_fn(cfg.critic, echo=echo)
+    t_eval = time.time()
     if multi_turn.is_multi_turn_spec(ecfg.tasks):  # episodes, scored by BFCL's official multi-turn checker
         steps = cfg.rollout.max_steps_per_turn
         report = multi_turn.main(ecfg, critique, max_steps_per_turn=steps, log=echo)
+        t_rows = time.time()
         rows = multi_turn_round_rows(ecfg, history, critique, prefill, steps)
         table = multi_turn.markdown(report)
     else:
         report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)
+        t_rows = time.time()
         rows = round_rows(ecfg, history, critique, prefill)
         table = summary_table(report)
+    wall = {**{f"loop_{k}": v for k, v in history.get("wall_s", {}).items()}, "heldout_eval": round(t_rows - t_eval, 1),
+            "heldout_rounds": round(time.time() - t_rows, 1), "total": round(time.time() - t0, 1)}
+    (out / "wall.json").write_text(json.dumps(wall, indent=2))  # wall seconds per stage of this run
     (out / "report" / "rounds.json").write_text(json.dumps(rows, indent=2))
     (out / "report" / "rounds.md").write_text("# every round on the held-out tasks\n\n" + format_round_rows(rows) + "\n")
-    echo(f"[demo 3/3] done in {time.time() - t0:.0f} s; report: {out / 'report' / 'report.md'}\n")
+    echo(f"[demo 3/3] done in {time.time() - t0:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in wall.items() if k != 'total')}); "
+         f"report: {out / 'report' / 'report.md'}\n")
     echo(table)
     echo("\n" + format_round_rows(rows))
     return report

@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +45,7 @@ from opsd.hint.run import category_effects
 from opsd.io.records import read_jsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.tasks import bfcl_multi_turn as mt
+from opsd.io.tasks.overlap import check_off_heldout
 from opsd.pipelines.cold_start import cold_start
 from opsd.pipelines.validation import Validation, summarise_validation
 from opsd.rollout.config import RolloutConfig
@@ -146,6 +149,8 @@ class LoopConfig:
         if set_here:
             raise ValueError(f"{', '.join(set_here)}: set by the loop for every round; give the initial student as "
                              "--train.model and the output folder as --out")
+        check_off_heldout({"rollout.tasks": self.rollout.tasks, "validation_tasks": self.validation_tasks,
+                           "cold_start_tasks": self.cold_start_tasks})
 
 
 def round_tasks(spec: str, k: int, per_round: int, *, seed: int, fresh: bool) -> list[Task]:
@@ -224,31 +229,50 @@ def main(cfg: LoopConfig, *, echo: Callable[[str], None] = print) -> dict:
         server.stop()
 
 
+class Stages:
+    """Wall seconds per named stage of this run (`with stages("rollout"): ...`); a stage reused from disk costs ~0."""
+
+    def __init__(self) -> None:
+        self.wall_s: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wall_s[name] = round(self.wall_s.get(name, 0.0) + time.perf_counter() - t, 1)
+
+
 def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None) -> dict:
     """The rounds, with rollouts in-process or through `server` (a started VLLMServer)."""
     out = Path(cfg.out)
     critique = critique_fn(cfg.critic, echo=echo)
     base = cfg.train.model
     prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
+    stages = Stages()  # wall seconds per stage, the rounds' summed (loop.json "wall_s")
     history: dict = {"config": dataclasses.asdict(cfg), "rounds": [], "best_round": 0, "best_model": base,
-                     "stopped_early": False}
+                     "stopped_early": False, "wall_s": stages.wall_s}
     best: Validation | None = None
     student, served = base, (server.model_name if server is not None else None)
     if cfg.validation_tasks:
         echo(f"[loop] validation of the initial student {base}")
-        best = validate(base, cfg, out / "base_validation", critique, prefill, served=served, server=server)
+        with stages("validation"):
+            best = validate(base, cfg, out / "base_validation", critique, prefill, served=served, server=server)
         history["base_validation"] = dataclasses.asdict(best)
     if cfg.cold_start_steps:
         if server is not None:
             raise ValueError("cold_start_steps: not with --serve yet (the server holds the base weights); run the "
                              "cold start with `opsd train --mode sft` and pass its model as --train.model")
-        cs = cold_start(cfg.cold_start_tasks or cfg.rollout.tasks, cfg.train, model=base, out=out / "cold_start",
-                        steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, trained=trained, echo=echo)
+        with stages("cold_start"):
+            cs = cold_start(cfg.cold_start_tasks or cfg.rollout.tasks, cfg.train, model=base, out=out / "cold_start",
+                            steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, trained=trained, echo=echo)
         student = cs["model"]
         rec0 = {"round": 0, "student": base, "trained_model": student, "cold_start": cs,
                 "train_dir": str(out / "cold_start" / "train")}
         if cfg.validation_tasks:
-            v = validate(student, cfg, out / "cold_start" / "validation", critique, prefill)
+            with stages("validation"):
+                v = validate(student, cfg, out / "cold_start" / "validation", critique, prefill)
             rec0["validation"] = dataclasses.asdict(v)
             echo(f"[loop cold start] validation: accuracy {v.accuracy:.3f}, replies with an error {v.error_rate:.3f} "
                  f"(n={v.n})")
@@ -267,9 +291,11 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         # one file per rollout and critic config: training reads each whole, so a changed setting never mixes in
         rcfg.out = str(rd / f"rollouts-{rcfg.hash()}.jsonl")
         crit_path = rd / f"critiques-{content_hash(dataclasses.asdict(cfg.critic))[:10]}.jsonl"
-        rollout_main(rcfg)
+        with stages("rollout"):
+            rollout_main(rcfg)
         trajs = load_rollouts(rcfg)
-        crits = critique(trajs, crit_path)
+        with stages("critique"):
+            crits = critique(trajs, crit_path)
         mix: dict[str, int] = {}
         for c in crits:
             if c.verdict == "error":
@@ -278,7 +304,8 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
                "error_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
                "critique_failed": sum(c.verdict == "failed" for c in crits)}
         if cfg.ceiling and not any(mt.is_multi_turn(t.meta) for t in trajs):
-            rec["ceiling"] = run_ceiling(trajs, crits, rollout=rcfg, critique=critique, out=rd / "ceiling")
+            with stages("ceiling"):
+                rec["ceiling"] = run_ceiling(trajs, crits, rollout=rcfg, critique=critique, out=rd / "ceiling")
             echo(f"[loop round {k}] {format_ceiling(rec['ceiling'])}")
         if not mix:
             echo(f"[loop round {k}] no errors left to learn from; stopping")
@@ -287,14 +314,16 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         echo(f"[loop round {k}] training on {rec['errors']} critiqued errors")
         tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(crit_path),
                                    out=str(rd / "train"), resume=True)
-        student = trained(tcfg, rd / "train" / "done.json")
+        with stages("train"):
+            student = trained(tcfg, rd / "train" / "done.json")
         rec |= {"trained_model": student, "training": _hint_summary(rd / "train"), "train_dir": str(rd / "train")}
         if server is not None:  # the new student answers the next requests; a failed load stops here (ServerError)
             served = (publish_adapter(server, rd / "train", previous=served, label=f"round_{k}") if cfg.train.lora_r
                       else publish_full_weights(server, student))
             rec["served_as"] = served
         if cfg.validation_tasks:
-            v = validate(student, cfg, rd / "validation", critique, prefill, served=served, server=server)
+            with stages("validation"):
+                v = validate(student, cfg, rd / "validation", critique, prefill, served=served, server=server)
             rec["validation"] = dataclasses.asdict(v)
             echo(f"[loop round {k}] validation: accuracy {v.accuracy:.3f}, replies with an error {v.error_rate:.3f} "
                  f"(n={v.n})")

@@ -57,7 +57,8 @@ def test_early_stop_keeps_the_best_round(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "_hint_summary", lambda out: {})
     err = type("C", (), {"verdict": "error", "category": "unknown_tool"})()
     monkeypatch.setattr(loop, "critique_fn", lambda cfg, **k: (lambda trajs, path: [err]))
-    hist = loop.main(LoopConfig(out=str(tmp_path), rounds=3, rollout=loop._loop_rollout()), echo=lambda s: None)
+    hist = loop.main(LoopConfig(out=str(tmp_path), rounds=3, rollout=loop._loop_rollout(), ceiling=False),
+                     echo=lambda s: None)
     assert [r["round"] for r in hist["rounds"]] == [1, 2] and hist["stopped_early"]
     assert hist["best_round"] == 1 and hist["best_model"] == "m1"
     assert hist["rounds"][1]["student"] == "m1"  # round 2 starts from round 1's student
@@ -97,3 +98,45 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "Verdicts (n=4 held-out tasks" in r.stdout and "| base |" in r.stdout
     rows = json.loads((out / "report" / "rounds.json").read_text())
     assert [x["round"] for x in rows] == [1] and rows[0]["n"] == 4
+
+
+# ---------------------------------------------------------------- training and validation stay off the held-out tasks
+
+def test_a_spec_without_a_split_is_refused_with_the_overlap_named():
+    """`bfcl:multiple,parallel_multiple` loads `all`, held-out included: the loop would train on what the demo scores."""
+    from opsd.rollout.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"rollout\.tasks: \d+ of the 400 tasks of 'bfcl:multiple,parallel_multiple' "
+                                         r"ask a question of the held-out tasks .*multiple_1 = multiple_1"):
+        LoopConfig(rollout=RolloutConfig(tasks="bfcl:multiple,parallel_multiple", out="", limit=8))
+    with pytest.raises(ValueError, match=r"validation_tasks: .*'bfcl:multiple:heldout'"):
+        LoopConfig(validation_tasks="bfcl:multiple:heldout")
+    LoopConfig()  # the defaults (train and validation splits) pass
+    LoopConfig(tasks="bfcl:multi_turn_base")  # each stage takes its own split
+
+
+def test_the_demo_refuses_training_on_the_tasks_it_scores():
+    r = opsd("demo", "--out", "/tmp/never", "--rollout.tasks", "bfcl:multiple,parallel_multiple")
+    assert r.returncode == 2 and "ask a question of the held-out tasks" in r.stderr, r.stderr[-2000:]
+
+
+def test_overlap_is_by_question_text_not_by_task_id(tmp_path):
+    """BFCL repeats questions across categories under other ids: simple_python_4 asks what held-out multiple_96
+    asks, so `bfcl:simple_python` (all) overlaps `bfcl:multiple:heldout` although no id is shared; a task file
+    with a held-out question under an id of its own overlaps too."""
+    from opsd.io.tasks import load_tasks
+    from opsd.pipelines.compare import CompareConfig
+    from opsd.pipelines.demo import DemoConfig
+
+    with pytest.raises(ValueError, match=r"simple_python_4 = multiple_96"):
+        CompareConfig(tasks="bfcl:simple_python", heldout_tasks="bfcl:multiple:heldout")
+    held = load_tasks("bfcl:multiple:heldout", limit=1)[0]
+    user = held.messages[-1]["content"]
+    f = tmp_path / "tasks.jsonl"
+    f.write_text(json.dumps({"id": "mine-1", "messages": [{"role": "user", "content": "  " + user.upper() + "!"}],
+                             "tools": held.tools}) + "\n")
+    with pytest.raises(ValueError, match=rf"tasks: 1 of the 1 tasks of '{f}' .*mine-1 = {held.id}"):
+        CompareConfig(tasks=str(f))
+    with pytest.raises(ValueError, match=r"validation_tasks: .*mine-1"):
+        DemoConfig(validation_tasks=str(f))
+    CompareConfig()  # the defaults pass
