@@ -18,6 +18,7 @@ dependencies never slow down or break another command. This module, `opsd.critiq
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ def _validate(argv: list[str]) -> int:
 
     result = validate_main(parse(ValidateConfig, argv, prog="opsd validate", description=COMMANDS["validate"][0]))
     print(format_validate(result))
+    if result.warning:
+        print(f"opsd validate: warning: {result.warning}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
@@ -45,6 +48,13 @@ def _render(argv: list[str]) -> int:
         print(item.text)
         if item.warning:
             print(f"warning: {item.warning}", file=sys.stderr)
+    return 0
+
+
+def _split(argv: list[str]) -> int:
+    from opsd.split import SplitConfig, format_summary, main
+
+    print(format_summary(main(parse(SplitConfig, argv, prog="opsd split", description=COMMANDS["split"][0]))))
     return 0
 
 
@@ -127,6 +137,13 @@ def _eval(argv: list[str]) -> int:
     from opsd.eval.run import main
 
     cfg = parse(EvalConfig, argv, prog="opsd eval", description=COMMANDS["eval"][0])
+    if cfg.logs:  # critiqued logs instead of tasks: teacher-forced only, no rollouts
+        from opsd.eval import logs
+
+        report = logs.main(cfg, critique_fn(cfg.critic) if not cfg.critiques else None)
+        print(logs.summary_text(report))
+        print(f"\nreport: {cfg.out}/report.md")
+        return 0 if report["teacher_forced"].get("n_examples") else 1
     if multi_turn.is_multi_turn_spec(cfg.tasks) or _multi_turn_file(cfg.tasks):  # episodes in BFCL's simulated
         # environments, scored by BFCL's official multi-turn checker
         report = multi_turn.main(cfg, critique_fn(cfg.critic))
@@ -173,11 +190,13 @@ def _serve(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "validate": ("check trajectory logs and count them per format", _validate),
     "render": ("show a trajectory rendered with the chat template, with message boundaries", _render),
+    "split": ("split logs into train and held-out; trajectories with the same first user turn stay together", _split),
     "rollout": ("sample student trajectories on tasks (BFCL or a task file)", _rollout),
     "critique": ("locate the erroneous step of each trajectory and write a hint", _critique),
     "hint": ("build hinted examples and measure each hint's effect, per error category", _hint),
     "train": ("OPSD/GKD training on critiqued trajectories", _train),
-    "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks", _eval),
+    "eval": ("measure how much errors were down-weighted, before vs after, on held-out tasks (or critiqued logs: "
+             "--logs)", _eval),
     "loop": ("on-policy rounds: rollout -> critique -> train, each from the previous round's student", _loop),
     "demo": ("end-to-end run on the embedded model and BFCL", _demo),
     "compare": ("opsd vs dense, reward, rft and sft-gt on the same rollouts, steps and held-out tasks", _compare),
@@ -189,6 +208,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
 CONFIGS = {
     "validate": "opsd.logs:ValidateConfig",
     "render": "opsd.logs:RenderConfig",
+    "split": "opsd.split:SplitConfig",
     "rollout": "opsd.rollout.config:RolloutConfig",
     "critique": "opsd.critique.config:CritiqueConfig",
     "hint": "opsd.hint.config:HintConfig",
@@ -223,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"opsd: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"opsd: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3"):

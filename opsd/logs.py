@@ -8,6 +8,12 @@ Without --rejects, the first invalid record stops the run (exit 1) with
 `FILE:LINE: <json path>: <what was expected>`. With --rejects, bad records go to PATH with their
 reason, validation continues, and the summary counts them (exit 1 if any were rejected).
 
+An input that holds no trajectory at all is named in a warning (stderr), and a run where no input
+held one exits 1. The `--rejects` file's folder is created when it is missing.
+
+`read_logs` and `read_critiques` are how every stage that takes logs reads them (hint, train, eval
+--logs): several inputs, an optional rejects file, the same warnings.
+
 `opsd render FILE [--id ID | --all]`: show trajectories rendered with a model's chat template, with
 message boundaries and token counts, and a warning when one is longer than the model's context.
 
@@ -17,21 +23,90 @@ message boundaries and token counts, and a warning when one is longer than the m
 """
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Annotated
+from pathlib import Path
+from typing import IO, Annotated, Iterable
 
 import tyro
 
-from opsd.io.records import RECORD_FORMATS, check_output_file, write_records
+from opsd.io.records import RECORD_FORMATS, check_output_file, read_latest, write_records
 from opsd.io.trajectories import (
     FORMATS,
     LoadSummary,
     TrajectoryError,
     iter_trajectories,
 )
+from opsd.types import Critique, Trajectory
 
 DEFAULT_RENDER_MODEL = "smollm2-135m-instruct"
+log = logging.getLogger("opsd.logs")
+
+
+def as_paths(value: str | Iterable[str] | None) -> list[str]:
+    """A Config's input field as a list of paths: one string (older configs and callers) or a list; "" = none."""
+    if not value:
+        return []
+    return [value] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
+def open_rejects(path: str | None, what: str = "rejects") -> IO[str] | None:
+    """The rejects file opened for writing, its folder created when missing (None: no rejects file)."""
+    if not path:
+        return None
+    p = check_output_file(path, what)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p.open("w", encoding="utf-8")
+
+
+def _empty_inputs(paths: list[str]) -> list[str]:
+    """The inputs that are plain files with nothing but whitespace in them (cheap: only small files are read)."""
+    empty = []
+    for p in map(Path, paths):
+        if p.is_file() and p.stat().st_size < 4096 and p.suffix not in (".gz", ".zst", ".parquet", ".arrow") \
+                and not p.read_bytes().strip():
+            empty.append(str(p))
+    return empty
+
+
+def empty_warning(paths: list[str], summary: LoadSummary, what: str = "inputs") -> str | None:
+    """The warning for inputs that held no trajectory; None when every input held one."""
+    empty = _empty_inputs(paths)
+    if summary.valid == 0 and summary.rejected == 0:
+        return f"{what}: no trajectory in {', '.join(paths)} (empty input?)"
+    if empty:
+        return f"{what}: {', '.join(empty)} holds no trajectory (empty file)"
+    return None
+
+
+def read_logs(paths: str | Iterable[str], *, rejects: str | None = None, what: str = "trajectories",
+              write_rejects: bool = True) -> tuple[list[Trajectory], LoadSummary]:
+    """Every trajectory of `paths` (in order), with bad records written to `rejects` (created with its folder)
+    instead of stopping the run; warns when the inputs hold no trajectory. `write_rejects=False` skips bad
+    records without writing them (the other processes of a distributed run: one process writes the file)."""
+    paths = as_paths(paths)
+    if not paths:
+        raise ValueError(f"{what}: give at least one log file")
+    summary = LoadSummary()
+    with ExitStack() as stack:
+        fh = None
+        if rejects:
+            fh = stack.enter_context(open_rejects(rejects) if write_rejects else open(os.devnull, "w"))
+        trajs = list(iter_trajectories(paths, rejects=fh, summary=summary))
+    if summary.rejected:
+        log.warning("%s: %d invalid record(s) skipped, written to %s", what, summary.rejected, rejects)
+    warning = empty_warning(paths, summary, what)
+    if warning:
+        log.warning(warning)
+    return trajs, summary
+
+
+def read_critiques(paths: str | Iterable[str]) -> list[Critique]:
+    """The critiques of one or more files written by `opsd critique`: the newest record per key in each (a
+    retried failure supersedes it), files in order."""
+    return [Critique.from_dict(d) for p in as_paths(paths) for d in read_latest(p)]
 
 
 @dataclass
@@ -59,10 +134,12 @@ class ValidateResult:
     rejects: str | None = None
     out: str | None = None
     written: int = 0
+    warning: str | None = None  # inputs that held no trajectory
 
     @property
     def ok(self) -> bool:
-        return self.summary.rejected == 0
+        """No record was rejected and at least one trajectory was read."""
+        return self.summary.rejected == 0 and self.summary.valid > 0
 
 
 def validate_main(cfg: ValidateConfig) -> ValidateResult:
@@ -73,13 +150,14 @@ def validate_main(cfg: ValidateConfig) -> ValidateResult:
     summary = LoadSummary()
     result = ValidateResult(summary, cfg.rejects, cfg.out)
     with ExitStack() as stack:
-        rejects = stack.enter_context(open(cfg.rejects, "w", encoding="utf-8")) if cfg.rejects else None
+        rejects = stack.enter_context(open_rejects(cfg.rejects)) if cfg.rejects else None
         trajectories = iter_trajectories(cfg.inputs, rejects=rejects, summary=summary)
         if cfg.out is None:
             for _ in trajectories:  # streamed: memory stays bounded by one record
                 pass
         else:
             result.written = write_records(cfg.out, (t.to_dict() for t in trajectories), format=cfg.out_format)
+    result.warning = empty_warning(list(cfg.inputs), summary, "inputs")
     return result
 
 

@@ -48,3 +48,29 @@ def test_render_shows_boundaries():
     assert "──── [2] assistant" in r.stdout and "<tool_call>" in r.stdout and '"passengers": 2' in r.stdout
     r = opsd("render", str(DATA / "sample_openai.jsonl"), "--id", "missing-id")
     assert r.returncode == 1 and "no trajectory with id" in r.stderr
+
+
+def test_a_mistyped_command_gets_a_suggestion():
+    r = opsd("critque", "--in", "x.jsonl")
+    assert r.returncode == 2 and "did you mean 'critique'?" in r.stderr
+    r = opsd("frobnicate")
+    assert r.returncode == 2 and "did you mean" not in r.stderr
+
+
+def test_rejects_in_a_missing_folder_is_created(tmp_path):
+    """`--rejects out/rejects.jsonl` with no `out/` yet: the folder is made (it read like a missing input)."""
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"id": "a", "messages": [{"role": "user", "content": "x"}]}\n{"id": "b", "messages": "nope"}\n')
+    rej = tmp_path / "out" / "deeper" / "rejects.jsonl"
+    r = opsd("validate", str(f), "--rejects", str(rej))
+    assert r.returncode == 1 and "No such file" not in r.stderr and "rejected 1" in r.stdout
+    assert json.loads(rej.read_text())["line"] == 2
+
+
+def test_an_empty_input_is_named_and_fails(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = opsd("validate", str(empty))
+    assert r.returncode == 1 and "warning" in r.stderr and "no trajectory in" in r.stderr and str(empty) in r.stderr
+    r = opsd("validate", str(empty), str(DATA / "sample_openai.jsonl"))  # one of several inputs: named, not fatal
+    assert r.returncode == 0 and f"{empty} holds no trajectory" in r.stderr

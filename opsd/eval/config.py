@@ -1,9 +1,13 @@
-"""`EvalConfig`: the settings of `opsd eval` (flags and YAML are generated from its fields)."""
+"""`EvalConfig`: the settings of `opsd eval` (flags and YAML are generated from its fields).
+
+With `--logs`, `opsd eval` scores critiqued logs instead of rolling out tasks (`opsd.eval.logs`); the
+rollout fields (tasks, limit, max_new_tokens, batch_size, prefill) then do not apply."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from opsd.critique.config import CriticConfig
+from opsd.logs import as_paths
 from opsd.types import PLACEMENTS, SPANS
 
 PRECISIONS = ("auto", "fp32", "bf16")  # opsd.io.models.PRECISIONS (not imported: it pulls in torch)
@@ -16,6 +20,14 @@ class EvalConfig:
     tasks: str = field(default="bfcl:multiple,parallel_multiple:heldout",
                        metadata={"help": "held-out task spec (bfcl:CAT[,CAT...]:heldout; tasks with several tools give "
                                          "the model a real choice) or a task file"})
+    logs: list[str] = field(default_factory=list, metadata={
+        "help": "held-out trajectory logs (any format `opsd validate` reads): evaluate the before/after models on "
+                "their critiqued errors, teacher-forced, instead of rolling out --tasks"})
+    critiques: list[str] = field(default_factory=list, metadata={
+        "help": "with --logs: their critiques (`opsd critique`); none: --logs are critiqued with --critic into "
+                "OUT/critiques.jsonl"})
+    rejects: str | None = field(default=None, metadata={
+        "help": "with --logs: write invalid records here, with the reason, and go on (None: stop at the first)"})
     out: str = field(default="runs/demo/report", metadata={"help": "report folder"})
     limit: int | None = field(default=128, metadata={"help": "N tasks: a stratified sample per category on a BFCL spec, "
                                                               "the first N of a task file; None = all"})
@@ -35,6 +47,9 @@ class EvalConfig:
         "help": "the critic of both models' replies (schema+reference: every error is also listed per reply)"})
 
     def __post_init__(self) -> None:
+        self.logs, self.critiques = as_paths(self.logs), as_paths(self.critiques)
+        if (self.critiques or self.rejects) and not self.logs:
+            raise ValueError("critiques, rejects: only used with --logs (critiqued logs instead of --tasks)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 (or None for every task), got {self.limit}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.score_batch_size < 1:

@@ -48,8 +48,11 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def _score_items(trajs, critiques, examples, tok, prefill_len: int) -> list[dict]:
-    """One scoring item per critiqued trajectory of A: its generated tokens (plus the error span)."""
+def _score_items(trajs, critiques, examples, tok, prefill_len: int, *, all_turns: bool = False,
+                 group_of: Callable[[Trajectory], str] | None = None) -> list[dict]:
+    """One scoring item per critiqued trajectory of A: its scored tokens (`gen`: the last reply's generated
+    tokens, or with `all_turns` every assistant message's tokens) plus the error span; `task` groups the
+    items whose prompt is scored once (meta.task_id, or `group_of`)."""
     from opsd.render import render
 
     by_id = {c.trajectory_id: c for c in critiques}
@@ -63,17 +66,25 @@ def _score_items(trajs, critiques, examples, tok, prefill_len: int) -> list[dict
         if c.verdict == "error" and ex is None:
             continue  # not buildable: counted in build_counts
         r = render(t, tok)
-        last = len(t.messages) - 1
-        bs, be = r.body_spans[last]
-        gs = min(bs + prefill_len, be)  # generated tokens only: the prefill was forced
-        lo, hi = gs, be
-        if ex is not None:
-            lo, hi = min(lo, ex.student_span[0]), max(hi, ex.student_span[1])
-        if hi <= lo:
+        if all_turns:  # every assistant message of a log: all of it was "generated" as far as we know
+            gen = [r.body_spans[i] for i, m in enumerate(t.messages) if m.get("role") == "assistant"]
+        else:
+            bs, be = r.body_spans[len(t.messages) - 1]
+            gen = [(min(bs + prefill_len, be), be)]  # generated tokens only: the prefill was forced
+        gen = [(g0, g1) for g0, g1 in gen if g1 > g0]
+        bounds = [g for g in gen] + ([tuple(ex.student_span)] if ex is not None else [])
+        if not bounds:
             continue
-        items.append({"ids": r.input_ids, "span": (lo, hi), "gen": (gs, be), "example": ex,
-                      "task": t.meta.get("task_id", t.id)})
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        items.append({"ids": r.input_ids, "span": (lo, hi), "gen": gen, "example": ex,
+                      "task": group_of(t) if group_of else t.meta.get("task_id", t.id), "trajectory_id": t.id})
     return items
+
+
+def _kl_per_token(rows: list[tuple[float, int]], cfg: EvalConfig) -> dict:
+    """{"mean", "n_tokens", "n", "ci95"}: KL per token over the trajectories' tokens, CI resampling trajectories."""
+    r = stats.ratio_of_sums([k for k, _ in rows], [n for _, n in rows], n_boot=cfg.bootstrap, seed=cfg.seed)
+    return {"mean": r["mean"], "n_tokens": int(r["n_units"]), "n": r["n"], "ci95": r["ci95"]}
 
 
 def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique],
@@ -85,7 +96,8 @@ def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], cri
 
 
 def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig,
-                       prefill_ids: list[int] | tuple = (), *, gt_calls: bool = True) -> tuple[dict, dict, dict]:
+                       prefill_ids: list[int] | tuple = (), *, gt_calls: bool = True, all_turns: bool = False,
+                       group_of: Callable[[Trajectory], str] | None = None) -> tuple[dict, dict, dict]:
     """Error-span metrics, KL(A||B) drift and the ground-truth-call collateral, from ONE grouped pass per model.
 
     Per task, every sequence that reads its prompt is scored in one group (`opsd.train.shared_prefix`:
@@ -94,13 +106,16 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
     log-probs); under B, the same sequences. From them: the error tokens' log-probs
     under A, B and hinted A, the argmax at the first error token, the per-token KL(A||B) outside error
     spans and on clean replies, and per task the KL and log-probs on the ground-truth call.
+    `all_turns` scores every assistant message for the drift (logs: `opsd.eval.logs`), not only the last
+    reply's generated tokens; `group_of` says which trajectories share a prompt (default: meta.task_id).
+    Drift is per token over the trajectories (`stats.ratio_of_sums`, CI over trajectories).
     Returns (teacher_forced, drift, {task id: ground-truth-call sums}).
     """
     from opsd.hint.build import build_examples
     from opsd.train.shared_prefix import Member, grouped_span_scores
 
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span)
-    items = _score_items(trajs, critiques, examples, tok, len(prefill_ids))
+    items = _score_items(trajs, critiques, examples, tok, len(prefill_ids), all_turns=all_turns, group_of=group_of)
     groups: dict[str, dict] = {}
     for it in items:
         groups.setdefault(it["task"], {"items": [], "gt": None})["items"].append(it)
@@ -115,7 +130,7 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
         scored.append(own + [Member(it["example"].teacher_ids, tuple(it["example"].teacher_span))
                              for it in g["items"] if it["example"] is not None])
     pad = tok.pad_token_id or 0
-    kl = {"err": [0.0, 0], "clean": [0.0, 0]}
+    kl: dict[str, list[tuple[float, int]]] = {"err": [], "clean": []}  # per trajectory: (KL sum, tokens)
     per, gt_per = [], {}
     scores = zip(grouped_span_scores(model_a, scored, batch_size=cfg.score_batch_size, pad_id=pad),
                  grouped_span_scores(model_b, scored, batch_size=cfg.score_batch_size, pad_id=pad))
@@ -126,7 +141,8 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
             lo, _ = it["span"]
             kl_L = (la.exp() * (la - lb)).sum(-1).clamp(min=0)  # (L,) KL(A||B) = sum_v pA (log pA - log pB)
             keep = torch.zeros(len(kl_L), dtype=torch.bool)
-            keep[it["gen"][0] - lo:it["gen"][1] - lo] = True
+            for g0, g1 in it["gen"]:
+                keep[g0 - lo:g1 - lo] = True
             ex = it["example"]
             if ex is not None:
                 s0, s1 = ex.student_span
@@ -136,14 +152,13 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
                 b_lp = lb[s0 - lo:s1 - lo].gather(-1, tgt[:, None])[:, 0]
                 h_lp = next(hinted)
                 per.append({"trajectory_id": ex.meta["trajectory_id"], "category": ex.meta.get("category"),
-                            "span_tokens": s1 - s0, "before": a_lp.mean().item(), "after": b_lp.mean().item(),
+                            "step": ex.meta.get("step"), "span_tokens": s1 - s0,
+                            "before": a_lp.mean().item(), "after": b_lp.mean().item(),
                             "hinted": h_lp.mean().item(), "first_before": a_lp[0].item(),
                             "first_after": b_lp[0].item(), "first_hinted": h_lp[0].item(),
                             "argmax_before_is_error": int(la[s0 - lo].argmax()) == int(tgt[0]),
                             "argmax_after_is_error": int(lb[s0 - lo].argmax()) == int(tgt[0])})
-            bucket = kl["err" if ex is not None else "clean"]
-            bucket[0] += kl_L[keep].sum().item()
-            bucket[1] += int(keep.sum())
+            kl["err" if ex is not None else "clean"].append((kl_L[keep].sum().item(), int(keep.sum())))
         if g["gt"] is not None:
             ids, (s0, s1) = g["gt"]
             la, lb = sa[n], sb[n]
@@ -152,10 +167,8 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
             gt_per[tid] = {"n_tokens": s1 - s0, "kl_sum": kl_L.sum().item(),
                            "logprob_before": la.gather(-1, tgt).sum().item(),
                            "logprob_after": lb.gather(-1, tgt).sum().item()}
-    drift = {"kl_outside_error_spans": {"mean": kl["err"][0] / kl["err"][1] if kl["err"][1] else None,
-                                        "n_tokens": kl["err"][1]},
-             "kl_critic_ok_replies": {"mean": kl["clean"][0] / kl["clean"][1] if kl["clean"][1] else None,
-                                      "n_tokens": kl["clean"][1]}}
+    drift = {name: _kl_per_token(kl[key], cfg) for name, key in (("kl_outside_error_spans", "err"),
+                                                                ("kl_critic_ok_replies", "clean"))}
     res = {"n_examples": len(per), "build_counts": dict(counts)}
     if not per:
         return res, drift, gt_per

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opsd.logs import as_paths
 from opsd.types import PLACEMENTS, SPANS
 
 
 @dataclass
 class HintConfig:
-    trajectories: str = field(default="", metadata={"help": "trajectory logs (any format `opsd validate` reads)"})
-    critiques: str = field(default="", metadata={"help": "critique JSONL written by `opsd critique`"})
+    trajectories: list[str] = field(default_factory=list, metadata={
+        "help": "trajectory logs, one or more (any format `opsd validate` reads)"})
+    critiques: list[str] = field(default_factory=list, metadata={
+        "help": "critique files written by `opsd critique`, one or more"})
+    rejects: str | None = field(default=None, metadata={
+        "help": "write invalid trajectory records here, with the reason, and go on (None: stop at the first)"})
     out: str = field(default="", metadata={"help": "output folder: examples.jsonl, hint_effects.json, hint_effects.md"})
     model: str = field(default="smollm2-135m-instruct",
                        metadata={"help": "the model whose hint effect is measured (the student; it is its own teacher)"})
@@ -20,8 +25,10 @@ class HintConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the CPU/GPU has bf16 units) | fp32 | bf16"})
     device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda when available)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr while measuring"})
 
     def __post_init__(self) -> None:
+        self.trajectories, self.critiques = as_paths(self.trajectories), as_paths(self.critiques)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement: must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.span not in SPANS:

@@ -1,6 +1,7 @@
 """`opsd hint`: build the hinted examples of a critique file and measure how much each hint moves the model.
 
     opsd hint --trajectories runs/r/rollouts.jsonl --critiques runs/r/critiques.jsonl --out runs/r/hints
+    opsd hint --trajectories a.jsonl b.jsonl.gz --critiques ca.jsonl cb.jsonl --rejects runs/r/rejects.jsonl --out runs/r/hints
 
 For every `error` critique: the student sequence (the trajectory up to the erroneous step) and
 the teacher sequence (the same with the hint right above the step), with aligned target spans
@@ -20,18 +21,19 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from opsd.hint.build import build_examples
 from opsd.hint.config import HintConfig
 from opsd.hint.measure import measure
 from opsd.io import models
-from opsd.io.records import read_latest
-from opsd.io.trajectories import load_trajectories
+from opsd.logs import read_critiques, read_logs
 from opsd.types import Critique, HintedExample
 
 Z95 = 1.96
@@ -95,9 +97,15 @@ def format_table(report: HintReport) -> str:
 
 
 def measure_examples(lm, tok, examples: list[HintedExample], critiques: dict[str, Critique], *,
-                     batch_size: int) -> list[dict]:
-    """examples.jsonl rows: each example with its hint effect (the model is its own hinted teacher)."""
-    scores = measure(lm, lm, examples, batch_size=batch_size, pad_id=tok.pad_token_id or 0)
+                     batch_size: int, progress: bool = False) -> list[dict]:
+    """examples.jsonl rows: each example with its hint effect (the model is its own hinted teacher), measured
+    in chunks of a few batches behind a progress bar (stderr) when `progress`."""
+    scores, chunk_size = [], 4 * batch_size
+    with tqdm(total=len(examples), desc="hint effect", unit="example", disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(examples), chunk_size):
+            chunk = examples[i:i + chunk_size]
+            scores += measure(lm, lm, chunk, batch_size=batch_size, pad_id=tok.pad_token_id or 0)
+            bar.update(len(chunk))
     rows = []
     for ex, score in zip(examples, scores):
         c = critiques.get(ex.meta["trajectory_id"])
@@ -112,14 +120,14 @@ def main(cfg: HintConfig) -> HintReport:
         raise ValueError("opsd hint needs trajectories, critiques and out")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    trajs = load_trajectories(cfg.trajectories)
-    critiques = [Critique.from_dict(d) for d in read_latest(cfg.critiques)]  # a retried failure supersedes it
+    trajs, _ = read_logs(cfg.trajectories, rejects=cfg.rejects)
+    critiques = read_critiques(cfg.critiques)  # a retried failure supersedes it
     dtype = torch.bfloat16 if models.resolve_precision(cfg.precision, cfg.device) == "bf16" else torch.float32
     lm, tok = models.load(cfg.model, device=cfg.device, dtype=dtype)
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,
                                       inline_tags=(cfg.inline_open, cfg.inline_close))
     by_traj = {c.trajectory_id: c for c in critiques if c.verdict == "error"}
-    rows = measure_examples(lm, tok, examples, by_traj, batch_size=cfg.batch_size) if examples else []
+    rows = measure_examples(lm, tok, examples, by_traj, batch_size=cfg.batch_size, progress=cfg.progress)
     with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

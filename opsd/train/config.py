@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from opsd.io.models import PRECISIONS, generation_settings
+from opsd.logs import as_paths
 from opsd.types import DIVERGENCES as KINDS
 from opsd.types import PLACEMENTS, SPANS, TEACHERS
 
@@ -34,8 +35,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     # data and model
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "student: embedded default, local HF dir or cached hub id"})
-    trajectories: str = field(default="", metadata={"help": "trajectory JSONL (any format `opsd validate` accepts)"})
-    critiques: str = field(default="", metadata={"help": "critique JSONL (Critique.to_dict() + \"key\" per line); not used by mode=gkd"})
+    trajectories: list[str] = field(default_factory=list, metadata={"help": "trajectory logs, one or more (any format `opsd validate` accepts)"})
+    critiques: list[str] = field(default_factory=list, metadata={"help": "critique files written by `opsd critique`, one or more; not used by mode=gkd"})
+    rejects: str | None = field(default=None, metadata={"help": "write invalid trajectory records here, with the reason, and go on (None: stop at the first)"})
     mode: str = field(default="auto", metadata={"help": "opsd (hinted error spans from --critiques) | gkd (every token of each last assistant reply) | sft (NLL of each last assistant reply: rejection-sampling or ground-truth fine-tuning) | reinforce (offline REINFORCE on each last assistant reply: reward from the trajectory's meta.reward, baseline the mean over the replies of the same meta.task_id) | auto: gkd when no --critiques"})
     out: str = field(default="", metadata={"help": "run folder: model/, config.yaml, metrics.jsonl, checkpoints/, examples.jsonl"})
     # hinted examples
@@ -101,6 +103,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self) -> None:
+        self.trajectories, self.critiques = as_paths(self.trajectories), as_paths(self.critiques)
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"config: {msg}")

@@ -25,6 +25,7 @@ Records longer than the model's context are skipped and counted (`skipped.too_lo
 """
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,14 +35,13 @@ import torch
 
 from opsd.hint.build import build_examples
 from opsd.hint.measure import measure
-from opsd.io.records import read_jsonl
-from opsd.io.trajectories import load_trajectories
+from opsd.logs import read_critiques, read_logs
 from opsd.render import context_limit, eot_ids, render, with_system_text
 from opsd.rollout.run import generate_batch, parse_calls
 from opsd.train.diagnostics import token_diagnostics
 from opsd.train.records import Prompt, TrainRecord
 from opsd.train.scoring import collate, eval_mode, span_logits
-from opsd.types import Critique, Trajectory
+from opsd.types import Trajectory
 
 RewardFn = Callable[[list[Trajectory]], list[float]]  # one reward per sampled trajectory (injected by the CLI)
 SOURCES = ("sft", "opsd", "dataset", "student", "teacher", "reinforce")
@@ -84,6 +84,16 @@ def _drop_too_long(records: list[TrainRecord], limit: int | None, counts: Counte
     return fits
 
 
+# ---------------------------------------------------------------- inputs
+
+def load_inputs(cfg, rank: int | None = None) -> list[Trajectory]:
+    """Every trajectory of `--trajectories` (one or more logs); with `--rejects`, bad records are skipped and
+    written there by process 0 alone (rank from accelerate's RANK when not given)."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    trajs, _ = read_logs(cfg.trajectories, rejects=cfg.rejects, write_rejects=rank == 0)
+    return trajs
+
+
 # ---------------------------------------------------------------- OPSD: hinted examples
 
 def build_opsd(cfg, tok, student_lm, teacher, *, rank: int = 0, world: int = 1, gather=None) -> tuple[list[TrainRecord], dict]:
@@ -91,8 +101,8 @@ def build_opsd(cfg, tok, student_lm, teacher, *, rank: int = 0, world: int = 1, 
 
     Each of `world` processes measures its share; `gather(list) -> list of lists` collects them.
     """
-    trajs = load_trajectories(cfg.trajectories)
-    critiques = [Critique.from_dict(d) for d in read_jsonl(cfg.critiques)]
+    trajs = load_inputs(cfg, rank)
+    critiques = read_critiques(cfg.critiques)  # the newest record per trajectory: a retried failure supersedes it
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,
                                       inline_tags=(cfg.inline_open, cfg.inline_close))
     limit = context_limit(cfg.model, tok)
@@ -147,7 +157,7 @@ def build_records(trajs: Sequence[Trajectory], tok, *, teacher_system: str = "")
 
 def build_gkd(cfg, tok, student_lm, teacher) -> tuple[list[TrainRecord], dict]:
     """GKD prompt/reply records, optionally selected on teacher-student top-k overlap; plus the counts."""
-    trajs = load_trajectories(cfg.trajectories)
+    trajs = load_inputs(cfg)
     records, counts = build_records(trajs, tok, teacher_system=cfg.teacher_system)
     records = _drop_too_long(records, context_limit(cfg.model, tok), counts)
     report = {"trajectories": len(trajs), "built": len(records),
@@ -170,7 +180,7 @@ def build_supervised(cfg, tok) -> tuple[list[TrainRecord], dict]:
     that share its `meta.task_id` (the per-task baseline) is its advantage. Replies with advantage 0 (every
     reply of the task got the same reward: no signal) are dropped and counted.
     """
-    trajs = load_trajectories(cfg.trajectories)
+    trajs = load_inputs(cfg)
     records, counts = build_records(trajs, tok)
     records = _drop_too_long(records, context_limit(cfg.model, tok), counts)
     report = {"trajectories": len(trajs), "built": len(records)}
@@ -179,7 +189,7 @@ def build_supervised(cfg, tok) -> tuple[list[TrainRecord], dict]:
         for r in records:
             x = r.meta.get("reward")
             if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise ValueError(f"{cfg.trajectories}: trajectory {r.id!r}: mode=reinforce needs a number in "
+                raise ValueError(f"{', '.join(cfg.trajectories)}: trajectory {r.id!r}: mode=reinforce needs a number in "
                                  f"meta.reward, got {x!r}")
             rewards.append(float(x))
         groups = [str(r.meta.get("task_id", r.id)) for r in records]
