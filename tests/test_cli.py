@@ -74,3 +74,15 @@ def test_an_empty_input_is_named_and_fails(tmp_path):
     assert r.returncode == 1 and "warning" in r.stderr and "no trajectory in" in r.stderr and str(empty) in r.stderr
     r = opsd("validate", str(empty), str(DATA / "sample_openai.jsonl"))  # one of several inputs: named, not fatal
     assert r.returncode == 0 and f"{empty} holds no trajectory" in r.stderr
+
+
+def test_rollouts_show_progress_when_stderr_is_not_a_terminal(tiny_model_dir, tmp_path):
+    """`opsd rollout` (and the rollouts inside `opsd eval`) draw their progress bar into a log file too, as
+    critique does (it was hidden whenever stderr was not a terminal)."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": f"hi {i}"}]}) + "\n"
+                             for i in range(2)))
+    r = opsd("rollout", "--tasks", str(tasks), "--model", str(tiny_model_dir), "--max-new-tokens", "2",
+             "--out", str(tmp_path / "r.jsonl"), "--device", "cpu", "--prefill", "")
+    assert r.returncode == 0, r.stderr
+    assert "rollout: 100%" in r.stderr and "2/2" in r.stderr

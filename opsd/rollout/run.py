@@ -121,7 +121,7 @@ def main(cfg: RolloutConfig) -> dict:
     t0 = time.time()
     decode: DecodeStats | None = None
     with open(errors_path, "w", encoding="utf-8") as errors, \
-            tqdm(total=len(todo), desc="rollout", unit="reply", disable=None, file=sys.stderr) as bar:
+            tqdm(total=len(todo), desc="rollout", unit="reply", disable=False, file=sys.stderr) as bar:
         if todo:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
