@@ -86,3 +86,15 @@ def test_rollouts_show_progress_when_stderr_is_not_a_terminal(tiny_model_dir, tm
              "--out", str(tmp_path / "r.jsonl"), "--device", "cpu", "--prefill", "")
     assert r.returncode == 0, r.stderr
     assert "rollout: 100%" in r.stderr and "2/2" in r.stderr
+
+
+def test_critique_names_an_empty_input_and_makes_the_rejects_folder(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = opsd("critique", "--in", str(empty), "--out", str(tmp_path / "c.jsonl"), "--critic.name", "schema")
+    assert r.returncode == 0 and "no trajectory in" in r.stderr and str(empty) in r.stderr
+    rej = tmp_path / "out" / "rejects.jsonl"
+    r = opsd("critique", "--in", str(DATA / "sample_openai.jsonl"), "--out", str(tmp_path / "c2.jsonl"),
+             "--critic.name", "schema", "--rejects", str(rej), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert rej.exists() and rej.read_text() == ""

@@ -40,6 +40,7 @@ from critic.validate import check_critique
 from opsd.critique.config import CriticConfig, CritiqueConfig
 from opsd.io.records import read_latest, write_records
 from opsd.io.trajectories import LoadSummary, load_trajectories
+from opsd.logs import empty_warning, open_rejects
 from opsd.types import Critique, StageError, Trajectory
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,15 @@ def main(cfg: CritiqueConfig) -> RunSummary:
     if not cfg.inputs:
         raise ValueError("inputs: give at least one trajectory log (--in FILE)")
     build_critic(cfg.critic)  # options and prompt errors before reading any input
-    rejects = open(cfg.rejects, "w", encoding="utf-8") if cfg.rejects else None
+    rejects = open_rejects(cfg.rejects)  # its folder is created
     loaded = LoadSummary()
     try:
         trajectories = load_trajectories(cfg.inputs, rejects=rejects, summary=loaded)
     finally:
         if rejects:
             rejects.close()
+    if warning := empty_warning(cfg.inputs, loaded):
+        log.warning(warning)
     if cfg.limit is not None:
         trajectories = trajectories[:cfg.limit]
     summary, keys = critique(trajectories, cfg.critic, cfg.out, progress=cfg.progress)
