@@ -46,7 +46,7 @@ import logging
 import os
 import re
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,7 +69,7 @@ from critic.base import (
     CriticFatalError,
 )
 from critic.redact import redact, split_query, url_secrets
-from critic.validate import DEFAULT_MAX_HINT_TOKENS, problem
+from critic.validate import DEFAULT_MAX_HINT_TOKENS, locate_quote, problem
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory, content_hash
 
@@ -255,6 +255,27 @@ def parse_reply(text: str) -> dict:
     return obj
 
 
+def with_errors(c: Critique, errors: list[dict], traj: Trajectory) -> Critique:
+    """A reply that lists several errors of its step (`errors`: [{"quote", "category"}]) as a several-error
+    critique: each quote located (it must occur once in the step), in text order, the reply's hint stating every
+    fix; a reply with one error or none is returned as it is. Raises ValueError (re-asked) for a quote that is not
+    in the step or is ambiguous, or errors that do not start with the reply's own quote."""
+    if c.verdict != "error" or len(errors) < 2 or not isinstance(c.step, int) or not 0 <= c.step < len(traj.messages):
+        return c
+    text = message_text(traj.messages[c.step])
+    entries = []
+    for i, e in enumerate(errors):
+        at = locate_quote(e.get("quote") or "", None, text, c.step)
+        if isinstance(at, str):
+            raise ValueError(f"errors[{i}]: {at}")
+        entries.append({"quote": e["quote"], "quote_at": at, "category": e.get("category"), "hint": c.hint})
+    entries.sort(key=lambda e: e["quote_at"])
+    first = entries[0]
+    if first["quote"] != c.quote:
+        raise ValueError("errors must start with the error of `quote` (the first error of the message, in text order)")
+    return replace(c, quote_at=first["quote_at"], errors=entries)
+
+
 def _retry_after(exc: BaseException) -> float | None:
     resp = getattr(exc, "response", None)
     if resp is None:
@@ -380,6 +401,7 @@ class LLMCritic(BaseCritic):
                 c = Critique(traj.id, reply["verdict"], step=reply["step"], quote=reply["quote"], hint=reply["hint"],
                              category=reply["category"], critic=self.info, usage=usage,
                              trajectory_hash=traj.content_hash())
+                c = with_errors(c, reply.get("errors") or [], traj)
                 reason = problem(c, traj, max_hint_tokens=self.max_hint_tokens)
             except ValueError as e:
                 if finish == "length":  # re-asking with the same budget would be cut off again
