@@ -54,6 +54,7 @@ from opsd.eval.forgetting import base_replies, forgetting_kl
 from opsd.eval.metrics import HEADLINE, per_task_outcomes
 from opsd.eval.run import gt_call
 from opsd.io.tasks import load_tasks
+from opsd.io.tasks.overlap import check_off_heldout
 from opsd.pipelines.compare_report import format_compare, method_row
 from opsd.pipelines.compare_seeds import format_tradeoff, tradeoff_plot, write_seeds
 from opsd.pipelines.demo import HELDOUT_SPEC
@@ -123,6 +124,7 @@ class CompareConfig:
         set_here = [f"train.{n}" for n in SET_BY_COMPARE if getattr(self.train, n) != getattr(d, n)]
         if set_here:
             raise ValueError(f"{', '.join(set_here)}: set by compare for every method (use --lrs and --steps)")
+        check_off_heldout({"tasks": self.tasks, "validation_tasks": self.validation_tasks}, heldout=self.heldout_tasks)
 
     @property
     def method_list(self) -> list[str]:
