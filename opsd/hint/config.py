@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opsd.critique.config import CriticConfig
 from opsd.logs import as_paths
 from opsd.types import PLACEMENTS, SPANS
 
@@ -26,6 +27,14 @@ class HintConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the CPU/GPU has bf16 units) | fp32 | bf16"})
     device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda when available)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr while measuring"})
+    ceiling: bool = field(default=False, metadata={
+        "help": "also decode greedily with each hint in view and score the replies with --critic (and BFCL's official "
+                "checker where the logs carry BFCL ground truth): the hinted teacher's ceiling, OUT/ceiling/"})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={
+        "help": "--ceiling: the critic that scores the hinted replies (schema+reference: rule critics, no server)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "--ceiling: token budget of each hinted reply"})
+    prefill: str | None = field(default=None, metadata={
+        "escapes": True, "help": "--ceiling: reply prefill; None = the model's own (<tool_call>\\n for the embedded model)"})
 
     def __post_init__(self) -> None:
         self.trajectories, self.critiques = as_paths(self.trajectories), as_paths(self.critiques)
@@ -38,5 +47,7 @@ class HintConfig:
                              "use span=quote or span=step_from_error")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: must be auto, fp32 or bf16, got {self.precision!r}")

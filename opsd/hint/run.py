@@ -15,7 +15,12 @@ lowers the error, which is what OPSD distils). Outputs, in OUT:
   interval, share of examples lowered, first-token effect) and the skip counts per reason.
 
 The table is how a user tells a good critic prompt from a bad one: hints that barely move the
-model give the student little to learn.
+model give the student little to learn. With `--ceiling`, the model also DECODES greedily with each
+hint in view, and `--critic` scores the replies (`opsd.hint.ceiling`): OUT/ceiling/ceiling.json and a
+line in hint_effects.md say how often the hinted teacher would have written a correct reply, next to
+the student's own replies on the same tasks; self-distillation cannot teach more than that.
+
+    opsd hint --trajectories rollouts.jsonl --critiques critiques.jsonl --out hints --ceiling
 """
 from __future__ import annotations
 
@@ -29,11 +34,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from opsd.critique.run import critique_fn
 from opsd.hint.build import build_examples
+from opsd.hint.ceiling import format_ceiling, run_ceiling
 from opsd.hint.config import HintConfig
 from opsd.hint.measure import measure
 from opsd.io import models
 from opsd.logs import read_critiques, read_logs
+from opsd.rollout.config import RolloutConfig
 from opsd.types import Critique, HintedExample
 
 Z95 = 1.96
@@ -138,5 +146,11 @@ def main(cfg: HintConfig) -> HintReport:
         "examples": report.examples, "critiques": report.critiques, "skipped": report.skipped,
         "categories": [c.__dict__ | {"ci95": list(c.ci95)} for c in report.categories],
         "model": cfg.model, "placement": cfg.placement, "span": cfg.span}, indent=2))
-    (out / "hint_effects.md").write_text(format_table(report) + "\n")
+    table = format_table(report)
+    if cfg.ceiling:
+        rcfg = RolloutConfig(model=cfg.model, prefill=cfg.prefill, max_new_tokens=cfg.max_new_tokens,
+                             precision=cfg.precision, batch_size=cfg.batch_size, out=str(out / "ceiling" / "rollouts.jsonl"))
+        ceiling = run_ceiling(trajs, critiques, rollout=rcfg, critique=critique_fn(cfg.critic), out=out / "ceiling")
+        table += "\n\n" + format_ceiling(ceiling)
+    (out / "hint_effects.md").write_text(table + "\n")
     return report
