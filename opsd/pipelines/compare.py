@@ -5,7 +5,7 @@
 
 Every method starts from the same student and gets the same data and budget:
 1. the same rollouts: `samples` sampled replies per training task (temperature `temperature`), critiqued
-   once by the same critic (OUT/rollouts.jsonl, OUT/critiques.jsonl);
+   once by the same critic (OUT/rollouts-KEY.jsonl, OUT/critiques-KEY-CRITIC.jsonl: a file per rollout config);
 2. the same number of optimizer steps (`steps` x `train.batch_size`), for each learning rate of `lrs`;
 3. the learning rate picked on the validation split (greedy rollouts; official accuracy, then replies whose
    parseable call names the ground-truth function, then parseable replies, then replies with an error: the
@@ -58,12 +58,12 @@ from opsd.io.tasks.overlap import check_off_heldout
 from opsd.pipelines.compare_report import format_compare, method_row
 from opsd.pipelines.compare_seeds import format_tradeoff, tradeoff_plot, write_seeds
 from opsd.pipelines.demo import HELDOUT_SPEC
-from opsd.pipelines.loop import TRAIN_SPEC, VALIDATION_SPEC, Validation, summarise_validation, trained
+from opsd.pipelines.loop import TRAIN_SPEC, VALIDATION_SPEC, Validation, file_digest, summarise_validation, trained
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
 from opsd.train.config import TrainConfig
-from opsd.types import Critique, Trajectory
+from opsd.types import Critique, Trajectory, content_hash
 
 METHODS = ("opsd", "dense", "random-span", "reward", "rft", "sft-gt")
 REFERENCE_ONLY = ("sft-gt",)  # uses the ground truth: reported, never a competitor
@@ -148,8 +148,11 @@ def write_trajectories(trajs: list[Trajectory], path: Path) -> str:
     return str(path)
 
 
-def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path) -> dict[str, dict]:
-    """Each method's training files and what they hold (counts), from the shared rollouts and critiques."""
+def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path, *, rollouts: str | None = None,
+                critiques: str | None = None) -> dict[str, dict]:
+    """Each method's training files and what they hold (counts), from the shared rollouts and critiques (the files
+    `rollouts` and `critiques` hold exactly `trajs` and `crits`; default OUT/rollouts.jsonl, OUT/critiques.jsonl)."""
+    rollouts, critiques = rollouts or str(out / "rollouts.jsonl"), critiques or str(out / "critiques.jsonl")
     judged = [(t, c) for t, c in zip(trajs, crits) if c.verdict in ("ok", "error")]  # a failed critique: no verdict
     errors = sum(c.verdict == "error" for _, c in judged)
     rewarded = [Trajectory(t.id, t.messages, t.tools, {**t.meta, "reward": float(passes(t, c))}) for t, c in judged]
@@ -165,8 +168,6 @@ def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path) -> di
             seen.add(tid)
             gt.append(Trajectory(f"{tid}#gt", t.messages[:-1] + [{"role": "assistant", "content": None,
                                                                   "tool_calls": gt_call(truth)}], t.tools, dict(t.meta)))
-    critiques = str(out / "critiques.jsonl")
-    rollouts = str(out / "rollouts.jsonl")
     return {
         "opsd": {"mode": "opsd", "span": "quote", "trajectories": rollouts, "critiques": critiques, "examples": errors,
                  "critiqued_errors": errors},  # examples: replaced by what training kept (data.json) once trained
@@ -183,11 +184,29 @@ def method_data(trajs: list[Trajectory], crits: list[Critique], out: Path) -> di
     }
 
 
-def rollouts(cfg: CompareConfig, model: str, out: Path, *, tasks: str, limit: int, prefill: str, samples: int = 1,
-             temperature: float = 0.0) -> list[Trajectory]:
+def rollout_config(cfg: CompareConfig, model: str, out: Path, *, tasks: str, limit: int, prefill: str,
+                   samples: int = 1, temperature: float = 0.0) -> RolloutConfig:
+    """The rollout settings, written to OUT-<key>.jsonl: one file per rollout config, tasks (a task file's content),
+    limit and samples. Training reads its file whole, so a rerun with other settings into the same --out (e.g.
+    --samples 8 after --samples 4) neither mixes lines of both nor trains on the old ones."""
     rcfg = RolloutConfig(tasks=tasks, limit=limit, model=model, out=str(out), samples=samples, temperature=temperature,
                          seed=cfg.seed, prefill=prefill, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.rollout_batch_size, precision=cfg.train.precision)
+    key = content_hash({"rollout": rcfg.hash(), "tasks": tasks, "limit": limit, "samples": samples,
+                        "tasks_file": None if tasks.startswith("bfcl:") else file_digest(tasks)})[:10]
+    rcfg.out = str(out.with_name(f"{out.stem}-{key}{out.suffix}"))
+    return rcfg
+
+
+def critiques_path(rcfg: RolloutConfig, critic: CriticConfig) -> Path:
+    """The critiques of one rollout file by one critic: a file of their own (training reads it whole)."""
+    out = Path(rcfg.out)
+    return out.with_name(f"critiques-{out.stem.rsplit('-', 1)[-1]}-{content_hash(dataclasses.asdict(critic))[:10]}.jsonl")
+
+
+def rollouts(cfg: CompareConfig, model: str, out: Path, **kw) -> list[Trajectory]:
+    """Roll out (or resume) `rollout_config(cfg, model, out, **kw)`; its trajectories."""
+    rcfg = rollout_config(cfg, model, out, **kw)
     rollout_main(rcfg)
     return load_rollouts(rcfg)
 
@@ -334,10 +353,13 @@ def run_one(cfg: CompareConfig, *, echo: Callable[[str], None] = print) -> dict:
     prefill = RolloutConfig(model=base, prefill=cfg.prefill).resolved_prefill()
     critique = critique_fn(cfg.critic, echo=echo)
     echo(f"[compare 1/4] {cfg.samples} sampled replies of {base} on {cfg.limit} tasks of {cfg.tasks}, critiqued")
-    trajs = rollouts(cfg, base, out / "rollouts.jsonl", tasks=cfg.tasks, limit=cfg.limit, prefill=prefill,
-                     samples=cfg.samples, temperature=cfg.temperature)
-    crits = critique(trajs, out / "critiques.jsonl")
-    data = method_data(trajs, crits, out)
+    rcfg = rollout_config(cfg, base, out / "rollouts.jsonl", tasks=cfg.tasks, limit=cfg.limit, prefill=prefill,
+                          samples=cfg.samples, temperature=cfg.temperature)
+    rollout_main(rcfg)
+    trajs = load_rollouts(rcfg)
+    crit_path = critiques_path(rcfg, cfg.critic)
+    crits = critique(trajs, crit_path)
+    data = method_data(trajs, crits, out, rollouts=rcfg.out, critiques=str(crit_path))
     shared_s = time.time() - t0
     echo(f"[compare 2/4] validation of the base student on {cfg.validation_limit} tasks of {cfg.validation_tasks}")
     v_trajs = rollouts(cfg, base, out / "base_validation" / "rollouts.jsonl", tasks=cfg.validation_tasks,

@@ -30,8 +30,10 @@ and OUT/loop.md. Rerunning the same command resumes: every stage reuses what is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,10 +44,12 @@ from opsd.critique.config import CriticConfig
 from opsd.critique.run import critique_fn
 from opsd.hint.ceiling import format_ceiling, run_ceiling
 from opsd.hint.run import category_effects
+from opsd.io.models import fingerprint
 from opsd.io.records import read_jsonl
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.overlap import check_off_heldout
+from opsd.logs import as_paths
 from opsd.pipelines.cold_start import cold_start
 from opsd.pipelines.validation import Validation, summarise_validation
 from opsd.rollout.config import RolloutConfig
@@ -189,14 +193,40 @@ def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill
     return summarise_validation(trajs, crits)
 
 
+def training_key(tcfg: TrainConfig) -> str:
+    """What a training run's result depends on: its settings, the CONTENT of its input files (trajectories,
+    critiques: a path rewritten with other data is another run) and the starting weights (a local dir's files)."""
+    inputs = {p: file_digest(p) for p in as_paths(tcfg.trajectories) + as_paths(tcfg.critiques)}
+    models = {m: fingerprint(m) for m in (tcfg.model, tcfg.teacher_model) if m}
+    return content_hash({"config": dataclasses.asdict(tcfg), "inputs": inputs, "models": models})
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes ("missing" when there is none)."""
+    if not Path(path).is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def trained(tcfg: TrainConfig, marker: Path) -> str:
-    """The round's trained model: trained now, or read from `marker` when this exact training finished before
-    (a rerun must not train, or touch the saved weights, again)."""
-    key = content_hash(dataclasses.asdict(tcfg))
+    """The round's trained model: trained now, or read from `marker` when this exact training, on these exact
+    inputs, finished before (a rerun must not train, or touch the saved weights, again)."""
+    key = training_key(tcfg)
     if marker.exists():
         done = json.loads(marker.read_text())
         if done.get("config") == key and Path(done["model"]).exists():
             return done["model"]
+    started = marker.with_name("started.json")
+    if tcfg.resume and not (started.exists() and json.loads(started.read_text()).get("config") == key):
+        # the folder's checkpoints and examples are another training's (other inputs): start over, never resume them
+        shutil.rmtree(Path(tcfg.out) / "checkpoints", ignore_errors=True)
+        tcfg = dataclasses.replace(tcfg, resume=False)
+    started.parent.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps({"config": key}))
     model = str(train_main(tcfg))
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"config": key, "model": model}))
