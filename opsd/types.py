@@ -3,6 +3,7 @@
 - `Trajectory`: one agent episode in OpenAI chat format.
 - `Critique`: a critic's verdict on one trajectory (which step, which quote, which hint).
 - `HintedExample`: student/teacher token ids with aligned target spans (built by opsd.hint.build).
+- `Task`: a prompt (messages + tools) to roll a student out on, with optional ground truth (opsd.io.tasks).
 """
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def content_hash(obj: Any) -> str:
     """Stable 16-hex-digit hash of a JSON-serialisable object (key order independent)."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Task:
+    """A prompt a student is rolled out on, plus optional ground truth in BFCL's possible-answer format:
+    [{"fn_name": {"param": [acceptable values...]}}] (loaded by opsd.io.tasks)."""
+    id: str
+    messages: list[dict]
+    tools: list[dict]
+    ground_truth: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -11,19 +11,11 @@ in BFCL's possible-answer format: [{"fn_name": {"param": [acceptable values...]}
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsd.types import content_hash
-
-
-@dataclass
-class Task:
-    id: str
-    messages: list[dict]
-    tools: list[dict]
-    ground_truth: list[dict] | None = None
-    meta: dict = field(default_factory=dict)
+from opsd.io.tasks import bfcl, bfcl_multi_turn
+from opsd.io.trajectories import TrajectoryError, normalise
+from opsd.types import Task, content_hash
 
 
 def load_tasks(spec: str, *, limit: int | None = None) -> list[Task]:
@@ -35,17 +27,32 @@ def load_tasks(spec: str, *, limit: int | None = None) -> list[Task]:
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if spec.startswith("bfcl:"):
-        from opsd.io.tasks import bfcl
-
-        return bfcl.load_spec(spec, limit=limit)
+        return load_spec(spec, limit=limit)
     tasks = load_task_file(spec)
     return tasks[:limit] if limit else tasks
 
 
+def load_spec(spec: str, limit: int | None = None) -> list[Task]:
+    """`bfcl:CAT[,CAT...][:train|:validation|:heldout|:all]` -> tasks (categories in the order given): single-turn
+    categories from `bfcl`, multi-turn ones (`multi_turn_*`, ...) from `bfcl_multi_turn`.
+
+    With `limit`, a deterministic stratified sample (see `bfcl.stratified`), never the first N of the concatenation.
+    """
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != "bfcl" or not parts[1]:
+        raise ValueError(f"bad task spec {spec!r}; expected bfcl:CATEGORY[,CATEGORY...][:{'|:'.join(bfcl.SPLITS)}]")
+    split = parts[2] if len(parts) == 3 else "all"
+    cats = parts[1].split(",")
+    if len(set(cats)) != len(cats):
+        raise ValueError(f"bad task spec {spec!r}: a category is listed twice")
+    per_category = [(bfcl_multi_turn if bfcl_multi_turn.owns(cat) else bfcl).load(cat, split) for cat in cats]
+    if limit is None:
+        return [t for ts in per_category for t in ts]
+    return bfcl.stratified(per_category, limit)
+
+
 def load_task_file(path: str | Path) -> list[Task]:
     """User tasks: JSONL of {"id"?, "messages", "tools"?, "ground_truth"?, "meta"?}."""
-    from opsd.io.trajectories import TrajectoryError, normalise
-
     tasks, seen = [], set()
     with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from opsd.io.tasks import Task
+from opsd.types import Task
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple",
               "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
@@ -167,11 +167,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def load(category: str, split: str = "all") -> list[Task]:
     """Tasks of one BFCL category in file order, filtered to `split` (see the module docstring)."""
-    if category.startswith(("multi_turn_", "web_search_", "memory_")):  # multi-turn: opsd.io.tasks.bfcl_multi_turn
-        from opsd.io.tasks import bfcl_multi_turn
-
-        return bfcl_multi_turn.load(category, split)
-    if category not in CATEGORIES:
+    if category not in CATEGORIES:  # multi-turn categories: opsd.io.tasks.bfcl_multi_turn.load
         raise ValueError(f"unknown BFCL category {category!r}; choose from {', '.join(CATEGORIES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
@@ -218,21 +214,3 @@ def stratified(per_category: list[list[Task]], limit: int) -> list[Task]:
         chosen = {t.id for t in sorted(ts, key=lambda t: _sample_rank(t.id))[:k]}
         out += [t for t in ts if t.id in chosen]
     return out
-
-
-def load_spec(spec: str, limit: int | None = None) -> list[Task]:
-    """`bfcl:CAT[,CAT...][:train|:validation|:heldout|:all]` -> tasks (categories in the order given).
-
-    With `limit`, a deterministic stratified sample (see `stratified`), never the first N of the concatenation.
-    """
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] != "bfcl" or not parts[1]:
-        raise ValueError(f"bad task spec {spec!r}; expected bfcl:CATEGORY[,CATEGORY...][:{'|:'.join(SPLITS)}]")
-    split = parts[2] if len(parts) == 3 else "all"
-    cats = parts[1].split(",")
-    if len(set(cats)) != len(cats):
-        raise ValueError(f"bad task spec {spec!r}: a category is listed twice")
-    per_category = [load(cat, split) for cat in cats]
-    if limit is None:
-        return [t for ts in per_category for t in ts]
-    return stratified(per_category, limit)

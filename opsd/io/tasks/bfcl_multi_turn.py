@@ -38,8 +38,9 @@ import re
 import uuid
 from functools import cache
 
-from opsd.io.tasks import Task, bfcl
+from opsd.io.tasks import bfcl
 from opsd.io.tasks.bfcl_env import SIMULATED_CLASSES, Environment, call_string
+from opsd.types import Task
 
 CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
 LEFT_OUT = {
@@ -57,6 +58,11 @@ _ID_RE = re.compile(r"^(multi_turn_[a-z_]+?)_(\d+)$")
 
 def is_category(name: str) -> bool:
     return name in CATEGORIES
+
+
+def owns(category: str) -> bool:
+    """Whether `category` is a multi-turn one this module loads (or refuses with the reason: `LEFT_OUT`)."""
+    return category.startswith(("multi_turn_", "web_search_", "memory_"))
 
 
 def _check_category(category: str) -> None:
