@@ -35,6 +35,7 @@ from opsd.eval.config import EvalConfig
 from opsd.eval.run import REPORT_VERSION, CritiqueFn, teacher_forced_all
 from opsd.eval.targets import KL_MAX, fmt_p
 from opsd.logs import read_critiques, read_logs
+from opsd.redact import redacted
 from opsd.split import first_user_turn
 from opsd.types import Critique, Trajectory
 
@@ -81,7 +82,9 @@ def data_summary(cfg: EvalConfig, trajs: list[Trajectory], crits: list[Critique]
 def error_summary(per: list[dict], cfg: EvalConfig) -> dict:
     """Paired before/after of a set of errors (`teacher_forced_all`'s per_example rows), the hinted reference."""
     greedy = [p for p in per if p["argmax_before_is_error"]]
-    mean = lambda k: sum(p[k] for p in per) / len(per) if per else None  # noqa: E731
+
+    def mean(key: str) -> float | None:
+        return sum(p[key] for p in per) / len(per) if per else None
     return {"n": len(per),
             "paired": stats.paired_mean([p["before"] for p in per], [p["after"] for p in per],
                                         n_boot=cfg.bootstrap, seed=cfg.seed),
@@ -251,7 +254,7 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn | None = None, *, log=print) -
     out.mkdir(parents=True, exist_ok=True)
     log(f"[eval 1/3] logs {', '.join(cfg.logs)} and their critiques")
     trajs, crits = load_inputs(cfg, critique_fn)
-    report: dict = {"version": REPORT_VERSION, "kind": "logs", "config": asdict(cfg),
+    report: dict = {"version": REPORT_VERSION, "kind": "logs", "config": redacted(asdict(cfg)),
                     "data": data_summary(cfg, trajs, crits)}
     log(f"[eval 2/3] teacher-forced scoring of {len(trajs)} logs under before={cfg.before} and after={cfg.after}")
     model_a, tok = models.load(cfg.before, device=cfg.device, precision=cfg.precision)
