@@ -71,6 +71,8 @@ def main(cfg: SplitConfig) -> dict:
     if not cfg.out:
         raise ValueError("out: give the output folder, e.g. --out runs/mine/split")
     trajs, _ = read_logs(cfg.logs, rejects=cfg.rejects, what="logs")
+    if not trajs:
+        raise ValueError(f"logs: no trajectory in {', '.join(cfg.logs)}: nothing to split")
     train, held = split_groups(trajs, cfg.heldout_fraction, cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

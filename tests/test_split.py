@@ -40,7 +40,10 @@ def test_the_seed_decides_the_split():
     assert len(set(map(tuple, ids.values()))) > 1
 
 
-def test_one_request_only_cannot_be_split():
+def test_one_request_only_cannot_be_split(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no trajectory in .*empty.jsonl: nothing to split"):
+        main(SplitConfig(logs=[str(tmp_path / "empty.jsonl")], out=str(tmp_path / "s")))
     with pytest.raises(ValueError, match="share one first user turn"):
         split_groups([_traj(i, "same") for i in range(4)], 0.3, 0)
     with pytest.raises(ValueError, match="heldout_fraction"):
