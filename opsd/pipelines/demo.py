@@ -59,6 +59,9 @@ class DemoConfig(LoopConfig):
     eval: EvalConfig = field(default_factory=_demo_eval, metadata={
         "help": "the held-out evaluation at the end; before, after, out and train_run are set by the demo; "
                 "multi-turn rollout.tasks: tasks defaults to their held-out split (BFCL's multi-turn checker)"})
+    every_round: bool = field(default=False, metadata={
+        "help": "score every round's model on the held-out tasks (report/rounds.md); off: the cold start and the best "
+                "round only (each extra model costs one held-out rollout)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,27 +78,37 @@ class DemoConfig(LoopConfig):
                            "cold_start_tasks": self.cold_start_tasks}, heldout=self.eval.tasks)
 
 
-def trained_rounds(ecfg: EvalConfig, history: dict):
-    """(round, model, rollout name) of every round that trained a model, the cold start as round 0; the best
-    round's rollouts are the evaluation's own ("after"), so they are not rolled out again."""
+def trained_rounds(ecfg: EvalConfig, history: dict, *, every_round: bool = True):
+    """(round, model, rollout name) of every round that trained a model, the cold start as round 0 (without
+    `every_round`: the cold start and the best round only); the best round's rollouts are the evaluation's own
+    ("after"), so they are not rolled out again."""
     for r in [*([history["cold_start"]] if history.get("cold_start") else []), *history["rounds"]]:
         model = r.get("trained_model")
-        if model:
+        if model and (every_round or r["round"] == 0 or model == ecfg.after):
             yield r["round"], model, "after" if model == ecfg.after else f"round_{r['round']}"
 
 
-def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str) -> list[dict]:
-    """Every round's model against the base on the held-out tasks (the base rollouts are the evaluation's)."""
+def round_rows(ecfg: EvalConfig, history: dict, critique: Callable, prefill: str, *,
+               every_round: bool = True) -> list[dict]:
+    """Each round's model against the base on the held-out tasks (the base rollouts are the evaluation's); with a
+    cold start, each on-policy round also against the cold-started model (`vs_cold_start`): what the rounds add
+    over supervised training on the ground truth."""
     tasks = load_tasks(ecfg.tasks, limit=ecfg.limit)
     base = _rollouts(ecfg.before, "before", ecfg, prefill)
     crit_base = critique(base, Path(ecfg.out) / "critiques_before.jsonl")
-    rows = []
-    for k, model, name in trained_rounds(ecfg, history):
+    rows, cold = [], None
+    for k, model, name in trained_rounds(ecfg, history, every_round=every_round):
         trajs = _rollouts(model, name, ecfg, prefill)
         crits = critique(trajs, Path(ecfg.out) / f"critiques_{name}.jsonl")
         _, cmp = behaviour(ecfg, tasks, base, trajs, crit_base, crits, reply_outcomes)
-        rows.append({"round": k, "model": model, "n": cmp["n"],
-                     "outcomes": {k: cmp["outcomes"][k] for k in ROUND_KEYS}})
+        row = {"round": k, "model": model, "n": cmp["n"], "outcomes": {k: cmp["outcomes"][k] for k in ROUND_KEYS}}
+        if k == 0:
+            cold = (trajs, crits)
+        elif cold is not None:
+            cold_trajs, cold_crits = cold
+            _, vs = behaviour(ecfg, tasks, cold_trajs, trajs, cold_crits, crits, reply_outcomes)
+            row["vs_cold_start"] = {k: vs["outcomes"][k] for k in ROUND_KEYS}
+        rows.append(row)
     return rows
 
 
@@ -136,6 +149,20 @@ def format_round_rows(rows: list[dict]) -> str:
             diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
             cells.append(f"{100 * o['after']['rate']:.1f}% ({diff}{ci_s}, p={fmt_p(o['p'])})")
         lines.append(f"| {'cold start' if r['round'] == 0 else r['round']} | " + " | ".join(cells) + " |")
+    after_cold = [r for r in rows if "vs_cold_start" in r]
+    if after_cold:
+        lines += ["", "Each on-policy round against the cold-started model (before = cold start), same tasks:", "",
+                  "| round | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for r in after_cold:
+            cells = []
+            for k in keys:
+                o = r["vs_cold_start"][k]
+                ci = o["ci95"]
+                ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+                diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
+                cells.append(f"{100 * o['before']['rate']:.1f}% -> {100 * o['after']['rate']:.1f}% ({diff}{ci_s}, "
+                             f"p={fmt_p(o['p'])})")
+            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -166,7 +193,7 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
     else:
         report = eval_main(ecfg, critique, outcome_fn=reply_outcomes, log=echo)
         t_rows = time.time()
-        rows = round_rows(ecfg, history, critique, prefill)
+        rows = round_rows(ecfg, history, critique, prefill, every_round=cfg.every_round)
         table = summary_table(report)
     wall = {**{f"loop_{k}": v for k, v in history.get("wall_s", {}).items()}, "heldout_eval": round(t_rows - t_eval, 1),
             "heldout_rounds": round(time.time() - t_rows, 1), "total": round(time.time() - t0, 1)}

@@ -72,3 +72,20 @@ def test_loop_with_cold_start_and_ceiling_on_a_tiny_model(tiny_model_dir, tmp_pa
     assert ceiling["n_tasks"] == 3 and ceiling["n_hinted"] == errors
     assert len((out / "round_1" / "ceiling" / "rollouts.jsonl").read_text().splitlines()) == errors
     assert "| cold start |" in (out / "loop.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_with_cold_start_pairs_each_round_with_the_cold_start(tiny_model_dir, tmp_path):
+    out = tmp_path / "demo"
+    r = opsd("demo", "--rounds", "1", "--no-early-stop", "--every-round", "--train.model", str(tiny_model_dir), *TINY,
+             "--eval.limit", "4", "--eval.max-new-tokens", "6", "--eval.precision", "fp32", "--out", str(out),
+             "--cold-start-steps", "1", "--cold-start-tasks", "bfcl:multiple:train", "--no-ceiling")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "report" / "rounds.json").read_text())
+    assert [x["round"] for x in rows] == [0, 1] and "vs_cold_start" not in rows[0]
+    vs = rows[1]["vs_cold_start"]["official_accuracy"]
+    assert vs["before"] == rows[0]["outcomes"]["official_accuracy"]["after"]  # before = the cold start's replies
+    assert vs["after"] == rows[1]["outcomes"]["official_accuracy"]["after"]
+    assert "against the cold-started model" in (out / "report" / "rounds.md").read_text()
+    wall = json.loads((out / "wall.json").read_text())
+    assert {"loop_cold_start", "loop_train", "heldout_eval", "total"} <= set(wall)
