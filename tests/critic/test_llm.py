@@ -239,20 +239,23 @@ def test_cli_reports_a_template_error_without_a_traceback(server, tmp_path):
 
 def test_the_schema_sent_is_one_a_constrained_decoder_enforces(server, llm_critic, enum_traj):
     """vLLM's xgrammar compiled the old schema (a top-level allOf/if/then) into `root ::= basic_any`: any JSON
-    value, so the request was accepted and nothing was enforced. The wire schema keeps only what it can enforce."""
-    from critic.llm import reply_schema
-
+    value, so the request was accepted and nothing was enforced. The wire schema keeps only what it can enforce:
+    an ok shape (all null) or an error shape whose step is one of this trajectory's assistant messages."""
     srv = server([Reply(GOOD)])
     _run(llm_critic(srv), enum_traj)
     sent = srv.requests[0]["response_format"]["json_schema"]["schema"]
-    assert not {"allOf", "anyOf", "oneOf", "if", "then", "$schema"} & set(sent)
-    assert sent["type"] == "object" and sent["additionalProperties"] is False
-    assert sent["required"] == reply_schema()["required"] and sent["properties"] == reply_schema()["properties"]
+    assert set(sent) == {"anyOf"}
+    error, ok = sent["anyOf"]
+    assert error["properties"]["verdict"] == {"const": "error"} and ok["properties"]["verdict"] == {"const": "ok"}
+    assert error["additionalProperties"] is False and ok["additionalProperties"] is False
+    assert error["properties"]["step"] == {"enum": [i for i, m in enumerate(enum_traj.messages) if m["role"] == "assistant"]}
+    assert all(ok["properties"][k] == {"type": "null"} for k in ("step", "quote", "hint", "category"))
     for key in ("quote", "hint", "category"):  # bounded strings: a reply cannot run on to max_tokens inside one
-        assert sent["properties"][key]["maxLength"] <= 400
+        assert 0 < error["properties"][key]["maxLength"] <= 300 and error["properties"][key]["minLength"] == 1
+    assert not any(k in json.dumps(sent) for k in ('"allOf"', '"if"', '"then"', '"$schema"'))
 
 
-def test_the_wire_schema_compiles_to_an_object_grammar_in_vllms_xgrammar():
+def test_the_wire_schema_compiles_to_an_object_grammar_in_vllms_xgrammar(enum_traj):
     """The check at the source: xgrammar from `make vllm` (skipped without it)."""
     import subprocess
     from pathlib import Path
@@ -265,14 +268,15 @@ def test_the_wire_schema_compiles_to_an_object_grammar_in_vllms_xgrammar():
         pytest.skip("needs the vLLM venv (make vllm)")
     code = ("import json, sys, xgrammar as xgr\n"
             "for s in json.loads(sys.stdin.read()):\n"
-            "    root = [l for l in str(xgr.Grammar.from_json_schema(s)).splitlines() if l.startswith('root ::=')][0]\n"
-            "    print(json.dumps(root))\n")
-    r = subprocess.run([python, "-c", code], input=json.dumps([wire_schema(), reply_schema()]), capture_output=True,
-                       text=True, timeout=120)
+            "    g = str(xgr.Grammar.from_json_schema(s)).splitlines()\n"
+            "    print(json.dumps(' '.join(l for l in g if l.startswith('root'))))\n")
+    r = subprocess.run([python, "-c", code], input=json.dumps([wire_schema(enum_traj), reply_schema()]),
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     wire_root, full_root = [json.loads(l) for l in r.stdout.splitlines()[-2:]]
-    assert '"\\"verdict\\""' in wire_root  # an object that starts with "verdict"
-    assert "basic_any" in full_root or "basic_object" in full_root  # the full schema: unconstrained (why it was)
+    assert "basic_string" in full_root.split("\n")[0]  # the file's schema: any JSON value (why nothing was enforced)
+    assert '"\\"verdict\\""' in wire_root and '("\\"ok\\"")' in wire_root and '("\\"error\\"")' in wire_root
+    assert '("2")' in wire_root and "basic_any" not in wire_root.split(" ")[2]  # step 2: the assistant message
 
 
 def test_a_reply_cut_off_at_max_tokens_is_named_as_such_and_not_reasked(server, llm_critic, enum_traj):

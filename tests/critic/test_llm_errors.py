@@ -16,7 +16,7 @@ def test_several_errors_become_one_critique_in_text_order(server, llm_critic, sa
     c = _run(llm_critic(srv), traj)
     assert c.verdict == "error" and [e["quote"] for e in c.errors] == ['"Oslo"', '"kelvin"']
     assert c.quote_at == c.errors[0]["quote_at"] < c.errors[1]["quote_at"] and problem(c, traj) is None
-    assert "errors" in srv.requests[0]["response_format"]["json_schema"]["schema"]["properties"]
+    assert "errors" in srv.requests[0]["response_format"]["json_schema"]["schema"]["anyOf"][0]["properties"]
 
 
 def test_errors_that_do_not_start_at_the_quote_are_reasked(server, llm_critic, samples):
