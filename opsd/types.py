@@ -25,6 +25,11 @@ class StageError(RuntimeError):
     """A stage cannot go on for a reason the user can fix; the message says what and how (the CLI prints it, exit 1)."""
 
 
+class ServerError(OSError):
+    """An inference server (opsd.serve) could not be started or reached, died, or refused an operation; the message
+    says why. (An OSError, like a refused connection, so the CLI reports it as one line, without a traceback.)"""
+
+
 def content_hash(obj: Any) -> str:
     """Stable 16-hex-digit hash of a JSON-serialisable object (key order independent)."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

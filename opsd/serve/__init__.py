@@ -14,7 +14,8 @@ from opsd.serve.adapters import (
     served_weights,
 )
 from opsd.serve.config import ServeConfig
-from opsd.serve.server import ServerError, VLLMServer
+from opsd.serve.server import VLLMServer
+from opsd.types import ServerError
 
 __all__ = ["AdapterClient", "AdapterError", "ServeConfig", "ServerError", "VLLMServer", "files_hash",
            "publish_adapter", "publish_full_weights", "served_weights"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from opsd.serve.server import ServerError
+from opsd.types import ServerError
 
 log = logging.getLogger(__name__)
 

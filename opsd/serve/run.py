@@ -13,7 +13,8 @@ import sys
 import time
 
 from opsd.serve.config import ServeConfig
-from opsd.serve.server import ServerError, VLLMServer, log_tail
+from opsd.serve.server import VLLMServer, log_tail
+from opsd.types import ServerError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # plus Ctrl-C (SIGINT, KeyboardInterrupt)
 

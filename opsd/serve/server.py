@@ -24,14 +24,11 @@ from pathlib import Path
 
 import httpx
 
+from opsd.serve.adapters import client_for
 from opsd.serve.config import VLLM_PYTHON_ENV, ServeConfig, default_vllm_python, vllm_python_candidates
+from opsd.types import ServerError
 
 log = logging.getLogger(__name__)
-
-
-class ServerError(OSError):
-    """The server could not be started or reached, died, or refused an operation; the message says why.
-    (An OSError, like a refused connection, so the CLI reports it as one line, without a traceback.)"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,8 +135,6 @@ class VLLMServer:
         """After a restart the server has forgotten its runtime adapters: load them again under the same names."""
         if not self.adapters:
             return
-        from opsd.serve.adapters import client_for
-
         client = client_for(self)
         for name, path in self.adapters.items():
             client.load(name, path)
