@@ -9,6 +9,8 @@ A server can echo the `Authorization` header in an error body, and a base URL ma
 in its query (`...?api-key=KEY`) that the HTTP client prints in its request log. Messages are
 redacted where they are made (`LLMCritic.redact`); `redacting_logs` is the net under that:
 a filter on the log handlers that rewrites any record containing a secret, traceback included.
+The redaction itself (`redact`, `url_secrets`, `redact_url(s)`, `redacted` for whole config dumps)
+lives in `opsd.redact`, the one place every opsd writer and Config repr uses too.
 """
 from __future__ import annotations
 
@@ -17,17 +19,10 @@ import logging
 from typing import Iterable, Iterator
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-MASK = "***"
-MIN_SECRET_CHARS = 6  # shorter values are not secrets worth masking (and would mangle every message)
+from opsd.redact import MASK, MIN_SECRET_CHARS, redact, redact_url, redact_urls, redacted, url_secrets
 
-
-def url_secrets(url: str) -> list[str]:
-    """Credentials inside a URL: every query value and the userinfo password."""
-    parts = urlsplit(url or "")
-    out = [v for _, v in parse_qsl(parts.query, keep_blank_values=False)]
-    if parts.password:
-        out.append(parts.password)
-    return out
+__all__ = ["MASK", "MIN_SECRET_CHARS", "RedactingFilter", "redact", "redact_url", "redact_urls", "redacted",
+           "redacting_logs", "split_query", "url_secrets"]
 
 
 def split_query(url: str) -> tuple[str, dict[str, str]]:
@@ -35,13 +30,6 @@ def split_query(url: str) -> tuple[str, dict[str, str]]:
     parameter of every request instead of being glued into the path by the client."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(query="", fragment="")), dict(parse_qsl(parts.query))
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret (of at least MIN_SECRET_CHARS chars) replaced by ***."""
-    for s in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True):
-        text = text.replace(s, MASK)
-    return text
 
 
 class RedactingFilter(logging.Filter):

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 
 import tyro
 
+from opsd.redact import redact_url, redacted_repr
+
 CRITIC_NAMES = ("schema", "reference", "llm", "schema+reference", "schema+llm")  # == critic.CRITICS (tested)
 LLM_CRITICS = ("llm", "schema+llm")
 RETRY_FAILED = ("transport", "none", "all")  # == critic.runner.RETRY_FAILED (tested)
@@ -70,7 +72,8 @@ class CriticConfig:
         if self.name in LLM_CRITICS and not self.model:
             raise ValueError(f"model: the {self.name} critic needs the model name on the endpoint (--critic.model M)")
         if not re.match(r"^https?://[^/\s]+", self.base_url or ""):
-            raise ValueError(f"base_url: must be an http(s) URL such as http://localhost:8000/v1, got {self.base_url!r}")
+            raise ValueError(f"base_url: must be an http(s) URL such as http://localhost:8000/v1, got "
+                             f"{redact_url(self.base_url or '')!r}")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env or ""):
             raise ValueError(f"api_key_env: must be the NAME of an environment variable (not the key), "
                              f"got {self.api_key_env!r}")
@@ -93,6 +96,9 @@ class CriticConfig:
     @property
     def uses_llm(self) -> bool:
         return self.name in LLM_CRITICS
+
+    def __repr__(self) -> str:  # a key in base_url (?api-key=..., user:key@) never shows, in any message
+        return redacted_repr(self)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 from opsd.eval import stats
 from opsd.eval.config import EvalConfig
 from opsd.io.tasks import bfcl_multi_turn as mt
+from opsd.redact import redacted
 from opsd.types import Critique, Trajectory
 
 REPORT_VERSION = 1
@@ -187,7 +188,8 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, max_steps_per_turn: int | 
     ob, oa = [p["before"] for p in per_task], [p["after"] for p in per_task]
     kw = {"n_boot": cfg.bootstrap, "seed": cfg.seed}
     report: dict = {
-        "version": REPORT_VERSION, "config": asdict(cfg) | {"prefill": prefill, "max_steps_per_turn": max_steps_per_turn},
+        "version": REPORT_VERSION,
+        "config": redacted(asdict(cfg) | {"prefill": prefill, "max_steps_per_turn": max_steps_per_turn}),
         "n_tasks": len(tasks), "n_paired": len(per_task), **compare_episodes(per_task, **kw),
         "first_error_position": {"before": position_summary(ob), "after": position_summary(oa)},
         "finish_reasons": {k: dict(Counter(o["finish_reason"] for o in v)) for k, v in (("before", ob), ("after", oa))},

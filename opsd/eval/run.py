@@ -36,6 +36,7 @@ import torch
 from opsd.eval import metrics, stats
 from opsd.eval.config import EvalConfig
 from opsd.eval.stats import rate, wilson  # noqa: F401  (re-exported: used by callers of opsd.eval.run)
+from opsd.redact import redacted
 from opsd.types import Critique, Trajectory
 
 REPORT_VERSION = 2
@@ -317,7 +318,7 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     crit_b = critique_fn(trajs_b, out / "critiques_after.jsonl")
     log("[eval 3/5] per-reply outcomes (names, official checker, every error) and paired comparisons")
     per_task, comparison = behaviour(cfg, tasks, trajs_a, trajs_b, crit_a, crit_b, outcome_fn)
-    report: dict = {"version": REPORT_VERSION, "config": asdict(cfg) | {"prefill": prefill},
+    report: dict = {"version": REPORT_VERSION, "config": redacted(asdict(cfg) | {"prefill": prefill}),
                     "data": _data_summary(cfg, tasks), "comparison": comparison}
     log("[eval 4/5] teacher-forced error-span metrics and collateral on ground-truth calls")
     model_a, tok = models.load(cfg.before, device=cfg.device, precision=cfg.precision)

@@ -59,6 +59,7 @@ from opsd.pipelines.compare_report import format_compare, method_row
 from opsd.pipelines.compare_seeds import format_tradeoff, tradeoff_plot, write_seeds
 from opsd.pipelines.demo import HELDOUT_SPEC
 from opsd.pipelines.loop import TRAIN_SPEC, VALIDATION_SPEC, Validation, file_digest, summarise_validation, trained
+from opsd.redact import redacted
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
@@ -368,7 +369,7 @@ def run_one(cfg: CompareConfig, *, echo: Callable[[str], None] = print) -> dict:
     echo(f"[compare 3/4] {', '.join(cfg.method_list)} at lr {cfg.lrs}, {cfg.steps} steps each")
     records = [run_method(cfg, m, data[m], critique, prefill, base_val, out, echo) for m in cfg.method_list]
     echo("[compare 4/4] held-out evaluation, once per method")
-    result = {"config": dataclasses.asdict(cfg), "shared": {"rollouts": len(trajs), "shared_wall_s": shared_s,
+    result = {"config": redacted(cfg), "shared": {"rollouts": len(trajs), "shared_wall_s": shared_s,
               "errors": sum(c.verdict == "error" for c in crits), "critique_failed": sum(c.verdict == "failed" for c in crits),
               "passed": data["reward"]["passed"]},
               "base_validation": dataclasses.asdict(base_val), "methods": records,

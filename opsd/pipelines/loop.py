@@ -52,6 +52,7 @@ from opsd.io.tasks.overlap import check_off_heldout
 from opsd.logs import as_paths
 from opsd.pipelines.cold_start import cold_start
 from opsd.pipelines.validation import Validation, summarise_validation
+from opsd.redact import redacted
 from opsd.rollout.config import RolloutConfig
 from opsd.rollout.run import load_rollouts
 from opsd.rollout.run import main as rollout_main
@@ -281,7 +282,7 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
     base = cfg.train.model
     prefill = RolloutConfig(model=base, prefill=cfg.rollout.prefill).resolved_prefill()
     stages = Stages()  # wall seconds per stage, the rounds' summed (loop.json "wall_s")
-    history: dict = {"config": dataclasses.asdict(cfg), "rounds": [], "best_round": 0, "best_model": base,
+    history: dict = {"config": redacted(cfg), "rounds": [], "best_round": 0, "best_model": base,
                      "stopped_early": False, "wall_s": stages.wall_s}
     best: Validation | None = None
     student, served = base, (server.model_name if server is not None else None)

@@ -14,7 +14,7 @@ Every trajectory's meta says how it was made:
   the server's own template, text only; reported once as a warning);
 - `weights`: which weights answered, from the server's /v1/models before the first request:
   {"model", "adapter" (name or None for the base), "path", "hash" (sha256 of the files, when local)};
-- `server`: the base URL.
+- `server`: the base URL, credentials masked (`?api-key=***`, `user:***@`).
 A model the server does not list stops the stage before anything is written. Failed requests
 (timeouts, a dead server) go to OUT.errors.jsonl and are retried by the next run; finished replies
 are never asked for twice.
@@ -31,6 +31,7 @@ import httpx
 from opsd.io.models import load_tokenizer
 from opsd.io.records import ResumableJsonl
 from opsd.io.tasks import Task
+from opsd.redact import redact_url
 from opsd.render import eot_ids, prompt_ids
 from opsd.rollout.client import run_chat
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
@@ -115,11 +116,11 @@ def probe_token_ids(cfg: RolloutConfig, model: str, ids: list[int]) -> bool:
     try:
         r = httpx.post(cfg.base_url.rstrip("/") + "/completions", json=body, timeout=max(cfg.timeout, 60.0))
     except httpx.HTTPError as e:
-        raise ServerError(f"{cfg.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
+        raise ServerError(cfg.redact(f"{cfg.base_url}: cannot reach the server ({type(e).__name__}: {e})")) from None
     if r.status_code in (400, 404, 405, 422, 501):
         return False
     if r.status_code != 200:
-        raise ServerError(f"{cfg.base_url}/completions: HTTP {r.status_code}: {r.text[:300]}")
+        raise ServerError(cfg.redact(f"{cfg.base_url}/completions: HTTP {r.status_code}: {r.text[:300]}"))
     choice = (r.json().get("choices") or [{}])[0]
     return "token_ids" in choice and "prompt_token_ids" in choice
 
@@ -133,11 +134,11 @@ def run_completions(cfg: RolloutConfig, todo: list[tuple[Task, int, str]], out: 
     prefill_ids = tok(prefill, add_special_tokens=False)["input_ids"] if prefill else []
     prompts = {key: prompt_ids(task.messages, task.tools, tok) + prefill_ids for task, _, key in todo}
     token_exact = probe_token_ids(cfg, model, next(iter(prompts.values()))) if todo else True
-    meta = {"api": "completions" if token_exact else "chat", "weights": weights, "server": cfg.base_url}
+    meta = {"api": "completions" if token_exact else "chat", "weights": weights, "server": redact_url(cfg.base_url)}
     writer = Writer(cfg, out, errors, bar, meta)
     if not token_exact:
         log.warning("%s takes no prompt ids on /v1/completions: falling back to chat completions (NOT token-exact)",
-                    cfg.base_url)
+                    redact_url(cfg.base_url))
         run_chat(cfg, todo, writer)
         return meta
     eos = set(eot_ids(tok, cfg.model))  # the hf backend's ids, generation config included: same replies

@@ -5,10 +5,12 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsd.io.models import PRECISIONS, generation_settings
+from opsd.redact import redact, redact_urls, redacted_repr, url_secrets
 from opsd.types import content_hash
 
 STOP_TEXT = "</tool_call>"
@@ -64,6 +66,17 @@ class RolloutConfig:
             raise ValueError(f"prefill_steps: must be turn_start, every_step or never, got {self.prefill_steps!r}")
         if self.backend in ("openai", "completions") and not self.base_url:
             raise ValueError(f"the {self.backend} backend needs --base-url")
+
+    def __repr__(self) -> str:  # a key in base_url never shows
+        return redacted_repr(self)
+
+    def secrets(self) -> list[str]:
+        """What no output may hold: the API key in the environment and the credentials in base_url."""
+        return [os.environ.get(self.api_key_env) or "", *url_secrets(self.base_url or "")]
+
+    def redact(self, text: str) -> str:
+        """`text` fit to be written or printed: URL credentials and `secrets()` masked."""
+        return redact(redact_urls(text), self.secrets())
 
     def resolved_prefill(self) -> str:
         if self.prefill is not None:

@@ -31,7 +31,9 @@ import logging
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -101,6 +103,30 @@ class Writer:
         self.bar.update(1)
 
 
+class RedactingWriter:
+    """A text file whose every write goes through `redact` first (the error lines of every backend)."""
+
+    def __init__(self, f, redact: Callable[[str], str]):
+        self.f, self.redact = f, redact
+
+    def write(self, text: str) -> int:
+        return self.f.write(self.redact(text))
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@contextmanager
+def redacting_errors(cfg: RolloutConfig) -> Iterator[None]:
+    """An exception leaving the stage (a ServerError, an unreachable server) says what failed without a secret."""
+    try:
+        yield
+    except Exception as e:
+        if e.args and any(isinstance(a, str) and cfg.redact(a) != a for a in e.args):
+            e.args = tuple(cfg.redact(a) if isinstance(a, str) else a for a in e.args)
+        raise
+
+
 def load_rollouts(cfg: RolloutConfig) -> list:
     """The trajectories `main(cfg)` wrote for exactly this config (the file may hold other runs')."""
     from opsd.io.records import read_jsonl
@@ -120,8 +146,10 @@ def main(cfg: RolloutConfig) -> dict:
     errors_path = Path(str(cfg.out) + ".errors.jsonl")
     t0 = time.time()
     decode: DecodeStats | None = None
-    with open(errors_path, "w", encoding="utf-8") as errors, \
-            tqdm(total=len(todo), desc="rollout", unit="reply", disable=False, file=sys.stderr) as bar:
+    with open(errors_path, "w", encoding="utf-8") as error_file, \
+            tqdm(total=len(todo), desc="rollout", unit="reply", disable=False, file=sys.stderr) as bar, \
+            redacting_errors(cfg):
+        errors = RedactingWriter(error_file, cfg.redact)  # every backend's error lines: no key, no URL credentials
         if todo:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
