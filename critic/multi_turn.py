@@ -50,7 +50,7 @@ from critic.calls import (
     render_value,
     string_content_span,
 )
-from critic.reference import Problem, match_calls, missing_call_span, parse_ground_truth
+from critic.matching import Problem, match_calls, missing_call_span, parse_ground_truth, reply_problems
 from critic.schema import (
     call_issues,
     closing_span,
@@ -318,7 +318,7 @@ def check_steps(critic, traj: Trajectory) -> Critique:
         issues = [iss for b in blocks if not b.ok for iss in call_issues(text, b, tools, start)]
         issues += [iss for b in free_calls for iss in call_issues(text, b, tools, start)]
         if not issues and free_calls:
-            issues = critic._problems(text, start, free_calls, free_gt, tools, missing=False)
+            issues = reply_problems(text, start, free_calls, free_gt, tools, missing=False)
         if issues or len(calls) < len(blocks):
             return critic.first_error(traj, i, text, start, issues, _PRIORITY)
         remaining, last = free_gt, (i, text, start, calls)

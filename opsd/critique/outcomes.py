@@ -17,12 +17,8 @@ never imports `critic` itself.
 from __future__ import annotations
 
 from critic.calls import extract_calls
-from critic.reference import (
-    ReferenceCritic,
-    call_problems,
-    match_calls,
-    parse_ground_truth,
-)
+from critic.matching import call_problems, match_calls, parse_ground_truth
+from critic.reference import ReferenceCritic
 from critic.schema import call_issues, tools_by_name
 from opsd.render import message_text
 from opsd.types import Trajectory

@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from critic.reference import ReferenceCritic, standardize, value_ok
+from critic.matching import standardize, value_ok
+from critic.reference import ReferenceCritic
 from critic.validate import check_critique, lint_hint
 from opsd.io.tasks import bfcl
 from opsd.io.trajectories import load_trajectories
