@@ -36,9 +36,9 @@ from opsd.render import eot_ids, prompt_ids
 from opsd.rollout.client import run_chat
 from opsd.rollout.config import STOP_TEXT, RolloutConfig
 from opsd.rollout.hf import expects_parallel
-from opsd.rollout.run import Writer
+from opsd.rollout.writer import Writer
 from opsd.serve.adapters import AdapterClient, served_weights
-from opsd.serve.server import ServerError
+from opsd.types import ServerError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ on the next run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -38,69 +37,17 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from opsd.io.records import ResumableJsonl, write_records
-from opsd.io.tasks import Task, load_tasks
-from opsd.io.trajectories import parse_tool_call_text
+from opsd.io.records import ResumableJsonl, read_jsonl, write_records
+from opsd.io.tasks import load_tasks
 from opsd.rollout import multi_turn
 from opsd.rollout.client import run_chat
+from opsd.rollout.completions import run_completions
 from opsd.rollout.config import RolloutConfig, prefill_arg
 from opsd.rollout.hf import DecodeStats, generate_batch, run_hf
+from opsd.rollout.writer import Writer, make_trajectory, parse_calls
+from opsd.types import Trajectory
 
 log = logging.getLogger(__name__)
-
-
-def parse_calls(text: str) -> tuple[list[dict], str | None]:
-    """Tool calls in a raw reply, and a parse error (None when every call parsed)."""
-    _, calls, errors = parse_tool_call_text(text)
-    opened = text.count("<tool_call>")
-    if errors:
-        return calls, "; ".join(errors)
-    if opened > len(calls):
-        return calls, "unterminated <tool_call> block (reply cut off)"
-    if not calls:
-        return calls, "no tool call in reply"
-    return calls, None
-
-
-def make_trajectory(task: Task, sample: int, content: str, *, token_ids: list[int] | None, finish: str,
-                    cfg: RolloutConfig, key: str, tool_calls: list[dict] | None = None, meta: dict | None = None) -> dict:
-    calls, err = parse_calls(content)
-    if tool_calls:  # native calls from an OpenAI-compatible server
-        calls, err = tool_calls, None
-    msg: dict = {"role": "assistant", "content": content}
-    prefill = cfg.resolved_prefill()
-    if prefill and content.startswith(prefill):
-        msg["prefill"] = prefill  # forced by us, not chosen by the model
-    if calls:
-        msg["tool_calls"] = calls
-    if token_ids is not None:
-        msg["token_ids"] = token_ids
-    meta = {"task_id": task.id, "sample": sample, "model": str(cfg.model), "backend": cfg.backend,
-            "finish_reason": finish, "parse_error": err, "rollout_config": cfg.hash(), **(meta or {}), **task.meta,
-            **cfg.extra_meta}
-    if task.ground_truth is not None:
-        meta["ground_truth"] = task.ground_truth
-    return {"id": f"{task.id}#s{sample}", "key": key, "messages": task.messages + [msg], "tools": task.tools,
-            "meta": meta}
-
-
-class Writer:
-    """Where the backends put their results: a reply becomes a trajectory line, a failure a line of
-    OUT.errors.jsonl (retried by the next run); both advance the progress bar."""
-
-    def __init__(self, cfg: RolloutConfig, out, errors, bar, meta: dict | None = None):
-        self.cfg, self.out, self.errors, self.bar, self.meta = cfg, out, errors, bar, meta or {}
-
-    def reply(self, task: Task, sample: int, key: str, content: str, *, token_ids: list[int] | None, finish: str,
-              tool_calls: list[dict] | None = None) -> None:
-        self.out.append(make_trajectory(task, sample, content, token_ids=token_ids, finish=finish, cfg=self.cfg,
-                                        key=key, tool_calls=tool_calls, meta=self.meta))
-        self.bar.update(1)
-
-    def error(self, task: Task, sample: int, key: str, error: str) -> None:
-        self.errors.write(json.dumps({"key": key, "task_id": task.id, "sample": sample, "error": error}) + "\n")
-        self.errors.flush()
-        self.bar.update(1)
 
 
 class RedactingWriter:
@@ -129,9 +76,6 @@ def redacting_errors(cfg: RolloutConfig) -> Iterator[None]:
 
 def load_rollouts(cfg: RolloutConfig) -> list:
     """The trajectories `main(cfg)` wrote for exactly this config (the file may hold other runs')."""
-    from opsd.io.records import read_jsonl
-    from opsd.types import Trajectory
-
     suffix = "@" + cfg.hash()
     return [Trajectory.from_dict(r) for r in read_jsonl(cfg.out) if r.get("key", "").endswith(suffix)]
 
@@ -159,8 +103,6 @@ def main(cfg: RolloutConfig) -> dict:
             if todo_single and cfg.backend == "hf":
                 decode = run_hf(cfg, todo_single, Writer(cfg, out, errors, bar, {"precision": cfg.resolved_precision()}))
             elif todo_single and cfg.backend == "completions":  # token-exact server rollouts
-                from opsd.rollout.completions import run_completions
-
                 run_completions(cfg, todo_single, out, errors, bar)
             elif todo_single:
                 run_chat(cfg, todo_single, Writer(cfg, out, errors, bar))
