@@ -166,6 +166,32 @@ def test_secrets_never_reach_output_logs_or_records(samples, server, tmp_path, v
     assert FAKE_KEY not in stdout + stderr and QUERY_KEY not in stdout + stderr
 
 
+USER_KEY = "uk-USERINFO-SECRET-1234567"
+
+
+def test_a_key_in_the_url_userinfo_reaches_no_output(samples, server, tmp_path):
+    """`http://user:KEY@host/v1`: the server echoes the Authorization header it got (the client's Basic token of
+    user:KEY, or the Bearer key) and the URL; neither the key nor its Basic token is in stdout, stderr or any file."""
+    import base64
+
+    logs = _variants(samples, 4, tmp_path / "logs.jsonl")
+    basic = base64.b64encode(f"user:{USER_KEY}".encode()).decode()
+    leak = {"error": {"message": f"rejected 'Authorization: Basic {basic}' and Bearer {FAKE_KEY} for "
+                                 f"http://user:{USER_KEY}@host/v1"}}
+    srv = server([Status(500, leak)] * 4)
+    url = srv.base_url.replace("http://", f"http://user:{USER_KEY}@")
+    p = _cli("-v", "critique", "--in", str(logs), "--out", str(tmp_path / "c.jsonl"), "--critic.name", "llm",
+             "--critic.base-url", url, "--critic.model", "m", "--critic.max-attempts", "1", "--critic.backoff", "0.01",
+             "--critic.concurrency", "1", env={"OPENAI_API_KEY": FAKE_KEY})
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1 and "***" in (tmp_path / "c.jsonl").read_text(), stderr[-2000:]
+    for secret in (USER_KEY, basic, FAKE_KEY):
+        assert secret not in stdout and secret not in stderr
+        for f in tmp_path.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+
+
 def test_a_run_that_fails_as_a_whole_exits_non_zero(samples, server, tmp_path):
     logs = _variants(samples, 4, tmp_path / "logs.jsonl")
     srv = server([Status(503)] * 100)
