@@ -16,7 +16,8 @@ The held-out tasks are the pipeline's own (`--eval.tasks`, `--heldout-tasks`) pl
 category, single- and multi-turn (`opsd loop` scores no held-out split itself, but the demo, compare and
 `opsd eval` do). The splits are disjoint by construction (every question lands in one split), so the check
 refuses what can leak: a spec without a split (`bfcl:multiple` = `all`), a held-out spec used for training,
-and a task file that holds held-out questions. A task file that does not exist yet is left to its stage.
+and a task file that holds held-out questions. A spec that does not load (a task file that does not exist yet,
+an unknown category) is left to its stage, which reports it.
 """
 from __future__ import annotations
 
@@ -47,12 +48,15 @@ def _questions_cached(spec: str, stamp: tuple) -> tuple[tuple[str, str, str], ..
 
 
 def questions(spec: str) -> tuple[tuple[str, str, str], ...] | None:
-    """(task id, question, spec) of every task of `spec` (all of it, not a sample); None for a task file that does
-    not exist (yet) or BFCL data that is not installed."""
+    """(task id, question, spec) of every task of `spec` (all of it, not a sample); None for a spec that does not
+    load (a task file that does not exist yet, an unknown category, BFCL data not installed: its stage says so)."""
     if spec.startswith("bfcl:"):
         if importlib.util.find_spec("bfcl_eval") is None:
             return None
-        return _questions_cached(spec, ())
+        try:
+            return _questions_cached(spec, ())
+        except ValueError:
+            return None
     p = Path(spec)
     if not p.is_file():
         return None
