@@ -2,6 +2,7 @@
 
     flock /tmp/opsd-torch.lock python bench/rollout.py             # 64 held-out tasks, ~6 min on 2 cores
     flock /tmp/opsd-torch.lock python bench/rollout.py --quick     # 4 tasks, 8 new tokens
+    python bench/rollout.py --device cuda --rounds 1 --no-fp32     # on a GPU (scripts/gpu_check.sh)
 
 Same model (embedded SmolLM2-135M), same first N tasks of `bfcl:simple_python:heldout` (the 64
 prompts of the vLLM-CPU measurement in issue 16), same prompts (`opsd.render.prompt_ids` + the
@@ -65,7 +66,7 @@ def run_naive(a, precision: str) -> dict:
     from opsd.io import models
 
     t0 = time.perf_counter()
-    model, tok = models.load(a.model, device="cpu", precision=precision)
+    model, tok = models.load(a.model, device=a.device, precision=precision)
     load_s = time.perf_counter() - t0
     tasks, prefill, prompts = _prompts(a, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -74,8 +75,8 @@ def run_naive(a, precision: str) -> dict:
         for i in range(0, len(prompts), a.naive_batch):
             chunk = prompts[i:i + a.naive_batch]
             L = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=model.device)
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=model.device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.max_new_tokens,
                                  do_sample=False, pad_token_id=pad)
             decoded_slots += out.shape[0] * (out.shape[1] - L)  # rows decoded, finished or not
@@ -96,7 +97,7 @@ def run_opsd(a, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rollouts.jsonl"
         cfg = RolloutConfig(tasks=a.tasks, out=str(out), model=a.model, limit=a.limit, batch_size=a.batch,
-                            max_new_tokens=a.max_new_tokens, device="cpu", precision=precision)
+                            max_new_tokens=a.max_new_tokens, device=a.device, precision=precision)
         t0 = time.perf_counter()
         summary = main(cfg)
         wall = time.perf_counter() - t0
@@ -129,7 +130,7 @@ def run_profile(a, precision: str) -> dict:
     from opsd.io import models
     from opsd.rollout.hf import DecodeStats, auto_batch_size, generate_batch
 
-    model, tok = models.load(a.model, device="cpu", precision=precision)
+    model, tok = models.load(a.model, device=a.device, precision=precision)
     _, _, prompts = _prompts(a, tok)
     pad = tok.pad_token_id
     out: dict = {"precision": models.precision_of(model)}
@@ -138,8 +139,8 @@ def run_profile(a, precision: str) -> dict:
         for i in range(0, len(prompts), a.naive_batch):
             chunk = prompts[i:i + a.naive_batch]
             L = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=model.device)
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=model.device)
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=pad)
     out["naive_prefill_s"] = time.perf_counter() - t0
     out["naive_padded_prompt_tokens"] = sum(
@@ -163,7 +164,8 @@ def child(side: str, precision: str, a) -> tuple[dict, dict]:
     path = child_json_path()
     cmd = [sys.executable, __file__, "--side", side, "--precision", precision, "--out-json", path,
            "--model", a.model, "--tasks", a.tasks, "--limit", str(a.limit), "--max-new-tokens", str(a.max_new_tokens),
-           "--naive-batch", str(a.naive_batch), "--batch", str(a.batch), "--profile", str(a.profile)]
+           "--naive-batch", str(a.naive_batch), "--batch", str(a.batch), "--profile", str(a.profile),
+           "--device", a.device]
     return run_child(cmd, cwd=ROOT, out_json=path)
 
 
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--naive-batch", type=int, default=8)
     p.add_argument("--batch", type=int, default=0, help="opsd rollout batch size (0: from memory, its default)")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16: the precision of the headline rounds")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     p.add_argument("--rounds", type=int, default=2, help="rounds of naive / opsd (A B A B) at --precision")
+    p.add_argument("--reruns", type=int, default=3, help="at most this many rounds run again because others used the CPU")
     p.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 round (speed-up and numerics)")
     p.add_argument("--profile", type=int, default=0, help="also profile where the time goes (top-N ops); 0: off")
     p.add_argument("--quick", action="store_true", help="smoke sizes: 4 tasks, 8 new tokens, 1 round")
@@ -220,12 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     from opsd.eval.stats import paired_binary
     from opsd.io.models import resolve_precision
 
-    prec = resolve_precision(a.precision, "cpu")
+    prec = resolve_precision(a.precision, a.device)
     print(f"rollout benchmark: {a.limit} tasks of {a.tasks}, max_new_tokens {a.max_new_tokens}, {a.rounds} round(s) "
           f"naive/opsd at {prec}" + (" + 1 at fp32" if a.fp32 and prec != "fp32" else ""), flush=True)
-    runs = timed_rounds(["naive", "opsd"], a.rounds, lambda s: child(s, prec, a))
+    runs = timed_rounds(["naive", "opsd"], a.rounds, lambda s: child(s, prec, a), max_reruns=a.reruns)
     result: dict = {"config": {k: getattr(a, k) for k in ("model", "tasks", "limit", "max_new_tokens", "naive_batch",
-                                                          "batch", "rounds")} | {"precision": prec},
+                                                          "batch", "rounds", "device")} | {"precision": prec},
                     "sides": {s: side_summary(runs[s], a.limit) for s in ("naive", "opsd")},
                     "discarded_rounds": runs["discarded"]}
     ref = runs["naive"][0]
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["rollout_speedup"] = min(per_round)
     result["vllm_warm_s"] = VLLM_WARM_S
     if a.fp32 and prec != "fp32":
-        runs32 = timed_rounds(["naive", "opsd"], 1, lambda s: child(s, "fp32", a))
+        runs32 = timed_rounds(["naive", "opsd"], 1, lambda s: child(s, "fp32", a), max_reruns=a.reruns)
         n32, o32 = runs32["naive"][0], runs32["opsd"][0]
         result["fp32"] = {"sides": {s: side_summary(runs32[s], a.limit) for s in ("naive", "opsd")},
                           "speedup": (o32["items"] / o32["wall_s"]) / (n32["items"] / n32["wall_s"]),

@@ -13,11 +13,12 @@ on the same trajectories as opsd, at a given precision.
   instead of generating), so it trains on exactly the tokens opsd trains on; the rest of its step
   (batching, padding, masks, the loss, backward, optimizer) is TRL's own code.
 
-Both run where `a.device` says (CPU by default; `bench/step.py --device cuda`). Both: same AdamW settings as opsd, grad clip 1.0, gradient checkpointing off (TRL turns it on by
-default, and bf16 too, even on CPU), bf16 autocast with fp32 master weights exactly when the
-precision is bf16 (`bf16=True`, as opsd's bf16). Their teacher reads the student's input ids: neither
-trainer can give the teacher a different (hinted) sequence, so their teacher sees no hint. The
-timed interval is `on_step_begin` -> `on_step_end` (data, forward, backward, clip, optimizer step).
+Both run where `a.device` says (CPU by default; `bench/step.py --device cuda`). Both: same AdamW settings
+as opsd, grad clip 1.0, gradient checkpointing off (TRL turns it on by default, and bf16 too, even on
+CPU), bf16 autocast with fp32 master weights exactly when the precision is bf16 (`bf16=True`, as opsd's
+bf16). Their teacher reads the student's input ids: neither trainer can give the teacher a different
+(hinted) sequence, so their teacher sees no hint. The timed interval is `on_step_begin` -> `on_step_end`
+(data, forward, backward, clip, optimizer step).
 """
 from __future__ import annotations
 
