@@ -47,7 +47,7 @@ import logging
 import os
 import re
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,6 +69,7 @@ from critic.base import (
     BaseCritic,
     CriticFatalError,
 )
+from critic.llm_config import LLMConfig
 from critic.redact import redact, split_query, url_secrets
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, locate_quote, problem
 from opsd.render import message_text
@@ -94,42 +95,6 @@ class TransportError(RuntimeError):
     def __init__(self, message: str, *, retryable: bool = True):
         super().__init__(message)
         self.retryable = retryable
-
-
-@dataclass
-class LLMConfig:
-    """Settings of the LLM critic. The API key is NOT here: it is read from `api_key_env`."""
-
-    base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp ...)"})
-    model: str = field(default="", metadata={"help": "model name sent in each request"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the key"})
-    prompt: str | None = field(default=None, metadata={"help": "custom Jinja2 template file; None = prompts/critic/locate_error.j2"})
-    timeout: float = field(default=300.0, metadata={"help": "seconds per request (a small model on a CPU server "
-                                                                 "takes minutes under concurrent requests)"})
-    max_attempts: int = field(default=5, metadata={"help": "transport attempts per request (1 = no retry)"})
-    backoff: float = field(default=1.0, metadata={"help": "first backoff wait in seconds (doubles, plus jitter)"})
-    max_wait: float = field(default=30.0, metadata={"help": "cap on one wait, Retry-After included"})
-    max_reasks: int = field(default=2, metadata={"help": "re-asks of an invalid reply"})
-    temperature: float = field(default=0.0, metadata={"help": "sampling temperature"})
-    max_tokens: int = field(default=384, metadata={"help": "completion budget per reply (the reply schema bounds "
-                                                                "a reply to about 250 tokens)"})
-    structured: bool = field(default=True, metadata={"help": "ask for response_format json_schema (falls back if rejected)"})
-    max_hint_tokens: int = field(default=DEFAULT_MAX_HINT_TOKENS, metadata={"help": "hint length limit (validation)"})
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("the LLM critic needs a model name (--model)")
-        if not re.match(r"^https?://", self.base_url or ""):
-            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env or ""):
-            raise ValueError(f"api_key_env must be an environment variable name, got {self.api_key_env!r}")
-        for name in ("timeout", "backoff", "max_wait"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_attempts < 1 or self.max_reasks < 0 or self.max_tokens < 1:
-            raise ValueError("max_attempts must be >= 1, max_reasks >= 0 and max_tokens >= 1")
-        if self.prompt is not None and not Path(self.prompt).is_file():
-            raise ValueError(f"prompt template {self.prompt!r} is not a file")
 
 
 def _tojson(x, indent=None) -> str:

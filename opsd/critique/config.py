@@ -7,53 +7,39 @@ Flags and YAML are generated from these fields; eval, demo and loop nest `Critic
     CritiqueConfig(inputs=["logs.jsonl"], out="critiques.jsonl",
                    critic=CriticConfig(name="llm", base_url="http://localhost:8000/v1", model="Qwen/Qwen2.5-7B-Instruct"))
 
-This module imports nothing heavy (no jinja2, openai or the `critic` package).
+The LLM options and their checks are `critic.llm_config.LLMConfig`'s, inherited (one source); this module
+does not import openai (`critic.llm` does).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from opsd.redact import redact_url, redacted_repr
+from critic.llm_config import LLMConfig
 
 CRITIC_NAMES = ("schema", "reference", "llm", "schema+reference", "schema+llm")  # == critic.CRITICS (tested)
 LLM_CRITICS = ("llm", "schema+llm")
 RETRY_FAILED = ("transport", "none", "all")  # == critic.runner.RETRY_FAILED (tested)
-MIN_HINT_TOKENS = 16  # rule critics' shortest hints (the fallback, 9) must fit; a hint below ~16 says nothing
 
 
-@dataclass
-class CriticConfig:
+@dataclass(repr=False)
+class _CriticName:
     name: Literal["schema", "reference", "llm", "schema+reference", "schema+llm"] = field(
         default="schema+reference", metadata={"help": "schema: calls against the tool schemas; reference: the first "
                                               "reply against meta.ground_truth (BFCL); llm: any OpenAI-compatible "
                                               "model; schema+reference: schema, then reference where there is ground "
                                               "truth; schema+llm: the LLM, with schema overruling an LLM 'ok'"})
-    base_url: str = field(default="https://api.openai.com/v1", metadata={
-        "help": "llm: OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp ...); a ?api-key=... query is sent with "
-                "every request and never printed"})
-    model: str = field(default="", metadata={"help": "llm: model name on that endpoint (required for llm critics)"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "llm: environment variable holding the API key (the key itself is never a flag, logged or written)"})
-    prompt: str | None = field(default=None, metadata={
-        "help": "llm: custom Jinja2 prompt template (None: prompts/critic/locate_error.j2)"})
-    timeout: float = field(default=300.0, metadata={"help": "llm: seconds per request (a small model on a CPU server "
-                                                                  "needs minutes under concurrent requests)"})
-    max_attempts: int = field(default=5, metadata={"help": "llm: transport attempts per request (1 = no retry)"})
-    backoff: float = field(default=1.0, metadata={"help": "llm: first retry wait in seconds (doubles, plus jitter)"})
-    max_wait: float = field(default=30.0, metadata={"help": "llm: cap on one retry wait, Retry-After included"})
-    max_reasks: int = field(default=2, metadata={"help": "llm: re-asks of an invalid reply, with the reason"})
-    temperature: float = field(default=0.0, metadata={"help": "llm: sampling temperature"})
-    max_tokens: int = field(default=384, metadata={"help": "llm: completion budget per reply (the enforced reply "
-                                                                "schema bounds a reply to about 250 tokens)"})
-    structured: bool = field(default=True, metadata={
-        "help": "llm: ask for response_format json_schema (falls back to JSON in text if the server rejects it)"})
-    max_hint_tokens: int = field(default=64, metadata={
-        "help": f"hint length limit in approximate tokens (validation; at least {MIN_HINT_TOKENS})"})
+
+
+@dataclass(repr=False)
+class CriticConfig(LLMConfig, _CriticName):
+    """Which critic, every LLM option (inherited from `critic.llm_config.LLMConfig`, with its checks: written once)
+    and the run's settings. Fields in flag order: `name`, the LLM options, then these (a dataclass takes its bases'
+    fields in reverse MRO order)."""
+
     all_errors: bool = field(default=False, metadata={
         "help": "rule critics: every error of the erroneous step (at most max_errors, in text order, one hint sentence "
                 "each), not only the first; OPSD then trains on every error span in one hinted pass"})
@@ -69,25 +55,10 @@ class CriticConfig:
     def __post_init__(self) -> None:
         if self.name not in CRITIC_NAMES:
             raise ValueError(f"name: unknown critic {self.name!r}; choose one of {', '.join(CRITIC_NAMES)}")
-        if self.name in LLM_CRITICS and not self.model:
-            raise ValueError(f"model: the {self.name} critic needs the model name on the endpoint (--critic.model M)")
-        if not re.match(r"^https?://[^/\s]+", self.base_url or ""):
-            raise ValueError(f"base_url: must be an http(s) URL such as http://localhost:8000/v1, got "
-                             f"{redact_url(self.base_url or '')!r}")
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env or ""):
-            raise ValueError(f"api_key_env: must be the NAME of an environment variable (not the key), "
-                             f"got {self.api_key_env!r}")
-        if self.prompt is not None and not Path(self.prompt).is_file():
-            raise ValueError(f"prompt: template {self.prompt!r} is not a file")
-        for name in ("timeout", "backoff", "max_wait"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
-        for name, low in (("max_attempts", 1), ("max_reasks", 0), ("max_tokens", 1), ("concurrency", 1), ("max_errors", 1),
-                          ("max_hint_tokens", MIN_HINT_TOKENS)):
+        self.check(self.name if self.uses_llm else None)  # the LLM options' checks (critic.llm_config)
+        for name, low in (("concurrency", 1), ("max_errors", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
         if self.retry_failed not in RETRY_FAILED:
             raise ValueError(f"retry_failed: must be one of {', '.join(RETRY_FAILED)}, got {self.retry_failed!r}")
         if not 0 <= self.max_transport_failure_share <= 1:
@@ -96,9 +67,6 @@ class CriticConfig:
     @property
     def uses_llm(self) -> bool:
         return self.name in LLM_CRITICS
-
-    def __repr__(self) -> str:  # a key in base_url (?api-key=..., user:key@) never shows, in any message
-        return redacted_repr(self)
 
 
 @dataclass

@@ -55,10 +55,7 @@ def build_critic(cfg: CriticConfig):
     """The critic `cfg` describes. Raises ValueError (a missing API key included) or PromptError."""
     llm = None
     if cfg.uses_llm:
-        llm = LLMConfig(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env, prompt=cfg.prompt,
-                        timeout=cfg.timeout, max_attempts=cfg.max_attempts, backoff=cfg.backoff, max_wait=cfg.max_wait,
-                        max_reasks=cfg.max_reasks, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                        structured=cfg.structured, max_hint_tokens=cfg.max_hint_tokens)
+        llm = LLMConfig.of(cfg)
     try:
         return make_critic(cfg.name, max_hint_tokens=cfg.max_hint_tokens, llm_config=llm, all_errors=cfg.all_errors,
                            max_errors=cfg.max_errors)

@@ -12,6 +12,7 @@ import critic
 import critic.runner
 from critic.base import MIN_RULE_HINT_TOKENS
 from critic.fake_server import OK_REPLY, Reply, Status
+from critic.llm_config import MIN_HINT_TOKENS, LLMConfig
 from opsd.critique import config as config_mod
 from opsd.critique.config import CriticConfig, CritiqueConfig
 from opsd.critique.run import (
@@ -41,7 +42,7 @@ def test_names_agree_with_the_critic_package():
     assert config_mod.CRITIC_NAMES == critic.CRITICS
     assert config_mod.RETRY_FAILED == critic.runner.RETRY_FAILED
     assert typing.get_args(typing.get_type_hints(CriticConfig)["name"]) == critic.CRITICS
-    assert config_mod.MIN_HINT_TOKENS >= MIN_RULE_HINT_TOKENS
+    assert MIN_HINT_TOKENS >= MIN_RULE_HINT_TOKENS
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -56,6 +57,21 @@ def test_names_agree_with_the_critic_package():
 def test_critic_config_names_the_bad_field(kw, field):
     with pytest.raises(ValueError, match=field):
         CriticConfig(**kw)
+
+
+def test_llm_options_are_written_once():
+    """CriticConfig's LLM options are LLMConfig's fields (same default, same help) with LLMConfig's checks, and
+    build_critic hands exactly those on (LLMConfig.of): no second copy to drift."""
+    llm = {f.name: f for f in dataclasses.fields(LLMConfig)}
+    crit = {f.name: f for f in dataclasses.fields(CriticConfig)}
+    for name, f in llm.items():
+        assert (crit[name].default, crit[name].metadata) == (f.default, f.metadata), name
+    cfg = CriticConfig(name="llm", model="m", base_url="http://h:1/v1", timeout=7.0, temperature=0.3, concurrency=3)
+    assert dataclasses.asdict(LLMConfig.of(cfg)) == {k: getattr(cfg, k) for k in llm}
+    for kw, field in [(dict(temperature=-0.5), "temperature:"), (dict(max_hint_tokens=8), "max_hint_tokens:"),
+                      (dict(base_url="http://"), "base_url:"), (dict(model=""), "model:")]:
+        with pytest.raises(ValueError, match=field):
+            LLMConfig(**{"model": "m", **kw})
 
 
 @pytest.mark.parametrize("kw, field", [(dict(limit=-1), "limit:"), (dict(limit=0), "limit:"), (dict(out=""), "out:")])
