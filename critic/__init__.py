@@ -35,7 +35,9 @@ from critic.base import (
     CriticFatalError,
     RuleCritic,
 )
+from critic.llm_config import LLMConfig
 from critic.reference import ReferenceCritic
+from critic.runner import RunSummary, format_summary, run_critiques, run_critiques_async
 from critic.schema import SchemaCritic
 from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint
 from opsd.types import Critique, Trajectory
@@ -142,7 +144,7 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
     if name == "schema+reference":
         return ChainCritic(SchemaCritic(**rule), ReferenceCritic(**rule))
     if name in ("llm", "schema+llm"):
-        from critic.llm import LLMCritic
+        from critic.llm import LLMCritic  # openai: see __getattr__
 
         if llm_config is None:
             raise ValueError(f"the {name} critic needs an LLMConfig (base_url, model, ...)")
@@ -152,15 +154,11 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
     raise ValueError(f"unknown critic {name!r}; choose from {', '.join(CRITICS)}")
 
 
-def __getattr__(name: str):  # lazy: importing openai costs ~0.5 s
-    if name in ("LLMCritic", "LLMConfig"):
+def __getattr__(name: str):  # critic.llm imports openai (0.6 s): only when an LLM critic is asked for
+    if name == "LLMCritic":
         from critic import llm
 
-        return getattr(llm, name)
-    if name in ("run_critiques", "run_critiques_async", "format_summary", "RunSummary"):
-        from critic import runner
-
-        return getattr(runner, name)
+        return llm.LLMCritic
     raise AttributeError(f"module 'critic' has no attribute {name!r}")
 
 

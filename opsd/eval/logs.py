@@ -34,9 +34,11 @@ from opsd.eval import stats
 from opsd.eval.config import EvalConfig
 from opsd.eval.run import REPORT_VERSION, CritiqueFn, teacher_forced_all
 from opsd.eval.targets import KL_MAX, fmt_p
+from opsd.io import models
 from opsd.logs import read_critiques, read_logs
 from opsd.redact import redacted
 from opsd.split import first_user_turn
+from opsd.train.diagnostics import format_summary, summarise
 from opsd.types import Critique, Trajectory
 
 TARGETS = {
@@ -237,8 +239,6 @@ def write_report(report: dict, out: Path) -> None:
           "before model with the hint), the reference for what a hint does.", "",
           *category_table(report["per_category"]), "", "## Drift", "", *drift_table(report["drift"]), ""]
     if report.get("training_diagnostics"):
-        from opsd.train.diagnostics import format_summary
-
         md += ["## Training diagnostics (teacher vs student at the target positions)", "",
                format_summary(report["training_diagnostics"]), ""]
     md += [f"![{p}]({p})" for p in report["plots"]]
@@ -248,8 +248,6 @@ def write_report(report: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------- orchestration
 def main(cfg: EvalConfig, critique_fn: CritiqueFn | None = None, *, log=print) -> dict:
     """Evaluate before vs after on the critiqued errors of `cfg.logs`; returns the report (also written to OUT)."""
-    from opsd.io import models
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"[eval 1/3] logs {', '.join(cfg.logs)} and their critiques")
@@ -264,8 +262,6 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn | None = None, *, log=print) -
                                           group_of=first_user_turn)
     report |= {"teacher_forced": tf, "drift": drift, "per_category": per_category(tf.get("per_example") or [], cfg)}
     if cfg.train_run and (Path(cfg.train_run) / "metrics.jsonl").exists():
-        from opsd.train.diagnostics import summarise
-
         report["training_diagnostics"] = summarise(Path(cfg.train_run) / "metrics.jsonl")
     report["verdicts"] = verdicts(report)
     log("[eval 3/3] writing report")

@@ -30,10 +30,19 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from opsd.eval import stats
 from opsd.eval.config import EvalConfig
+from opsd.hint.build import build_examples
+from opsd.io import models
 from opsd.io.tasks import bfcl_multi_turn as mt
+from opsd.io.tasks import load_tasks
 from opsd.redact import redacted
+from opsd.rollout.config import RolloutConfig
+from opsd.rollout.run import load_rollouts
+from opsd.rollout.run import main as rollout_main
+from opsd.train.scoring import span_logprobs
 from opsd.types import Critique, Trajectory
 
 REPORT_VERSION = 1
@@ -127,9 +136,6 @@ def position_summary(outcomes: list[dict]) -> dict:
 
 
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str | None, max_steps_per_turn: int | None):
-    from opsd.rollout.run import RolloutConfig, load_rollouts
-    from opsd.rollout.run import main as rollout_main
-
     kw = {"max_steps_per_turn": max_steps_per_turn} if max_steps_per_turn else {}
     rcfg = RolloutConfig(tasks=cfg.tasks, out=str(Path(cfg.out) / f"rollouts_{name}.jsonl"), model=model,
                          limit=cfg.limit, prefill=prefill, max_new_tokens=cfg.max_new_tokens, device=cfg.device, **kw)
@@ -139,9 +145,6 @@ def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str | None, max_s
 
 def teacher_forced(model_a, model_b, tok, trajs: list[Trajectory], crits: list[Critique], cfg: EvalConfig) -> dict:
     """Error-span log-probs of A's critiqued errors under A, B and the hinted A (the OPSD teacher)."""
-    from opsd.hint.build import build_examples
-    from opsd.train.scoring import span_logprobs
-
     examples, counts = build_examples(trajs, crits, tok, placement=cfg.placement, span=cfg.span)
     out: dict = {"n_examples": len(examples), "build_counts": dict(counts)}
     if not examples:
@@ -166,12 +169,6 @@ def teacher_forced(model_a, model_b, tok, trajs: list[Trajectory], crits: list[C
 
 def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, max_steps_per_turn: int | None = None, log=print) -> dict:
     """Run the multi-turn evaluation; returns the report (also written to cfg.out)."""
-    import torch
-
-    from opsd.io import models
-    from opsd.io.tasks import load_tasks
-    from opsd.rollout.run import RolloutConfig
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prefill = cfg.prefill if cfg.prefill is not None else RolloutConfig(model=cfg.before).resolved_prefill()

@@ -21,6 +21,7 @@ import types
 from functools import lru_cache
 
 from opsd.io.tasks import bfcl
+from opsd.io.trajectories import parse_tool_call_text
 from opsd.types import Trajectory
 
 MODEL_NAME = "opsd-student"
@@ -74,8 +75,6 @@ def reply_calls(msg: dict) -> tuple[list[tuple[str, object]], str | None]:
     A generated reply (with `token_ids`, or text holding `<tool_call>` blocks) is parsed from its raw
     text; a reply from a server with native `tool_calls` and no blocks in its text uses those.
     """
-    from opsd.io.trajectories import parse_tool_call_text
-
     text = msg.get("content") or ""
     native = msg.get("tool_calls") or []
     if "<tool_call>" not in text and "token_ids" not in msg and native:

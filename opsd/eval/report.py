@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 from opsd.eval.metrics import HEADLINE, TABLES
+from opsd.eval.plots import make_plots
 from opsd.eval.targets import fmt_p
+from opsd.train.diagnostics import format_summary
 
 _ROW_LABELS = {
     "gt_function": "names the ground-truth function", "other_declared": "names another declared tool",
@@ -177,8 +179,6 @@ def summary_table(report: dict) -> str:
 
 
 def write_report(report: dict, out: str | Path) -> None:
-    from opsd.eval.plots import make_plots
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = make_plots(report, out)
@@ -203,8 +203,6 @@ def write_report(report: dict, out: str | Path) -> None:
                f"in another category); train {splits['per_split']['train']['n']}, validation "
                f"{splits['per_split']['validation']['n']}, held-out {splits['per_split']['heldout']['n']}.", ""]
     if report.get("training_diagnostics"):
-        from opsd.train.diagnostics import format_summary
-
         md += ["## Training diagnostics (teacher vs student at the target positions)", "",
                format_summary(report["training_diagnostics"]), ""]
     md += [f"![{p}]({p})" for p in report["plots"]]

@@ -35,8 +35,19 @@ import torch
 
 from opsd.eval import metrics, stats
 from opsd.eval.config import EvalConfig
+from opsd.eval.report import write_report
 from opsd.eval.stats import rate, wilson  # noqa: F401  (re-exported: used by callers of opsd.eval.run)
+from opsd.eval.targets import verdicts
+from opsd.hint.build import build_examples
+from opsd.io import models
+from opsd.io.tasks import bfcl, load_tasks
 from opsd.redact import redacted
+from opsd.render import render
+from opsd.rollout.config import RolloutConfig
+from opsd.rollout.run import load_rollouts
+from opsd.rollout.run import main as rollout_main
+from opsd.train.diagnostics import summarise
+from opsd.train.shared_prefix import Member, grouped_span_scores
 from opsd.types import Critique, Trajectory
 
 REPORT_VERSION = 2
@@ -54,8 +65,6 @@ def _score_items(trajs, critiques, examples, tok, prefill_len: int, *, all_turns
     """One scoring item per critiqued trajectory of A: its scored tokens (`gen`: the last reply's generated
     tokens, or with `all_turns` every assistant message's tokens) plus the error span; `task` groups the
     items whose prompt is scored once (meta.task_id, or `group_of`)."""
-    from opsd.render import render
-
     by_id = {c.trajectory_id: c for c in critiques}
     ex_by_id = {e.meta["trajectory_id"]: e for e in examples}
     items = []
@@ -88,14 +97,6 @@ def _kl_per_token(rows: list[tuple[float, int]], cfg: EvalConfig) -> dict:
     return {"mean": r["mean"], "n_tokens": int(r["n_units"]), "n": r["n"], "ci95": r["ci95"]}
 
 
-def teacher_forced_and_drift(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique],
-                             cfg: EvalConfig, prefill_ids: list[int] | tuple = ()) -> tuple[dict, dict]:
-    """Error-span metrics on A's critiqued errors, and KL(A||B) drift (`teacher_forced_all` without the
-    ground-truth calls)."""
-    tf, drift, _ = teacher_forced_all(model_a, model_b, tok, trajs, critiques, cfg, prefill_ids, gt_calls=False)
-    return tf, drift
-
-
 def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig,
                        prefill_ids: list[int] | tuple = (), *, gt_calls: bool = True, all_turns: bool = False,
                        group_of: Callable[[Trajectory], str] | None = None) -> tuple[dict, dict, dict]:
@@ -112,9 +113,6 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
     Drift is per token over the trajectories (`stats.ratio_of_sums`, CI over trajectories).
     Returns (teacher_forced, drift, {task id: ground-truth-call sums}).
     """
-    from opsd.hint.build import build_examples
-    from opsd.train.shared_prefix import Member, grouped_span_scores
-
     examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span)
     items = _score_items(trajs, critiques, examples, tok, len(prefill_ids), all_turns=all_turns, group_of=group_of)
     groups: dict[str, dict] = {}
@@ -218,8 +216,6 @@ def gt_call(ground_truth: list[dict]) -> list[dict]:
 def _gt_items(trajs: list[Trajectory], tok, prefill_ids) -> list[tuple[str, list[int], tuple[int, int]]]:
     """(task id, ids, span) per task with ground truth: its first correct call rendered as the reply; a forced
     prefill at the reply's start is not in the span."""
-    from opsd.render import render
-
     prefill_ids = list(prefill_ids)
     out, seen = [], set()
     for t in trajs:
@@ -264,9 +260,6 @@ def summarise_gt_call(per: dict[str, dict], n_boot: int = stats.N_BOOT, seed: in
 
 # ----------------------------------------------------------------------------- orchestration
 def _rollouts(model: str, name: str, cfg: EvalConfig, prefill: str) -> list[Trajectory]:
-    from opsd.rollout.run import RolloutConfig, load_rollouts
-    from opsd.rollout.run import main as rollout_main
-
     path = Path(cfg.out) / f"rollouts_{name}.jsonl"
     rcfg = RolloutConfig(tasks=cfg.tasks, out=str(path), model=model, limit=cfg.limit, prefill=prefill,
                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
@@ -290,8 +283,6 @@ def _data_summary(cfg: EvalConfig, tasks) -> dict:
     out = {"n_tasks": len(tasks), "by_category": cats,
            "mean_tools_per_task": sum(len(t.tools) for t in tasks) / len(tasks) if tasks else 0.0}
     if cfg.tasks.startswith("bfcl:"):
-        from opsd.io.tasks import bfcl
-
         out["bfcl_splits"] = bfcl.split_report()
     return out
 
@@ -300,12 +291,6 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
          log=print) -> dict:
     """Run the evaluation; returns the report (also written to cfg.out). `outcome_fn` lists every error of a
     reply (`opsd.critique.outcomes.reply_outcomes`); without it the error tables say `not_checked`."""
-    from opsd.eval.report import write_report
-    from opsd.eval.targets import verdicts
-    from opsd.io import models
-    from opsd.io.tasks import load_tasks
-    from opsd.rollout.run import RolloutConfig
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prefill = cfg.prefill if cfg.prefill is not None else RolloutConfig(model=cfg.before).resolved_prefill()
@@ -338,8 +323,6 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
         t["gt_call"] = gt_per.get(t["task_id"])
     report["per_task"] = per_task
     if cfg.train_run and (Path(cfg.train_run) / "metrics.jsonl").exists():
-        from opsd.train.diagnostics import summarise
-
         report["training_metrics"] = str(Path(cfg.train_run) / "metrics.jsonl")
         report["training_diagnostics"] = summarise(Path(cfg.train_run) / "metrics.jsonl")
     report["verdicts"] = verdicts(report)

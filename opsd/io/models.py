@@ -11,6 +11,8 @@ already be in the local Hugging Face cache.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -18,7 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import platformdirs
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,6 @@ def cache_dir() -> Path:
     env = os.environ.get("OPSD_CACHE_DIR")
     if env:
         return Path(env)
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("opsd"))
 
 
@@ -103,8 +105,6 @@ def save_generation_settings(dest: str | os.PathLike, settings: dict) -> None:
 
 
 def _gguf_path() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -121,8 +121,6 @@ def default_model_dir() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf = _gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.warning("converting %s to safetensors in %s (one time, ~20 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -166,14 +164,10 @@ def fingerprint(name_or_path) -> str:
         return name.lower() if name.lower() in ALIASES else name
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    import hashlib
-
     return str(p.resolve()) + ":" + hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
 
 
 def load_tokenizer(name_or_path):
-    from transformers import AutoTokenizer
-
     src = resolve(name_or_path)
     if isinstance(src, Path) and (src / "adapter_config.json").exists() and not (src / "tokenizer_config.json").exists():
         src = resolve(json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"])
@@ -198,8 +192,6 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | None 
     A directory holding a LoRA `adapter_config.json` is loaded onto its base model; with
     `merge_lora` the adapter is merged so the result is a plain model (merged in fp32, then cast).
     """
-    from transformers import AutoModelForCausalLM
-
     if precision is not None and dtype is not None:
         raise ValueError(f"load: give precision ({precision!r}) or dtype ({dtype}), not both")
     dev, auto_dtype = pick_device(device)

@@ -46,13 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from opsd.critique.config import CriticConfig
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
 from opsd.eval.config import EvalConfig
 from opsd.eval.forgetting import base_replies, forgetting_kl
 from opsd.eval.metrics import HEADLINE, per_task_outcomes
-from opsd.eval.run import gt_call
+from opsd.eval.run import gt_call, gt_call_collateral
+from opsd.io import models
 from opsd.io.tasks import load_tasks
 from opsd.io.tasks.overlap import check_off_heldout
 from opsd.pipelines.compare_report import format_compare, method_row
@@ -275,11 +278,6 @@ def _train_wall(train_dir: Path, measured: float) -> float:
 def heldout(cfg: CompareConfig, records: list[dict], critique: Callable, prefill: str, out: Path,
             echo: Callable[[str], None]) -> dict:
     """Every trained method and the base on the same held-out tasks, paired; the KL to the base on GT calls."""
-    import torch
-
-    from opsd.eval.run import gt_call_collateral
-    from opsd.io import models
-
     ecfg = EvalConfig(tasks=cfg.heldout_tasks, limit=cfg.heldout_limit, max_new_tokens=cfg.max_new_tokens,
                       batch_size=cfg.rollout_batch_size, bootstrap=cfg.bootstrap, out=str(out / "heldout"),
                       precision=cfg.train.precision, critic=cfg.critic)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsd.io.models import PRECISIONS, generation_settings
+from opsd.io.models import PRECISIONS, fingerprint, generation_settings, resolve_precision
 from opsd.redact import redact, redact_urls, redacted_repr, url_secrets
 from opsd.types import content_hash
 
@@ -85,13 +85,9 @@ class RolloutConfig:
 
     def resolved_precision(self) -> str:
         """"fp32" or "bf16": what `auto` means on this machine (hf backend)."""
-        from opsd.io.models import resolve_precision
-
         return resolve_precision(self.precision, self.device)
 
     def hash(self) -> str:
-        from opsd.io.models import fingerprint
-
         keys = ("backend", "temperature", "top_p", "max_new_tokens", "stop_at_call", "seed", "api_model")
         mt = {k: getattr(self, k) for k, d in (("max_steps_per_turn", 8), ("prefill_steps", "turn_start"))
               if getattr(self, k) != d}  # only when set: single-turn keys stay as they were

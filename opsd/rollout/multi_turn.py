@@ -28,17 +28,21 @@ first user message), `turns_played`, `steps` (assistant replies) and `seconds`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 import zlib
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
+from opsd.io import models
 from opsd.io.tasks import Task
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.trajectories import parse_tool_call_text
-from opsd.render import eot_ids
+from opsd.render import eot_ids, prompt_ids
 
 PREFILL_STEPS = ("turn_start", "every_step", "never")
 FINISH_REASONS = ("done", "max_steps", "time_limit", "context_full")
@@ -124,8 +128,6 @@ class CachedDecoder:
     @torch.no_grad()
     def generate(self, prompt_ids: list[int]) -> tuple[list[int], str]:
         """(generated ids without the end-of-turn id, finish reason: eos | stop | length)."""
-        from transformers import DynamicCache
-
         keep = 0
         for a, b in zip(self.encoded, prompt_ids[:-1]):  # at least one prompt token is fed again
             if a != b:
@@ -295,8 +297,6 @@ def run(cfg, todo: list[tuple[Task, int, str]], out, errors, bar) -> None:
             _error(errors, key, task, k, ValueError("multi-turn tasks run with the hf or openai backend, not completions"))
             bar.update(1)
     else:
-        import asyncio
-
         asyncio.run(_run_openai(cfg, todo, out, errors, bar))
 
 
@@ -307,9 +307,6 @@ def _error(errors, key: str, task: Task, k: int, e: Exception) -> None:
 
 
 def _run_hf(cfg, todo, out, errors, bar) -> None:
-    from opsd.io import models
-    from opsd.render import prompt_ids
-
     limits = limits_from(cfg)
     precision = getattr(cfg, "precision", None)
     bf16 = bool(precision) and models.resolve_precision(precision, cfg.device) == "bf16"
@@ -344,10 +341,8 @@ _API_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 async def _run_openai(cfg, todo, out, errors, bar) -> None:
     """Episodes concurrently against an OpenAI-compatible server; tool calls run in this (main) thread."""
-    import asyncio
-    import os
+    from openai import AsyncOpenAI  # only the openai backend needs it (0.6 s to import)
 
-    from openai import AsyncOpenAI
 
     limits = limits_from(cfg)
     client = AsyncOpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY", max_retries=5,

@@ -1,9 +1,9 @@
 """Per-token divergences between student and teacher next-token distributions (pure functions).
 
-    from opsd.train.losses import FullLogits, TopK, divergence, token_divergence, masked_mean
+    from opsd.train.losses import FullLogits, TopK, divergence, token_divergence
     d_N = token_divergence(student_logits_NV, teacher_logits_NV, kind="jsd", beta=0.5)     # (N,)
     d_N = divergence(student_logits_NV, FullLogits(teacher_logits_NV) or TopK(...), kind=..)  # either target
-    loss = masked_mean(d_BT, mask_BT)                                                      # 0 on an empty mask
+    # opsd.train.step sums d_N over the tokens that carry loss (TrainRecord.target_mask, weighted per record)
 
 P is the teacher, Q the student (both softmax(logits / temperature)):
 - `forward_kl` = KL(P‖Q) = Σ p (log p − log q)   (mode covering)
@@ -205,16 +205,6 @@ def divergence(student_logits: torch.Tensor, targets: Targets, *, kind: str = "j
     if isinstance(targets, TopK):
         return token_divergence_topk(student_logits, targets, kind=kind, beta=beta, temperature=temperature)
     return token_divergence(student_logits, targets.logits_NV, kind=kind, beta=beta, temperature=temperature)
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ values where mask; NaN/inf outside the mask never leak in."""
-    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask`; exactly 0 (with zero gradient) when the mask is empty."""
-    return masked_sum(values, mask) / mask.sum().clamp(min=1)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from opsd.eval.run import (
     EvalConfig,
     gt_call,
     gt_call_collateral,
-    teacher_forced_and_drift,
+    teacher_forced_all,
 )
 from opsd.types import Critique, Trajectory
 from tests.conftest import DATA, ROOT
@@ -42,7 +42,7 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
     trajs = load_trajectories(DATA / "sample_openai.jsonl")
     crits = [Critique.from_dict(json.loads(x)) for x in (DATA / "sample_critiques.jsonl").read_text().splitlines() if x.strip()]
     cfg = EvalConfig()
-    tf, col = teacher_forced_and_drift(model, model, tok, trajs, crits, cfg)
+    tf, col, _ = teacher_forced_all(model, model, tok, trajs, crits, cfg, gt_calls=False)
     assert tf["n_examples"] >= 4
     assert tf["error_span_logprob"]["delta"] == pytest.approx(0, abs=1e-5)
     assert tf["fraction_lowered"] == 0.0
@@ -137,7 +137,7 @@ def test_error_span_logprobs_match_direct_scoring(smol_model):
     model, tok = smol_model
     trajs = load_trajectories(DATA / "sample_openai.jsonl")
     crits = [Critique.from_dict(json.loads(x)) for x in (DATA / "sample_critiques.jsonl").read_text().splitlines() if x.strip()]
-    tf, _ = teacher_forced_and_drift(model, model, tok, trajs, crits, EvalConfig())
+    tf, _, _ = teacher_forced_all(model, model, tok, trajs, crits, EvalConfig(), gt_calls=False)
     exs, _ = build_examples(trajs, crits, tok)
     direct = span_logprobs(model, [e.student_ids for e in exs], [e.student_span for e in exs]).token_logprobs
     hinted = span_logprobs(model, [e.teacher_ids for e in exs], [e.teacher_span for e in exs]).token_logprobs

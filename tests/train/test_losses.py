@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from opsd.train.losses import (
     TopK,
-    masked_mean,
     teacher_topk,
     token_divergence,
     token_divergence_topk,
@@ -108,17 +107,6 @@ def test_topk_tail_bucket_reference():
     s.requires_grad_(True)
     token_divergence_topk(s, TopK(ids, lps, tail), kind="reverse_kl").sum().backward()
     assert torch.isfinite(s.grad).all()
-
-
-def test_masked_mean_empty_is_zero_not_nan():
-    v = torch.tensor([[float("nan"), 1.0], [2.0, float("inf")]], requires_grad=True)
-    empty = torch.zeros(2, 2, dtype=torch.bool)
-    out = masked_mean(v, empty)
-    assert out.item() == 0.0
-    out.backward()
-    assert torch.equal(v.grad, torch.zeros(2, 2))
-    mask = torch.tensor([[False, True], [True, False]])
-    assert masked_mean(v, mask).item() == pytest.approx(1.5)
 
 
 def test_bad_arguments():

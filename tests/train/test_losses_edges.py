@@ -17,7 +17,6 @@ from opsd.train.losses import (
     divergence_from_logprobs,
     entropy,
     fold_topk,
-    masked_mean,
     tail_from_topk,
     teacher_topk,
     token_divergence,
@@ -172,8 +171,3 @@ def test_topk_to_moves_every_tensor_and_keeps_missing_ones_missing():
     assert torch.equal(bare.ids_NK, ids) and torch.equal(bare.logprobs_NK, lps)
     assert bare.tail_logprob_N is None and bare.target_logprobs_N is None
 
-
-def test_masked_mean_of_one_and_of_several():
-    v = torch.tensor([[3.0, 5.0], [7.0, 11.0]])
-    assert masked_mean(v, torch.tensor([[False, True], [False, False]])).item() == 5.0
-    assert masked_mean(v, torch.tensor([[True, False], [True, True]])).item() == 7.0

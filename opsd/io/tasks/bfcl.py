@@ -110,11 +110,6 @@ class SplitIndex:
     category: dict  # {task id: BFCL category}
 
 
-def function_set(item: dict) -> str:
-    """A canonical text of an item's function declarations (for the question + function-set key)."""
-    return json.dumps(sorted(json.dumps(f, sort_keys=True) for f in item["function"]))
-
-
 @lru_cache(maxsize=None)
 def split_index() -> SplitIndex:
     """Splits of every item of every category in `CATEGORIES` (computed once per process)."""

@@ -32,6 +32,7 @@ every scenario with the same question, lands in the same split (`train` ~45%, `v
 """
 from __future__ import annotations
 
+import builtins
 import json
 import keyword
 import re
@@ -209,8 +210,6 @@ def checkable_name(name, methods) -> str | None:
     as is; any other plain identifier as itself when BFCL's `eval` can only raise NameError on it (as it does
     for a made-up name), else as `UNDEFINED` (a builtin such as `open` must never run); None for a name that
     is not an identifier (the step is then undecodable, as for BFCL's decoder)."""
-    import builtins
-
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
 
     if name in methods:
