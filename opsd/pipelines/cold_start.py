@@ -35,8 +35,8 @@ def gt_trajectories(tasks: list[Task]) -> list[Trajectory]:
     """One trajectory per task with ground truth: its prompt, and the ground-truth call as the reply."""
     out = []
     for t in tasks:
-        if not t.ground_truth:
-            continue
+        if not t.ground_truth or not all(isinstance(c, dict) for c in t.ground_truth):
+            continue  # no single-turn ground truth (BFCL multi-turn ground truth is per turn, not one call list)
         reply = {"role": "assistant", "content": None, "tool_calls": gt_call(t.ground_truth)}
         out.append(Trajectory(f"{t.id}#gt", [*t.messages, reply], t.tools, {**t.meta, "task_id": t.id}))
     return out

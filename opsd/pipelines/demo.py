@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from opsd.critique.config import CriticConfig
 from opsd.critique.outcomes import reply_outcomes
 from opsd.critique.run import critique_fn
 from opsd.eval import multi_turn
@@ -36,26 +37,50 @@ from opsd.eval.run import main as eval_main
 from opsd.eval.targets import fmt_p
 from opsd.io.tasks import load_tasks
 from opsd.io.tasks.overlap import check_off_heldout
-from opsd.pipelines.loop import LoopConfig, format_rounds, multi_turn_split
+from opsd.pipelines.loop import LoopConfig, _loop_rollout, format_rounds, multi_turn_split
 from opsd.pipelines.loop import main as loop_main
 from opsd.rollout.config import RolloutConfig
 
 HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"
-ROUND_KEYS = ("official_accuracy", "names_undeclared_tool", "names_declared_tool", "names_gt_function",
-              "no_parseable_call")
-LABELS = {"official_accuracy": "accuracy (official)", "names_undeclared_tool": "names an undeclared tool",
+ROUND_KEYS = ("official_accuracy", "critic_ok", "names_no_declared_tool", "names_gt_function", "no_parseable_call")
+LABELS = {"official_accuracy": "accuracy (official)", "critic_ok": "critic passes the reply",
+          "names_no_declared_tool": "does not name a declared tool", "names_undeclared_tool": "names an undeclared tool",
           "names_declared_tool": "names a declared tool", "names_gt_function": "names the right function",
           "no_parseable_call": "no parseable call", "critic_error": "critic finds an error"}
 
 
+# 256 new tokens: 55 of the 62 parallel_multiple held-out tasks need more than 96 for their ground-truth calls
+# (median 164, max 262), so at 96 they could never be answered (RESULTS.md §0)
+DEMO_MAX_NEW_TOKENS = 256
+
+
 def _demo_eval() -> EvalConfig:
-    return EvalConfig(tasks=HELDOUT_SPEC, limit=128, max_new_tokens=96, batch_size=16)
+    return EvalConfig(tasks=HELDOUT_SPEC, limit=128, max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=16)
+
+
+def _demo_rollout() -> RolloutConfig:
+    return dataclasses.replace(_loop_rollout(), max_new_tokens=DEMO_MAX_NEW_TOKENS)
+
+
+def _demo_critic() -> CriticConfig:
+    return CriticConfig(all_errors=True)  # first-error-only rounds traded one error for another (RESULTS.md §0)
 
 
 @dataclass
 class DemoConfig(LoopConfig):
     out: str = field(default="runs/demo", metadata={"help": "output folder: round_K/, loop.md, report/"})
     rounds: int = field(default=2, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
+    early_stop: bool = field(default=False, metadata={
+        "help": "stop when the validation outcome gets worse than the best round so far (off in the demo: a round "
+                "tied with the cold start on 64 validation tasks stopped it before the round that improved; the best "
+                "round is kept either way)"})
+    cold_start_steps: int = field(default=8, metadata={
+        "help": "SFT steps on the ground-truth calls of the train split before round 1 (0 = off; RESULTS.md §0)"})
+    rollout: RolloutConfig = field(default_factory=_demo_rollout, metadata={
+        "help": "training rollouts: tasks is the spec rounds draw from, limit the tasks per round; out and model "
+                "are set by the loop"})
+    critic: CriticConfig = field(default_factory=_demo_critic, metadata={
+        "help": "the critic of every round and of the evaluation (rule critics report every error of the step)"})
     eval: EvalConfig = field(default_factory=_demo_eval, metadata={
         "help": "the held-out evaluation at the end; before, after, out and train_run are set by the demo; "
                 "multi-turn rollout.tasks: tasks defaults to their held-out split (BFCL's multi-turn checker)"})
@@ -64,6 +89,8 @@ class DemoConfig(LoopConfig):
                 "round only (each extra model costs one held-out rollout)"})
 
     def __post_init__(self) -> None:
+        if self.cold_start_steps and (multi_turn_split(self.tasks or self.rollout.tasks, "train")):
+            self.cold_start_steps = 0  # the cold start learns single-turn ground-truth calls; episodes have none
         super().__post_init__()
         if self.eval.tasks == HELDOUT_SPEC and self.tasks:
             self.eval.tasks = self.rollout.tasks.rsplit(":", 1)[0] + ":heldout"  # --tasks: its held-out split

@@ -320,7 +320,7 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         rcfg = rollout_config(cfg, student, served, server, tasks=str(rd / "tasks.jsonl"), limit=None, out="",
                               seed=cfg.rollout.seed + k - 1, prefill=prefill)
         # one file per rollout and critic config: training reads each whole, so a changed setting never mixes in
-        rcfg.out = str(rd / f"rollouts-{rcfg.hash()}.jsonl")
+        rcfg.out = str(rd / f"rollouts-{rcfg.hash()}-{content_hash([t.id for t in tasks])[:6]}.jsonl")  # + the tasks
         crit_path = rd / f"critiques-{content_hash(dataclasses.asdict(cfg.critic))[:10]}.jsonl"
         with stages("rollout"):
             rollout_main(rcfg)

@@ -89,7 +89,7 @@ def test_loop_two_rounds_on_a_tiny_model_resumes(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
-    r = opsd("demo", "--rounds", "1", "--every-round", "--train.model", str(tiny_model_dir), *TINY, "--eval.limit", "4",
+    r = opsd("demo", "--rounds", "1", "--every-round", "--cold-start-steps", "0", "--train.model", str(tiny_model_dir), *TINY, "--eval.limit", "4",
              "--eval.max-new-tokens", "6", "--eval.precision", "fp32", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report" / "report.json").read_text())
