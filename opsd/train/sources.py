@@ -114,6 +114,16 @@ def build_opsd(cfg, tok, student_lm, teacher, *, rank: int = 0, world: int = 1, 
     with teacher.model() as t_lm:
         measured = measure(t_lm, student_lm, mine, batch_size=cfg.batch_size, top_k=cfg.top_k if cfg.precompute else 0,
                            temperature=cfg.temperature, pad_id=tok.pad_token_id or 0)
+    if cfg.span == "random":  # the control keeps what span=quote keeps: the filter reads the real error's tokens
+        at_error, _ = build_examples(trajs, critiques, tok, placement=cfg.placement, span="quote",
+                                     inline_tags=(cfg.inline_open, cfg.inline_close))
+        at_error = [e for e in at_error if limit is None or max(len(e.student_ids), len(e.teacher_ids)) <= limit][rank::world]
+        if [e.meta["trajectory_id"] for e in at_error] != [e.meta["trajectory_id"] for e in mine]:
+            raise RuntimeError("span=random: the examples at the error do not pair with the random-span ones")
+        with teacher.model() as t_lm:
+            filtered = measure(t_lm, student_lm, at_error, batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0)
+        measured = [replace(m, hint_effect=f.hint_effect, hint_effect_first=f.hint_effect_first,
+                                        student_logprob=f.student_logprob) for m, f in zip(measured, filtered)]
     shares = gather([[(rank + world * j, m) for j, m in enumerate(measured)]]) if world > 1 else [list(enumerate(measured))]
     by_index = dict(pair for share in shares for pair in share)
     effects = [by_index[i].hint_effect for i in range(len(examples))]
