@@ -147,6 +147,16 @@ def _string(s: str, i: int) -> tuple[str, int]:
 
 
 @dataclass
+class Issue:
+    """One problem found in a step: where it starts, its category, the quote span, hint variants."""
+
+    pos: int
+    category: str
+    span: tuple[int, int]
+    hint_vars: list[dict]
+
+
+@dataclass
 class CallBlock:
     """One `<tool_call>` block of a step. Positions are absolute in the step text.
 
@@ -289,3 +299,9 @@ def in_generated(span: tuple[int, int] | None, start: int) -> tuple[int, int] | 
 def render_value(v: Any) -> str:
     """A value the way it appears in a call (JSON), for hints."""
     return json.dumps(v, ensure_ascii=False)
+
+
+def name_span(blk: CallBlock) -> tuple[int, int]:
+    """The called name without its quotes; an empty name: its closing quote."""
+    a, b = blk.name_span
+    return (a, b) if b > a else (b, b + 1)

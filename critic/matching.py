@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from critic.calls import (
     CLOSE,
-    OPEN,
     CallBlock,
     Node,
+    OPEN,
+    name_span,
     render_value,
     string_content_span,
 )
-from critic.schema import closing_span, key_name_span, name_span
+from critic.schema import closing_span, key_name_span
 
 _STD_RE = re.compile(r"[ ,./\-_*^]")
 _PY_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}

@@ -44,21 +44,16 @@ import re
 from dataclasses import dataclass
 
 from critic.calls import (
-    OPEN,
     CallBlock,
+    OPEN,
     extract_calls,
+    name_span,
     render_value,
     string_content_span,
 )
 from critic.matching import Problem, match_calls, missing_call_span, parse_ground_truth, reply_problems
-from critic.schema import (
-    call_issues,
-    closing_span,
-    key_name_span,
-    name_span,
-    tool_result_error,
-    tools_by_name,
-)
+from critic.conversation import tool_result_error
+from critic.schema import call_issues, closing_span, key_name_span, tools_by_name
 from opsd.io.tasks import bfcl
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.bfcl_env import ERROR_PREFIX, Environment
