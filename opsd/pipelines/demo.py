@@ -157,6 +157,14 @@ def multi_turn_round_rows(ecfg: EvalConfig, history: dict, critique: Callable, p
     return rows
 
 
+def _change(o: dict) -> str:
+    """A paired outcome's change in points with its 95% CI and McNemar p: '+3.1 [+0.8, +6.2], p=0.12'."""
+    ci = o["ci95"]
+    ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+    diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
+    return f"{diff}{ci_s}, p={fmt_p(o['p'])}"
+
+
 def format_round_rows(rows: list[dict]) -> str:
     """Markdown: one row per round, each outcome as after − before (pts) with its paired 95% CI and McNemar p."""
     if not rows:
@@ -168,27 +176,16 @@ def format_round_rows(rows: list[dict]) -> str:
     base = rows[0]["outcomes"]
     lines.append("| base | " + " | ".join(f"{100 * base[k]['before']['rate']:.1f}%" for k in keys) + " |")
     for r in rows:
-        cells = []
-        for k in keys:
-            o = r["outcomes"][k]
-            ci = o["ci95"]
-            ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
-            diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
-            cells.append(f"{100 * o['after']['rate']:.1f}% ({diff}{ci_s}, p={fmt_p(o['p'])})")
+        cells = [f"{100 * r['outcomes'][k]['after']['rate']:.1f}% ({_change(r['outcomes'][k])})" for k in keys]
         lines.append(f"| {'cold start' if r['round'] == 0 else r['round']} | " + " | ".join(cells) + " |")
     after_cold = [r for r in rows if "vs_cold_start" in r]
     if after_cold:
         lines += ["", "Each on-policy round against the cold-started model (before = cold start), same tasks:", "",
                   "| round | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in after_cold:
-            cells = []
-            for k in keys:
-                o = r["vs_cold_start"][k]
-                ci = o["ci95"]
-                ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
-                diff = "n/a" if o["diff"] is None else f"{100 * o['diff']:+.1f}"
-                cells.append(f"{100 * o['before']['rate']:.1f}% -> {100 * o['after']['rate']:.1f}% ({diff}{ci_s}, "
-                             f"p={fmt_p(o['p'])})")
+            vs = r["vs_cold_start"]
+            cells = [f"{100 * vs[k]['before']['rate']:.1f}% -> {100 * vs[k]['after']['rate']:.1f}% ({_change(vs[k])})"
+                     for k in keys]
             lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
