@@ -54,13 +54,23 @@ def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
+# `OPSD_CPU_BF16=0`: treat this CPU as one without bf16 units, so every `precision=auto` stage runs fp32 (how the
+# fp32 runs of RESULTS.md reproduce an AVX2-only machine on an AVX512-BF16 one); unset or 1: ask the CPU
+CPU_BF16_ENV = "OPSD_CPU_BF16"
+
+
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
-    """Whether `device` has native bf16 matmul units: AVX512-BF16 or AMX on a CPU (asked through torch), or a GPU
-    that supports bf16."""
+    """Whether `device` has native bf16 matmul units: AVX512-BF16 or AMX on a CPU (asked through torch, unless
+    $OPSD_CPU_BF16=0), or a GPU that supports bf16."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type != "cpu":
+        return False
+    flag = os.environ.get(CPU_BF16_ENV, "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"${CPU_BF16_ENV} must be 0 (run precision=auto in fp32) or 1, got {flag!r}")
+    if flag == "0":
         return False
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 

@@ -57,6 +57,22 @@ def test_load_precision(tiny_model_dir):
         models.load(str(tiny_model_dir), device="cpu", precision="fp16")
 
 
+def test_cpu_bf16_env_forces_fp32(monkeypatch):
+    """OPSD_CPU_BF16=0 makes `auto` resolve to fp32 on any CPU (the fp32 runs on a bf16 machine); a bad value is
+    an error, not silently ignored; a GPU is not affected."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv(models.CPU_BF16_ENV, raising=False)
+    assert models.bf16_supported("cpu") and models.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert not models.bf16_supported("cpu") and models.resolve_precision("auto", "cpu") == "fp32"
+    assert models.resolve_precision("bf16", "cpu") == "bf16"  # an explicit precision still wins
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    assert models.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv(models.CPU_BF16_ENV, "no")
+    with pytest.raises(ValueError, match="OPSD_CPU_BF16 must be 0"):
+        models.bf16_supported("cpu")
+
+
 def test_lora_merged_in_fp32_then_cast(tiny_model_dir, tmp_path):
     """A bf16 LoRA model is the fp32 merge rounded once, not a merge done in bf16 (which rounds twice)."""
     from peft import LoraConfig, get_peft_model
