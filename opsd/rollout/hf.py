@@ -254,8 +254,10 @@ def _prefill(model, prompts: list[list[int]], rows_of: list[list[int]], cache: D
                     layer.value_buf[:, :, :P] = prefix_kv[li][1]
             for i, u in enumerate(chunk):
                 rows = torch.tensor(rows_of[u], device=dev)
-                layer.key_buf[rows, :, L - Lc:L] = src.keys[i, :, P:]
-                layer.value_buf[rows, :, L - Lc:L] = src.values[i, :, P:]
+                # index_put does not cast, unlike the slice writes of `update`: under bf16 autocast the keys come
+                # out fp32 (RoPE multiplies by fp32 cos/sin) and the values bf16, and the buffers take the keys' dtype
+                layer.key_buf[rows, :, L - Lc:L] = src.keys[i, :, P:].to(layer.key_buf.dtype)
+                layer.value_buf[rows, :, L - Lc:L] = src.values[i, :, P:].to(layer.value_buf.dtype)
         for i, u in enumerate(chunk):
             for r in rows_of[u]:
                 logits_rows[r] = out.logits[i, -1]
