@@ -37,11 +37,15 @@ from opsd.eval.run import main as eval_main
 from opsd.eval.targets import fmt_p
 from opsd.io.tasks import load_tasks
 from opsd.io.tasks.overlap import check_off_heldout
-from opsd.pipelines.loop import LoopConfig, _loop_rollout, format_rounds, multi_turn_split
+from opsd.pipelines.loop import TRAIN_SPEC, LoopConfig, _loop_rollout, format_rounds, multi_turn_split
 from opsd.pipelines.loop import main as loop_main
 from opsd.rollout.config import RolloutConfig
 
-HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"
+HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"  # the held-out split of the loop's default categories
+# single-call categories (one function; several declared in `multiple`): every reply stops at its </tool_call>, so
+# a round costs about half of what the parallel_multiple mix did, and the cold start reaches 34% held-out accuracy
+# on them (RESULTS.md §0b)
+DEMO_TASKS = "bfcl:simple_python,multiple"
 ROUND_KEYS = ("official_accuracy", "critic_ok", "names_no_declared_tool", "names_gt_function", "no_parseable_call")
 LABELS = {"official_accuracy": "accuracy (official)", "critic_ok": "critic passes the reply",
           "names_no_declared_tool": "does not name a declared tool", "names_undeclared_tool": "names an undeclared tool",
@@ -49,9 +53,9 @@ LABELS = {"official_accuracy": "accuracy (official)", "critic_ok": "critic passe
           "no_parseable_call": "no parseable call", "critic_error": "critic finds an error"}
 
 
-# 256 new tokens: 55 of the 62 parallel_multiple held-out tasks need more than 96 for their ground-truth calls
-# (median 164, max 262), so at 96 they could never be answered (RESULTS.md §0)
-DEMO_MAX_NEW_TOKENS = 256
+# 128 new tokens: the longest ground-truth call of the train and validation splits of DEMO_TASKS is 113 tokens
+# (median 50); parallel_multiple needed 256 (RESULTS.md §0)
+DEMO_MAX_NEW_TOKENS = 128
 
 
 def _demo_eval() -> EvalConfig:
@@ -69,6 +73,10 @@ def _demo_critic() -> CriticConfig:
 @dataclass
 class DemoConfig(LoopConfig):
     out: str = field(default="runs/demo", metadata={"help": "output folder: round_K/, loop.md, report/"})
+    tasks: str = field(default=DEMO_TASKS, metadata={
+        "help": "BFCL categories for every stage: rounds draw from their train split, validation scores their "
+                "validation split, the held-out evaluation their heldout split; a --rollout.tasks of your own "
+                "replaces the default (validation and held-out then follow the loop's rules)"})
     rounds: int = field(default=2, metadata={"help": "rollout -> critique -> train rounds (at most; see early_stop)"})
     early_stop: bool = field(default=False, metadata={
         "help": "stop when the validation outcome gets worse than the best round so far (off in the demo: a round "
@@ -89,6 +97,8 @@ class DemoConfig(LoopConfig):
                 "round only (each extra model costs one held-out rollout)"})
 
     def __post_init__(self) -> None:
+        if self.tasks == DEMO_TASKS and self.rollout.tasks not in (TRAIN_SPEC, f"{DEMO_TASKS}:train"):
+            self.tasks = ""  # the user's own --rollout.tasks: validation and held-out follow the loop's rules
         if self.cold_start_steps and (multi_turn_split(self.tasks or self.rollout.tasks, "train")):
             self.cold_start_steps = 0  # the cold start learns single-turn ground-truth calls; episodes have none
         super().__post_init__()

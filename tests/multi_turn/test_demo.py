@@ -9,7 +9,7 @@ import pytest
 
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.pipelines import loop
-from opsd.pipelines.demo import HELDOUT_SPEC, DemoConfig
+from opsd.pipelines.demo import DEMO_TASKS, HELDOUT_SPEC, DemoConfig
 from opsd.pipelines.loop import VALIDATION_SPEC, LoopConfig, multi_turn_split, summarise_validation
 from opsd.types import Critique
 from tests.multi_turn.conftest import call_text, gt_script, play_script, script, task
@@ -29,7 +29,14 @@ def test_multi_turn_rounds_validate_and_evaluate_on_the_multi_turn_splits():
         "bfcl:multi_turn_base,multi_turn_miss_func:validation"
     # single-turn rounds keep the single-turn splits; flags the user set are kept
     single = DemoConfig()
-    assert (single.validation_tasks, single.eval.tasks) == (VALIDATION_SPEC, HELDOUT_SPEC)
+    assert (single.rollout.tasks, single.validation_tasks, single.eval.tasks) == (
+        f"{DEMO_TASKS}:train", f"{DEMO_TASKS}:validation", f"{DEMO_TASKS}:heldout")
+    assert single.rollout.max_new_tokens == single.eval.max_new_tokens == 128
+    loop_mix = DemoConfig(tasks="")  # --tasks '': the loop's default categories and splits
+    assert (loop_mix.validation_tasks, loop_mix.eval.tasks) == (VALIDATION_SPEC, HELDOUT_SPEC)
+    own = DemoConfig(rollout=_rollout("bfcl:parallel:train"))  # the user's own rollout.tasks replaces the default mix
+    assert (own.tasks, own.rollout.tasks, own.validation_tasks, own.eval.tasks) == (
+        "", "bfcl:parallel:train", VALIDATION_SPEC, HELDOUT_SPEC)
     mine = DemoConfig(rollout=_rollout(MT_TRAIN), validation_tasks="", eval=dataclasses.replace(
         DemoConfig().eval, tasks="bfcl:multi_turn_miss_param:heldout"))
     assert (mine.validation_tasks, mine.eval.tasks) == ("", "bfcl:multi_turn_miss_param:heldout")
