@@ -3,11 +3,11 @@
     python bench/critic.py                      # concurrency 1 4 8 16 32 64, 200 ms latency
     python bench/critic.py --quick              # small smoke run (a few seconds, no torch)
 
-The server (`critic.fake_server.FakeServer`) runs in its own process so that its threads do not
+The server (`opsd_critic.fake_server.FakeServer`) runs in its own process so that its threads do not
 compete with the client for the GIL; it sleeps `--latency` seconds per request and answers with
 a valid `error` critique of the trajectory (step, verbatim quote, hint), so every reply goes
 through the critic's full path: Jinja prompt, HTTP, JSON-schema check, critique validation, and
-the runner's fsynced JSONL append (`critic.runner.run_critiques`).
+the runner's fsynced JSONL append (`opsd_critic.runner.run_critiques`).
 
 Ideal throughput is concurrency / latency. Each level critiques `--per-slot` x concurrency
 distinct trajectories (so every slot makes the same number of sequential requests); the
@@ -60,7 +60,7 @@ def serve(port: int, latency: float, nodelay: bool) -> None:
     Nagle on the body waits for the client's delayed ACK (~40 ms on Linux): every request then
     takes latency + ~44 ms. The headline number uses TCP_NODELAY; Nagle on is measured too.
     """
-    from critic.fake_server import FakeServer, Reply
+    from opsd_critic.fake_server import FakeServer, Reply
 
     srv = FakeServer(responder=lambda body: Reply(ERROR_REPLY), latency=latency, port=port, nodelay=nodelay)
     srv.start()
@@ -104,8 +104,8 @@ def trajectories(n: int, tag: str):
 
 def run_level(base_url: str, concurrency: int, n: int, tag: str) -> dict:
     """Critique n trajectories at `concurrency`; returns wall time, rate and verdict counts."""
-    from critic.llm import LLMConfig, LLMCritic
-    from critic.runner import run_critiques
+    from opsd_critic.llm import LLMConfig, LLMCritic
+    from opsd_critic.runner import run_critiques
 
     os.environ.setdefault("OPSD_BENCH_KEY", "bench-no-auth")
     critic = LLMCritic(LLMConfig(base_url=base_url, model="fake-critic", api_key_env="OPSD_BENCH_KEY",

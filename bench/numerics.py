@@ -38,8 +38,8 @@ PREFILL = "<tool_call>\n"  # the fixture's rollouts were generated with this rep
 
 
 def hinted_examples(tok, limit: int | None = None):
-    from critic import make_critic
-    from critic.validate import check_critique
+    from opsd_critic import make_critic
+    from opsd_critic.validate import check_critique
     from opsd.hint.build import build_examples
     from opsd.io.trajectories import load_trajectories
 

@@ -293,10 +293,10 @@ def critic(crit: dict | None, status: str) -> list[str]:
     if not crit:
         return out + [f"Not measured: {status}.", ""]
     lat = crit["latency_s"]
-    out += [f"`critic.runner.run_critiques` with `LLMCritic` against `critic.fake_server.FakeServer` in its own process, "
-            f"fixed latency {lat * 1000:.0f} ms, answering every request with a valid `error` critique (so each reply "
-            "is schema-checked, validated and appended with fsync). Every trajectory is distinct; each level runs "
-            "8 requests per slot (at least 32), median of 3 runs. Ideal = concurrency / latency.", "",
+    out += ["`opsd_critic.runner.run_critiques` with `LLMCritic` against `opsd_critic.fake_server.FakeServer` in its "
+            f"own process, fixed latency {lat * 1000:.0f} ms, answering every request with a valid `error` critique "
+            "(so each reply is schema-checked, validated and appended with fsync). Every trajectory is distinct; "
+            "each level runs 8 requests per slot (at least 32), median of 3 runs. Ideal = concurrency / latency.", "",
             "| concurrency | critiques/s | ideal | efficiency | runs |", "|---|---|---|---|---|"]
     for r in crit["rows"]:
         out.append(f"| {r['concurrency']} | {r['rate']:.1f} | {r['ideal']:.0f} | {r['efficiency']:.0%} | {r['runs']} |")

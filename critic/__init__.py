@@ -1,6 +1,6 @@
 """Critics: find the erroneous step of a trajectory, quote the error verbatim, write a hint.
 
-    from critic import make_critic, run_critiques, format_summary
+    from opsd_critic import make_critic, run_critiques, format_summary
     critic = make_critic("schema+reference")
     print(format_summary(run_critiques(trajectories, critic, "critiques.jsonl")))
 
@@ -8,18 +8,18 @@ Protocol (`Critic`): `name`, `config()` (JSON, no secrets), `info` = {"name", "c
 `max_hint_tokens`, `async critique(traj) -> opsd.types.Critique`, `async aclose()`.
 Critics available:
 
-- `schema`: each tool call against the trajectory's tool schemas (`critic.schema`);
+- `schema`: each tool call against the trajectory's tool schemas (`opsd_critic.schema`);
 - `reference`: the reply against `meta.ground_truth`, with BFCL possible-answer semantics
-  (`critic.reference`); several replies, and BFCL multi-turn episodes replayed in their simulated
-  environments, reply by reply: the first wrong one (`critic.multi_turn`);
-- `llm`: any OpenAI-compatible endpoint (`critic.llm`);
+  (`opsd_critic.reference`); several replies, and BFCL multi-turn episodes replayed in their simulated
+  environments, reply by reply: the first wrong one (`opsd_critic.multi_turn`);
+- `llm`: any OpenAI-compatible endpoint (`opsd_critic.llm`);
 - `schema+reference`: schema first; the reference critic only when the schema critic says ok
   (and the trajectory has ground truth);
 - `schema+llm`: the LLM critic decides, and the schema critic cross-checks every `ok`: when it
   finds an error the LLM missed, its finding wins and `Critique.disagreement` records that the
   LLM's `ok` was overruled.
 
-Every critique is validated before it is written (`critic.validate`); an invalid one becomes
+Every critique is validated before it is written (`opsd_critic.validate`); an invalid one becomes
 verdict `failed` with the reason. `opsd` core never imports this package; `opsd.critique` (the
 one `CriticConfig`, `build_critic`, `main`) composes the two.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from critic.base import (
+from opsd_critic.base import (
     DEFAULT_MAX_ERRORS,
     REFERENCE_CATEGORIES,
     SCHEMA_CATEGORIES,
@@ -35,11 +35,11 @@ from critic.base import (
     CriticFatalError,
     RuleCritic,
 )
-from critic.llm_config import LLMConfig
-from critic.reference import ReferenceCritic
-from critic.runner import RunSummary, format_summary, run_critiques, run_critiques_async
-from critic.schema import SchemaCritic
-from critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint
+from opsd_critic.llm_config import LLMConfig
+from opsd_critic.reference import ReferenceCritic
+from opsd_critic.runner import RunSummary, format_summary, run_critiques, run_critiques_async
+from opsd_critic.schema import SchemaCritic
+from opsd_critic.validate import DEFAULT_MAX_HINT_TOKENS, check_critique, lint_hint
 from opsd.types import Critique, Trajectory
 
 CRITICS = ("schema", "reference", "llm", "schema+reference", "schema+llm")
@@ -134,7 +134,7 @@ class CrossCheckCritic(ChainCritic):
 
 def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, llm_config=None,
                 all_errors: bool = False, max_errors: int = DEFAULT_MAX_ERRORS) -> BaseCritic:
-    """Build a critic by name (one of `CRITICS`). `llm_config` (critic.llm.LLMConfig) is needed for "llm".
+    """Build a critic by name (one of `CRITICS`). `llm_config` (opsd_critic.llm.LLMConfig) is needed for "llm".
     `all_errors`: the rule critics report every error of the erroneous step (at most `max_errors`), not the first."""
     rule = {"max_hint_tokens": max_hint_tokens, "all_errors": all_errors, "max_errors": max_errors}
     if name == "schema":
@@ -144,7 +144,7 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
     if name == "schema+reference":
         return ChainCritic(SchemaCritic(**rule), ReferenceCritic(**rule))
     if name in ("llm", "schema+llm"):
-        from critic.llm import LLMCritic  # openai: see __getattr__
+        from opsd_critic.llm import LLMCritic  # openai: see __getattr__
 
         if llm_config is None:
             raise ValueError(f"the {name} critic needs an LLMConfig (base_url, model, ...)")
@@ -154,12 +154,12 @@ def make_critic(name: str, *, max_hint_tokens: int = DEFAULT_MAX_HINT_TOKENS, ll
     raise ValueError(f"unknown critic {name!r}; choose from {', '.join(CRITICS)}")
 
 
-def __getattr__(name: str):  # critic.llm imports openai (0.6 s): only when an LLM critic is asked for
+def __getattr__(name: str):  # opsd_critic.llm imports openai (0.6 s): only when an LLM critic is asked for
     if name == "LLMCritic":
-        from critic import llm
+        from opsd_critic import llm
 
         return llm.LLMCritic
-    raise AttributeError(f"module 'critic' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Critic", "BaseCritic", "RuleCritic", "ChainCritic", "CrossCheckCritic", "SchemaCritic", "ReferenceCritic", "LLMCritic",

@@ -11,9 +11,9 @@ from functools import lru_cache
 
 import jinja2
 
-import prompts
-from critic.calls import in_generated
-from critic.validate import DEFAULT_MAX_HINT_TOKENS, hint_repeats_quote, lint_hint
+import opsd_prompts
+from opsd_critic.calls import in_generated
+from opsd_critic.validate import DEFAULT_MAX_HINT_TOKENS, hint_repeats_quote, lint_hint
 from opsd.types import Critique, StageError, Trajectory, content_hash
 
 # bump when a rule critic's logic changes, so cached critiques are recomputed
@@ -175,7 +175,7 @@ def _env() -> jinja2.Environment:
 @lru_cache(maxsize=None)
 def _hint_template(category: str) -> jinja2.Template:
     try:
-        src = prompts.read(f"hints/{category}.j2")
+        src = opsd_prompts.read(f"hints/{category}.j2")
     except FileNotFoundError:
         raise ValueError(f"no hint template prompts/hints/{category}.j2") from None
     return _env().from_string(src)
@@ -189,7 +189,7 @@ def render_hint(category: str, **variables) -> str:
 @lru_cache(maxsize=None)
 def hint_templates_hash() -> str:
     h = hashlib.sha256()
-    d = prompts.path("hints")
+    d = opsd_prompts.path("hints")
     for p in sorted(d.glob("*.j2")):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]

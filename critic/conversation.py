@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from critic.calls import CallBlock, Issue, extract_calls, name_span, string_content_span
+from opsd_critic.calls import CallBlock, Issue, extract_calls, name_span, string_content_span
 from opsd.render import message_text
 from opsd.types import Trajectory
 

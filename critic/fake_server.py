@@ -3,7 +3,7 @@
 Real HTTP (stdlib `ThreadingHTTPServer`, one thread per connection, so concurrent requests are
 served concurrently), with scripted replies and faults and an optional fixed latency:
 
-    from critic.fake_server import FakeServer, Reply, Status, Hang, Raw
+    from opsd_critic.fake_server import FakeServer, Reply, Status, Hang, Raw
     with FakeServer(script=[Status(429, headers={"Retry-After": "0.2"}), Reply('{"verdict": "ok", ...}')],
                     latency=0.2) as srv:
         srv.base_url            # "http://127.0.0.1:PORT/v1"
@@ -22,7 +22,7 @@ Each POST /v1/chat/completions consumes the next scripted action; when the scrip
 `Authorization` headers and query values (`?api-key=...`) are never stored or logged; the
 names of each request's query parameters are kept in `query_names`. Run standalone for benchmarks:
 
-    python -m critic.fake_server --port 8011 --latency 0.2
+    python -m opsd_critic.fake_server --port 8011 --latency 0.2
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ Per trajectory:
    connection errors and malformed bodies,
    with exponential backoff plus jitter capped at `max_wait`. 401/403/404 abort the run
    (`CriticFatalError`): they are configuration errors, not per-trajectory failures.
-4. The reply is validated against the JSON schema, then as a critique (`critic.validate`: step
+4. The reply is validated against the JSON schema, then as a critique (`opsd_critic.validate`: step
    in range and an assistant message, quote verbatim in it, hint short and not repeating the
    quote). An invalid reply is re-asked with the reason, at most `max_reasks` times; then the
    critique is recorded as `failed` with the reason.
@@ -36,7 +36,7 @@ the record, redacted); a reply cut off at `max_tokens` (`finish_reason` "length"
 complete JSON object fails at once with a reason that says so and how to fix it, as does a
 request that times out (the first timeout also logs a warning with the fix).
 The API key and any credential in the base URL (`?api-key=...`) are redacted from every
-message, record and log line (`critic.redact`); a query in the base URL is sent as a query
+message, record and log line (`opsd_critic.redact`); a query in the base URL is sent as a query
 parameter of each request.
 """
 from __future__ import annotations
@@ -60,20 +60,20 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-import prompts
-from critic.base import (
+import opsd_prompts
+from opsd_critic.base import (
     BaseCritic,
     CriticFatalError,
 )
-from critic.llm_config import LLMConfig
-from critic.llm_prompt import (
+from opsd_critic.llm_config import LLMConfig
+from opsd_critic.llm_prompt import (
     PromptError,
     load_prompt,
     prompt_variables,
     template_error,
 )
-from critic.redact import redact, split_query, url_secrets
-from critic.validate import locate_quote, problem
+from opsd_critic.redact import redact, split_query, url_secrets
+from opsd_critic.validate import locate_quote, problem
 from opsd.render import message_text
 from opsd.types import Critique, Trajectory, content_hash
 
@@ -94,7 +94,7 @@ class TransportError(RuntimeError):
 
 @lru_cache(maxsize=None)
 def reply_schema() -> dict:
-    schema = json.loads(prompts.read("critic/reply.schema.json"))
+    schema = json.loads(opsd_prompts.read("critic/reply.schema.json"))
     jsonschema.validators.validator_for(schema).check_schema(schema)
     return schema
 

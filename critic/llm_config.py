@@ -1,12 +1,12 @@
 """The LLM critic's options, written once: fields, help texts, defaults and checks.
 
-    from critic.llm_config import LLMConfig
+    from opsd_critic.llm_config import LLMConfig
     LLMConfig(base_url="http://localhost:8000/v1", model="Qwen/Qwen2.5-7B-Instruct")   # ValueError names a bad field
 
 `opsd.critique.config.CriticConfig` inherits these fields (the `--critic.base-url`, `--critic.model`, ... flags) and
 these checks, and `opsd.critique.run.build_critic` passes them on as an `LLMConfig` (`LLMConfig.of`). The API key is
 NOT here: it is read from the environment variable `api_key_env`. This module does not import openai or jinja2
-(`critic.llm` does), so a Config that nests the options stays cheap to import.
+(`opsd_critic.llm` does), so a Config that nests the options stays cheap to import.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from critic.validate import DEFAULT_MAX_HINT_TOKENS
+from opsd_critic.validate import DEFAULT_MAX_HINT_TOKENS
 from opsd.redact import redact_url, redacted_repr
 
 MIN_HINT_TOKENS = 16  # rule critics' shortest hints (the fallback, 9) must fit; a hint below ~16 says nothing

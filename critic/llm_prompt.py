@@ -15,9 +15,9 @@ from pathlib import Path
 import jinja2
 import jinja2.meta
 
-import prompts
-from critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES
-from critic.validate import DEFAULT_MAX_HINT_TOKENS
+import opsd_prompts
+from opsd_critic.base import REFERENCE_CATEGORIES, SCHEMA_CATEGORIES
+from opsd_critic.validate import DEFAULT_MAX_HINT_TOKENS
 from opsd.render import message_text
 from opsd.types import Trajectory
 
@@ -41,7 +41,7 @@ def load_prompt(path: str | None = None) -> tuple[jinja2.Template, str]:
     """(template, source) of the critic prompt; raises PromptError naming the file and line."""
     where = path or "prompts/critic/locate_error.j2"
     try:
-        src = Path(path).read_bytes().decode("utf-8") if path else prompts.read("critic/locate_error.j2")
+        src = Path(path).read_bytes().decode("utf-8") if path else opsd_prompts.read("critic/locate_error.j2")
     except UnicodeDecodeError as e:
         line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
         raise PromptError(f"{where}:{line}: the template is not UTF-8 text (byte {e.start}: "

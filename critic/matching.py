@@ -1,14 +1,14 @@
 """BFCL possible-answer matching: ground truth parsed, one reply's parsed calls matched against it, and where each
 mismatch sits in the reply text (a `Problem`). The semantics are those of BFCL's AST checker, as described in
-`critic.reference`, whose critic reports the earliest problem; `critic.multi_turn` uses the same matching reply by
-reply, and `opsd.critique.outcomes` to classify held-out replies.
+`opsd_critic.reference`, whose critic reports the earliest problem; `opsd_critic.multi_turn` uses the same matching
+reply by reply, and `opsd.critique.outcomes` to classify held-out replies.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from critic.calls import (
+from opsd_critic.calls import (
     CLOSE,
     CallBlock,
     Node,
@@ -17,7 +17,7 @@ from critic.calls import (
     render_value,
     string_content_span,
 )
-from critic.schema import closing_span, key_name_span
+from opsd_critic.schema import closing_span, key_name_span
 
 _STD_RE = re.compile(r"[ ,./\-_*^]")
 _PY_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}

@@ -43,7 +43,7 @@ import inspect
 import re
 from dataclasses import dataclass
 
-from critic.calls import (
+from opsd_critic.calls import (
     CallBlock,
     OPEN,
     extract_calls,
@@ -51,9 +51,9 @@ from critic.calls import (
     render_value,
     string_content_span,
 )
-from critic.matching import Problem, match_calls, missing_call_span, parse_ground_truth, reply_problems
-from critic.conversation import tool_result_error
-from critic.schema import call_issues, closing_span, key_name_span, tools_by_name
+from opsd_critic.matching import Problem, match_calls, missing_call_span, parse_ground_truth, reply_problems
+from opsd_critic.conversation import tool_result_error
+from opsd_critic.schema import call_issues, closing_span, key_name_span, tools_by_name
 from opsd.io.tasks import bfcl
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.bfcl_env import ERROR_PREFIX, Environment

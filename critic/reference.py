@@ -37,11 +37,11 @@ the wrong text) or the parameter to add.
 """
 from __future__ import annotations
 
-from critic import multi_turn
-from critic.base import RuleCritic
-from critic.calls import extract_calls
-from critic.matching import Problem, is_valid, parse_ground_truth, reply_problems
-from critic.schema import call_issues, tools_by_name
+from opsd_critic import multi_turn
+from opsd_critic.base import RuleCritic
+from opsd_critic.calls import extract_calls
+from opsd_critic.matching import Problem, is_valid, parse_ground_truth, reply_problems
+from opsd_critic.schema import call_issues, tools_by_name
 from opsd.io.tasks.bfcl_multi_turn import is_multi_turn
 from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory
@@ -49,7 +49,7 @@ from opsd.types import Critique, Trajectory
 
 class ReferenceCritic(RuleCritic):
     """Checks a reply against `meta.ground_truth` (see module docstring); several replies, or a BFCL multi-turn
-    episode, are checked reply by reply by `critic.multi_turn` (the first wrong reply is reported)."""
+    episode, are checked reply by reply by `opsd_critic.multi_turn` (the first wrong reply is reported)."""
 
     name = "reference"
 
@@ -61,11 +61,11 @@ class ReferenceCritic(RuleCritic):
     @staticmethod
     def subsumes(traj: Trajectory) -> bool:
         """Multi-turn episodes and logs with several replies: this critic runs the schema checks itself, reply by
-        reply (critic.multi_turn), so the first error is found whichever check finds it."""
+        reply (opsd_critic.multi_turn), so the first error is found whichever check finds it."""
         return is_multi_turn(traj.meta) or multi_turn.is_multi_step(traj)
 
     def check(self, traj: Trajectory) -> Critique:
-        if is_multi_turn(traj.meta):  # every step of every turn: critic.multi_turn
+        if is_multi_turn(traj.meta):  # every step of every turn: opsd_critic.multi_turn
             return multi_turn.check(self, traj)
         if multi_turn.is_multi_step(traj):  # several replies, one flat ground truth
             return multi_turn.check_steps(self, traj)

@@ -11,7 +11,7 @@ the critic reads (a fixed `meta.ground_truth` included) or to the critic invalid
 Lines are appended one at a time and fsynced (`opsd.io.records.ResumableJsonl`); a rerun skips
 keys already present, and a torn last line from a killed run is cut off, so kill + rerun
 yields every trajectory exactly once. Every critique is validated
-(`critic.validate.check_critique`) before it is written; a critic that raises is recorded as
+(`opsd_critic.validate.check_critique`) before it is written; a critic that raises is recorded as
 `failed` with the exception. Only `CriticFatalError` (bad key/model/URL) stops the run.
 
 A transport failure that survived the critic's retries is recorded `failed` with
@@ -35,9 +35,9 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from critic.base import CriticFatalError
-from critic.redact import redacting_logs
-from critic.validate import check_critique
+from opsd_critic.base import CriticFatalError
+from opsd_critic.redact import redacting_logs
+from opsd_critic.validate import check_critique
 from opsd.io.records import ResumableJsonl, read_latest
 from opsd.types import Critique, Trajectory, content_hash
 

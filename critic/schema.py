@@ -42,8 +42,8 @@ from __future__ import annotations
 import re
 import jsonschema
 
-from critic.base import RuleCritic
-from critic.calls import (
+from opsd_critic.base import RuleCritic
+from opsd_critic.calls import (
     Issue,
     name_span,
     CallBlock,
@@ -53,7 +53,7 @@ from critic.calls import (
     render_value,
     string_content_span,
 )
-from critic.conversation import _mentions, made_up_issues, repeated_call_issues, tool_result_error
+from opsd_critic.conversation import _mentions, made_up_issues, repeated_call_issues, tool_result_error
 from opsd.render import message_text, prefill_length
 from opsd.types import Critique, Trajectory
 

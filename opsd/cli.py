@@ -11,7 +11,7 @@ the Config, calls the stage's `main(cfg)`, prints the result and returns the exi
 
 All errors go to stderr. Only the chosen command's modules are imported, so one stage's
 dependencies never slow down or break another command. This module, `opsd.critique` and
-`opsd.pipelines` are the only places that compose `opsd` with the `critic` package.
+`opsd.pipelines` are the only places that compose `opsd` with the critic package (`opsd_critic`).
 
     opsd --help
     opsd train --help
@@ -59,8 +59,8 @@ def _split(argv: list[str]) -> int:
 
 
 def _critique(argv: list[str]) -> int:
-    from critic.llm import PromptError
-    from critic.runner import format_summary
+    from opsd_critic.llm import PromptError
+    from opsd_critic.runner import format_summary
     from opsd.critique.config import CritiqueConfig
     from opsd.critique.run import build_critic, main
 
@@ -109,7 +109,7 @@ def _train(argv: list[str]) -> int:
     cfg = parse(TrainConfig, argv, prog="opsd train", description=COMMANDS["train"][0])
     reward_fn = None
     if cfg.rl_alpha < 1.0:  # GKD+RL: the critic's verdict on each sampled reply is the reward
-        from critic import make_critic
+        from opsd_critic import make_critic
         from opsd.critique.run import critic_reward
 
         reward_fn = critic_reward(make_critic(cfg.reward))

@@ -7,7 +7,7 @@
 
 Every config dump (loop.json, compare.json, eval and multi-turn report.json), the repr of every Config that holds
 a URL (`CriticConfig`, `RolloutConfig`), the rollout meta and error lines, and server error messages go through
-these. `critic.redact` re-exports them and adds the log filter (`redacting_logs`).
+these. `opsd_critic.redact` re-exports them and adds the log filter (`redacting_logs`).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import jinja2
 
-import prompts
+import opsd_prompts
 from opsd.types import Trajectory
 
 
@@ -40,7 +40,7 @@ def _tojson(x) -> str:
 def _tools_template() -> jinja2.Template:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
     env.filters["tojson"] = _tojson
-    return env.from_string(prompts.read("tools_system.j2"))
+    return env.from_string(opsd_prompts.read("tools_system.j2"))
 
 
 def call_text(call: dict) -> str:

@@ -16,4 +16,11 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# critic/ and prompts/ import as opsd_critic and opsd_prompts (pyproject package-dir). Where this checkout is not
+# installed (a bare python3, or a carried venv whose editable install points at another path), links give the names.
+if ! "$PYTHON" -c "import opsd_critic, opsd_prompts" 2>/dev/null; then
+  names=$(mktemp -d)
+  ln -s "$PWD/critic" "$names/opsd_critic" && ln -s "$PWD/prompts" "$names/opsd_prompts"
+  export PYTHONPATH="$names${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec "$PYTHON" bench/gpu_check.py "$@"

@@ -43,20 +43,32 @@ TESTS = ("tests/train/test_losses.py", "tests/train/test_losses_edges.py",
          "tests/critic/test_never_invalid.py", "tests/critic/test_error_tokens.py", "tests/critic/test_reference.py",
          "tests/critic/test_schema.py", "tests/critic/test_real_outputs.py", "tests/critic/test_critique_stage.py")
 SIGKILL_AFTER_CPU_LIMIT = -9
+# The copy lays the folders out under their import names (pyproject package-dir): mutmut names a mutant after its
+# file's path (opsd_critic/calls.py -> opsd_critic.calls), which must be the module the tests import.
+INSTALLED_AS = {"critic": "opsd_critic", "prompts": "opsd_prompts"}
+
+
+def installed_path(rel: str) -> str:
+    """critic/calls.py -> opsd_critic/calls.py: where a file of the working tree lies in the copy."""
+    top, sep, rest = rel.partition("/")
+    return INSTALLED_AS.get(top, top) + sep + rest if sep else rel
 
 
 def copy_tree(dest: Path) -> None:
-    """Tracked + untracked non-ignored files of the working tree (deleted ones skipped) into `dest`."""
+    """Tracked + untracked non-ignored files of the working tree (deleted ones skipped) into `dest`, critic/ and
+    prompts/ under their import names."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          check=True, capture_output=True).stdout
     for rel in sorted({p for p in out.decode().split("\0") if p}):
         src = ROOT / rel
         if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+            (dest / installed_path(rel)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / installed_path(rel))
 
 
 def mutmut_config(modules: list[str], tests: list[str]) -> str:
+    """[tool.mutmut] for `modules` (paths in the working tree: critic/calls.py) and `tests`."""
+    modules = [installed_path(m) for m in modules]
     roots = sorted({m.split("/")[0] for m in modules})
     toml_list = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"
     return "\n".join([
@@ -64,7 +76,7 @@ def mutmut_config(modules: list[str], tests: list[str]) -> str:
         f"source_paths = {toml_list([r + '/' for r in roots])}",
         f"only_mutate = {toml_list(modules)}",
         # what the tests import or read besides the source roots and tests/
-        f"also_copy = {toml_list([p for p in ('opsd/', 'critic/', 'prompts/', 'data/') if p.rstrip('/') not in roots])}",
+        f"also_copy = {toml_list([p + '/' for p in ('opsd', *INSTALLED_AS.values(), 'data') if p not in roots])}",
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
         'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider"]',
         "",
@@ -77,7 +89,7 @@ def tally(workdir: Path, modules: list[str]) -> dict[str, Counter]:
 
     per_module = {}
     for m in modules:
-        meta = workdir / "mutants" / (m + ".meta")
+        meta = workdir / "mutants" / (installed_path(m) + ".meta")
         codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
         c = Counter()
         for code in codes.values():

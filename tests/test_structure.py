@@ -1,4 +1,4 @@
-"""The shape of the code base: no import cycles, `opsd` core never imports `critic`, modules stay small."""
+"""The shape of the code base: no import cycles, `opsd` core never imports `opsd_critic`, modules stay small."""
 from __future__ import annotations
 
 import ast
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PACKAGES = ("opsd", "critic", "prompts")
+PACKAGES = {"opsd": "opsd", "opsd_critic": "critic", "opsd_prompts": "prompts"}  # import name -> folder (pyproject)
 # the composition layer: the only opsd modules allowed to import the critic package
 COMPOSERS = ("opsd.cli", "opsd.critique", "opsd.pipelines")
 MAX_LINES = 420  # "about 400"
@@ -16,8 +16,8 @@ MAX_LINES = 420  # "about 400"
 # anything else goes to the top. Every function-level import must match an entry, and every entry an import.
 LAZY_IMPORTS = {
     "opsd/cli.py: opsd.*": "CLI start-up: `opsd --help` imports no stage (0.2 s; every stage imported: several s)",
-    "opsd/cli.py: critic": "CLI start-up: `opsd train` builds a reward critic only with --rl-alpha < 1",
-    "opsd/cli.py: critic.*": "CLI start-up: the critique stack only for `opsd critique`",
+    "opsd/cli.py: opsd_critic": "CLI start-up: `opsd train` builds a reward critic only with --rl-alpha < 1",
+    "opsd/cli.py: opsd_critic.*": "CLI start-up: the critique stack only for `opsd critique`",
     "*: matplotlib*": "optional back-end: plots only when a report is written (matplotlib.pyplot 0.7 s)",
     "*: bfcl_eval.*": "optional back-end: bfcl-eval is installed --no-deps (not a declared dependency), and its "
                       "checker needs the model-config stub first (opsd.eval.official)",
@@ -28,7 +28,7 @@ LAZY_IMPORTS = {
     "opsd/io/tables.py: huggingface_hub": "optional back-end: only hub-cache dataset inputs",
     "opsd/rollout/client.py: openai": "openai (0.6 s): only the openai rollout backend; hf rollouts never need it",
     "opsd/rollout/multi_turn.py: openai": "openai (0.6 s): only the openai rollout backend",
-    "critic/__init__.py: critic.llm": "openai (0.6 s): only LLM critics; hint and train nest CriticConfig only",
+    "critic/__init__.py: opsd_critic.llm": "openai (0.6 s): only LLM critics; hint and train nest CriticConfig only",
     "opsd/logs.py: opsd.io.models": "start-up: `opsd validate`/`split` import opsd.logs; torch 1.5 s",
     "opsd/logs.py: opsd.render": "start-up: `opsd validate`/`split` import opsd.logs; the tokenizer path loads "
                                  "transformers",
@@ -44,12 +44,14 @@ LAZY_IMPORTS = {
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    """The import name of a file: critic/llm.py -> opsd_critic.llm (the folders install under PACKAGES' names)."""
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = [{f: name for name, f in PACKAGES.items()}[folder], *parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {module_name(p): p for folder in PACKAGES.values() for p in (ROOT / folder).rglob("*.py")}
 
 
 def _statements(tree: ast.Module, *, module_level: bool):
@@ -167,9 +169,9 @@ def test_imports_inside_functions_are_the_listed_ones():
 
 
 def test_opsd_core_never_imports_critic():
-    offenders = {name: sorted(m for m in deps if m == "critic" or m.startswith("critic."))
+    offenders = {name: sorted(m for m in deps if m.split(".")[0] == "opsd_critic")
                  for name, deps in graph().items()
-                 if name.startswith("opsd") and not name.startswith(COMPOSERS)}
+                 if name.split(".")[0] == "opsd" and not name.startswith(COMPOSERS)}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 

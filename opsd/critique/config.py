@@ -7,8 +7,8 @@ Flags and YAML are generated from these fields; eval, demo and loop nest `Critic
     CritiqueConfig(inputs=["logs.jsonl"], out="critiques.jsonl",
                    critic=CriticConfig(name="llm", base_url="http://localhost:8000/v1", model="Qwen/Qwen2.5-7B-Instruct"))
 
-The LLM options and their checks are `critic.llm_config.LLMConfig`'s, inherited (one source); this module
-does not import openai (`critic.llm` does).
+The LLM options and their checks are `opsd_critic.llm_config.LLMConfig`'s, inherited (one source); this module
+does not import openai (`opsd_critic.llm` does).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from typing import Annotated, Literal
 
 import tyro
 
-from critic.llm_config import LLMConfig
+from opsd_critic.llm_config import LLMConfig
 
-CRITIC_NAMES = ("schema", "reference", "llm", "schema+reference", "schema+llm")  # == critic.CRITICS (tested)
+CRITIC_NAMES = ("schema", "reference", "llm", "schema+reference", "schema+llm")  # == opsd_critic.CRITICS (tested)
 LLM_CRITICS = ("llm", "schema+llm")
-RETRY_FAILED = ("transport", "none", "all")  # == critic.runner.RETRY_FAILED (tested)
+RETRY_FAILED = ("transport", "none", "all")  # == opsd_critic.runner.RETRY_FAILED (tested)
 
 
 @dataclass(repr=False)
@@ -36,7 +36,7 @@ class _CriticName:
 
 @dataclass(repr=False)
 class CriticConfig(LLMConfig, _CriticName):
-    """Which critic, every LLM option (inherited from `critic.llm_config.LLMConfig`, with its checks: written once)
+    """Which critic, every LLM option (inherited from `opsd_critic.llm_config.LLMConfig`, with its checks: written once)
     and the run's settings. Fields in flag order: `name`, the LLM options, then these (a dataclass takes its bases'
     fields in reverse MRO order)."""
 
@@ -55,7 +55,7 @@ class CriticConfig(LLMConfig, _CriticName):
     def __post_init__(self) -> None:
         if self.name not in CRITIC_NAMES:
             raise ValueError(f"name: unknown critic {self.name!r}; choose one of {', '.join(CRITIC_NAMES)}")
-        self.check(self.name if self.uses_llm else None)  # the LLM options' checks (critic.llm_config)
+        self.check(self.name if self.uses_llm else None)  # the LLM options' checks (opsd_critic.llm_config)
         for name, low in (("concurrency", 1), ("max_errors", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")

@@ -4,22 +4,22 @@
     reply_outcomes(traj)   # {"errors": [{"category", "source", "call", "quote"}, ...], "reference": "ok"|...}
 
 The critics report only the first error of a reply (the one to train on). An evaluation needs
-all of them: this runs the schema checks (`critic.schema.call_issues`) over every `<tool_call>`
+all of them: this runs the schema checks (`opsd_critic.schema.call_issues`) over every `<tool_call>`
 block of the reply and, when the task has ground truth, the reference comparison over every
-parsed call (`critic.reference`), and returns each problem found. `reference` is the reference
+parsed call (`opsd_critic.reference`), and returns each problem found. `reference` is the reference
 critic's verdict on the reply ("ok" | "error" | "failed"; "n/a" without ground truth).
 A reply that makes no call at all is an error too: `missing_call` (one per ground-truth call) when the
 task has ground truth, `no_call` when it has none. So prose, a copied placeholder or an empty reply
 never counts as error-free (every outcome that counts errors counts it against the model).
 The critic modules are used read-only; `opsd.eval` receives this function from its caller and
-never imports `critic` itself.
+never imports `opsd_critic` itself.
 """
 from __future__ import annotations
 
-from critic.calls import extract_calls
-from critic.matching import call_problems, match_calls, parse_ground_truth
-from critic.reference import ReferenceCritic
-from critic.schema import call_issues, tools_by_name
+from opsd_critic.calls import extract_calls
+from opsd_critic.matching import call_problems, match_calls, parse_ground_truth
+from opsd_critic.reference import ReferenceCritic
+from opsd_critic.schema import call_issues, tools_by_name
 from opsd.render import message_text
 from opsd.types import Trajectory
 

@@ -9,7 +9,7 @@
     from opsd.critique.run import main
     summary = main(CritiqueConfig(inputs=["logs.jsonl"], out="critiques.jsonl"))
 
-The one place that composes `opsd` and `critic`: `build_critic(CriticConfig)` (the only one),
+The one place that composes `opsd` and `opsd_critic`: `build_critic(CriticConfig)` (the only one),
 `main(CritiqueConfig) -> RunSummary`, `critique_fn(CriticConfig)` for the stages that critique
 (eval, demo, loop) and `critic_reward` for GKD+RL. Output lines are `Critique.to_dict()` plus
 `"key"` (trajectory id, hash of what the critic reads, critic config hash), appended and
@@ -27,16 +27,16 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from critic import CriticFatalError, make_critic
-from critic.llm import LLMConfig
-from critic.runner import (
+from opsd_critic import CriticFatalError, make_critic
+from opsd_critic.llm import LLMConfig
+from opsd_critic.runner import (
     RunSummary,
     format_summary,
     read_critiques,
     record_key,
     run_critiques,
 )
-from critic.validate import check_critique
+from opsd_critic.validate import check_critique
 from opsd.critique.config import CriticConfig, CritiqueConfig
 from opsd.io.records import read_latest, write_records
 from opsd.io.trajectories import LoadSummary, load_trajectories

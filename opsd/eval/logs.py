@@ -19,7 +19,7 @@ Stages (artifacts under OUT):
 
 These are the logged tokens scored under both models: they say whether the errors of these logs lost
 probability, not how often the after model makes them when it runs (that needs rollouts: `opsd eval
---tasks`). This module never imports `critic`: the CLI passes `critique_fn` when critiques are needed.
+--tasks`). This module never imports `opsd_critic`: the CLI passes `critique_fn` when critiques are needed.
 """
 from __future__ import annotations
 

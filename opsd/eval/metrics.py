@@ -21,7 +21,7 @@ outcome the targets use is "does not name a declared tool" (`names_no_declared_t
 no name, or no reply); "names an undeclared tool" is kept as a diagnostic row and is only read next
 to "names no tool" and "no parseable call" (`opsd.eval.targets.no_collapse`).
 
-This module never imports `critic`: the schema/reference error lists come from the `outcome_fn`
+This module never imports `opsd_critic`: the schema/reference error lists come from the `outcome_fn`
 the caller passes (`opsd.critique.outcomes.reply_outcomes` for the rule critics).
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@
 
 Writes OUT/report.json (`version`, `config`, `n_tasks`, `accuracy`, `critic_error`, `episode_failed`, `steps`,
 `first_error_position` (before/after), `finish_reasons`, `official_error_types`,
-`teacher_forced`, `per_task`) and OUT/report.md. This module never imports `critic`.
+`teacher_forced`, `per_task`) and OUT/report.md. This module never imports `opsd_critic`.
 """
 from __future__ import annotations
 

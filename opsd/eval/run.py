@@ -22,7 +22,7 @@ Stages (each writes its artifacts under OUT; rollouts and critiques are resumabl
 Outputs report.json (keys documented in README "Evaluation report"), report.md (verdicts first)
 and PNG plots. `scripts/recompute_report.py` recomputes every headline rate from report.json.
 
-This module never imports `critic`: the caller passes `critique_fn` (and `outcome_fn`).
+This module never imports `opsd_critic`: the caller passes `critique_fn` (and `outcome_fn`).
 """
 from __future__ import annotations
 

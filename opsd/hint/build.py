@@ -37,7 +37,7 @@ from typing import Iterable
 
 import jinja2
 
-import prompts
+import opsd_prompts
 from opsd.render import Rendered, message_text, prefill_length, render, with_system_text
 from opsd.types import PLACEMENTS, SPANS, Critique, HintedExample, Trajectory
 
@@ -54,7 +54,7 @@ class HintError(ValueError):
 
 @lru_cache(maxsize=None)
 def _hint_template() -> jinja2.Template:
-    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(prompts.read("hint_message.j2"))
+    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(opsd_prompts.read("hint_message.j2"))
 
 
 def hint_message_text(hint: str) -> str:

@@ -192,7 +192,7 @@ def main(cfg: TrainConfig, *, on_step=None, reward_fn: sources.RewardFn | None =
     """Train and return OUT/model. `on_step(step, metrics)` is called after every optimizer step.
 
     `reward_fn(trajectories) -> rewards` is needed for GKD+RL (rl_alpha < 1); `opsd train` builds it
-    from a critic, since this core never imports `critic`.
+    from a critic, since this core never imports `opsd_critic`.
     """
     if cfg.rl_alpha < 1.0 and reward_fn is None:
         raise ValueError("rl_alpha < 1 (GKD+RL) needs a reward function: main(cfg, reward_fn=...)")

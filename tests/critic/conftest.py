@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from critic.fake_server import FakeServer
+from opsd_critic.fake_server import FakeServer
 from opsd.io.trajectories import load_trajectories
 from tests.conftest import DATA, SAMPLE_LOGS
 
@@ -34,7 +34,7 @@ def server():
 @pytest.fixture
 def llm_critic(monkeypatch):
     """Factory: llm_critic(server, **LLMConfig overrides) with short timeouts and backoff."""
-    from critic.llm import LLMConfig, LLMCritic
+    from opsd_critic.llm import LLMConfig, LLMCritic
 
     monkeypatch.setenv("OPSD_TEST_KEY", FAKE_KEY)
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critic.calls import (
+from opsd_critic.calls import (
     extract_calls,
     in_generated,
     json_error_span,
@@ -127,7 +127,7 @@ def test_decoder_errors_and_their_positions(body, error, at):
 
 
 def test_json_pos_error_names_the_char():
-    from critic.calls import JsonPosError, render_value
+    from opsd_critic.calls import JsonPosError, render_value
 
     assert str(JsonPosError("expecting a value", 7)) == "expecting a value (char 7)"
     assert render_value("Zürich") == '"Zürich"' and render_value([1, None]) == "[1, null]"

@@ -8,11 +8,11 @@ import typing
 
 import pytest
 
-import critic
-import critic.runner
-from critic.base import MIN_RULE_HINT_TOKENS
-from critic.fake_server import OK_REPLY, Reply, Status
-from critic.llm_config import MIN_HINT_TOKENS, LLMConfig
+import opsd_critic
+import opsd_critic.runner
+from opsd_critic.base import MIN_RULE_HINT_TOKENS
+from opsd_critic.fake_server import OK_REPLY, Reply, Status
+from opsd_critic.llm_config import MIN_HINT_TOKENS, LLMConfig
 from opsd.critique import config as config_mod
 from opsd.critique.config import CriticConfig, CritiqueConfig
 from opsd.critique.run import (
@@ -39,9 +39,9 @@ def test_every_field_has_help_and_a_default():
 
 
 def test_names_agree_with_the_critic_package():
-    assert config_mod.CRITIC_NAMES == critic.CRITICS
-    assert config_mod.RETRY_FAILED == critic.runner.RETRY_FAILED
-    assert typing.get_args(typing.get_type_hints(CriticConfig)["name"]) == critic.CRITICS
+    assert config_mod.CRITIC_NAMES == opsd_critic.CRITICS
+    assert config_mod.RETRY_FAILED == opsd_critic.runner.RETRY_FAILED
+    assert typing.get_args(typing.get_type_hints(CriticConfig)["name"]) == opsd_critic.CRITICS
     assert MIN_HINT_TOKENS >= MIN_RULE_HINT_TOKENS
 
 
@@ -98,7 +98,7 @@ def test_main_critiques_and_limits(tmp_path):
 def test_build_critic_for_every_name(monkeypatch, server):
     monkeypatch.setenv("OPSD_TEST_KEY", FAKE_KEY)
     srv = server()
-    for name in critic.CRITICS:
+    for name in opsd_critic.CRITICS:
         c = build_critic(CriticConfig(name=name, base_url=srv.base_url, model="m", api_key_env="OPSD_TEST_KEY"))
         assert c.name == name and c.info["name"] == name
     monkeypatch.delenv("OPSD_TEST_KEY")
@@ -129,7 +129,7 @@ def test_critique_fn_raises_when_the_run_failed(samples, server, monkeypatch, tm
 def test_critic_reward(samples):
     cut = {t.id: Trajectory(t.id, t.messages[:i + 1], t.tools, t.meta) for t in samples.values()
            for i in [next((i for i, m in enumerate(t.messages) if m.get("tool_calls")), None)] if i is not None}
-    for reward in (critic_reward(CriticConfig(name="schema")), critic_reward(critic.make_critic("schema"))):
+    for reward in (critic_reward(CriticConfig(name="schema")), critic_reward(opsd_critic.make_critic("schema"))):
         rewards = dict(zip(cut, reward(list(cut.values()))))
         assert rewards["weather-ok"] == 1.0 and rewards["weather-unknown-tool"] == 0.0
         assert rewards["flights-missing-arg"] == 0.0
@@ -170,7 +170,7 @@ def test_an_llm_error_stands_under_schema_plus_llm(samples, server, monkeypatch,
 
 def test_the_summary_counts_the_rejected_input_lines(tmp_path):
     """`opsd critique --rejects` used to print a summary without the lines it skipped."""
-    from critic.runner import format_summary
+    from opsd_critic.runner import format_summary
 
     logs = tmp_path / "logs.jsonl"
     good = (DATA / "sample_openai.jsonl").read_text().splitlines()[:2]

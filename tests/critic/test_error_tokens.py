@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from critic.reference import ReferenceCritic
-from critic.schema import SchemaCritic
-from critic.validate import check_critique
+from opsd_critic.reference import ReferenceCritic
+from opsd_critic.schema import SchemaCritic
+from opsd_critic.validate import check_critique
 from opsd.io.tasks import bfcl
 from opsd.render import message_text
 from opsd.types import Trajectory

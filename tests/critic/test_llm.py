@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from critic.base import CriticFatalError
-from critic.fake_server import Hang, Raw, Reply, Status
-from critic.llm import PromptError, extract_json, prompt_variables
-from critic.runner import run_critiques
+from opsd_critic.base import CriticFatalError
+from opsd_critic.fake_server import Hang, Raw, Reply, Status
+from opsd_critic.llm import PromptError, extract_json, prompt_variables
+from opsd_critic.runner import run_critiques
 from tests.critic.conftest import FAKE_KEY
 
 GOOD = json.dumps({"verdict": "error", "step": 2, "quote": '"kelvin"', "hint": "Use celsius or fahrenheit.",
@@ -210,7 +210,7 @@ def test_a_forged_label_in_a_tool_output_does_not_change_the_verdict(server, llm
     (b"{{ trajectory }}\ncaf\xe9\n", 2, "not UTF-8"),
 ])
 def test_template_errors_name_file_and_line_before_any_request(server, llm_critic, samples, tmp_path, src, line, what):
-    from critic import run_critiques
+    from opsd_critic import run_critiques
 
     p = tmp_path / "p.j2"
     p.write_bytes(src if isinstance(src, bytes) else src.encode())
@@ -260,7 +260,7 @@ def test_the_wire_schema_compiles_to_an_object_grammar_in_vllms_xgrammar(enum_tr
     import subprocess
     from pathlib import Path
 
-    from critic.llm import reply_schema, wire_schema
+    from opsd_critic.llm import reply_schema, wire_schema
     from opsd.serve.config import default_vllm_python
 
     python = default_vllm_python()
@@ -300,7 +300,7 @@ def test_every_raw_reply_is_saved_in_the_record_with_its_finish_reason(server, l
 
 def test_a_timeout_says_how_to_fix_it_and_warns_at_once(server, llm_critic, enum_traj, caplog):
     srv = server(responder=lambda body: Hang(30))
-    with caplog.at_level("WARNING", logger="critic.llm"):
+    with caplog.at_level("WARNING", logger="opsd_critic.llm"):
         c = _run(llm_critic(srv, timeout=0.3, max_attempts=5), enum_traj)
     assert c.verdict == "failed" and c.retryable and "--critic.timeout" in c.error and "timed out after 0.3 s" in c.error
     assert len(srv.requests) == 2  # a server too slow for the timeout is not waited for 5 times

@@ -1,8 +1,8 @@
 """An LLM critic reply that lists every error of its step (`errors`), over real HTTP against the fake server."""
 import json
 
-from critic.fake_server import Reply
-from critic.validate import problem
+from opsd_critic.fake_server import Reply
+from opsd_critic.validate import problem
 from tests.critic.test_llm import GOOD, _run
 
 TWO = json.dumps({"verdict": "error", "step": 2, "quote": '"Oslo"', "hint": "Use celsius or fahrenheit for the unit.",

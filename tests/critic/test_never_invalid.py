@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from critic import make_critic
-from critic.base import MIN_RULE_HINT_TOKENS
-from critic.validate import check_critique
+from opsd_critic import make_critic
+from opsd_critic.base import MIN_RULE_HINT_TOKENS
+from opsd_critic.validate import check_critique
 from opsd.io.tasks import bfcl
 from opsd.render import prefill_length
 from opsd.types import Trajectory

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from critic import make_critic
-from critic.validate import check_critique, hint_repeats_quote
+from opsd_critic import make_critic
+from opsd_critic.validate import check_critique, hint_repeats_quote
 from opsd.io.trajectories import load_trajectories
 from opsd.render import message_text
 

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from critic.matching import standardize, value_ok
-from critic.reference import ReferenceCritic
-from critic.validate import check_critique, lint_hint
+from opsd_critic.matching import standardize, value_ok
+from opsd_critic.reference import ReferenceCritic
+from opsd_critic.validate import check_critique, lint_hint
 from opsd.io.tasks import bfcl
 from opsd.io.trajectories import load_trajectories
 from opsd.render import message_text

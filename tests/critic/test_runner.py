@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from critic import make_critic
-from critic.fake_server import OK_REPLY, Reply, Status
-from critic.runner import (
+from opsd_critic import make_critic
+from opsd_critic.fake_server import OK_REPLY, Reply, Status
+from opsd_critic.runner import (
     critic_input_hash,
     format_summary,
     read_critiques,

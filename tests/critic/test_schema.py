@@ -4,9 +4,9 @@ import copy
 
 import pytest
 
-from critic.base import render_hint
-from critic.schema import SchemaCritic
-from critic.validate import check_critique, lint_hint
+from opsd_critic.base import render_hint
+from opsd_critic.schema import SchemaCritic
+from opsd_critic.validate import check_critique, lint_hint
 from opsd.render import message_text
 from opsd.types import Trajectory
 
@@ -262,7 +262,7 @@ def test_repeated_calls_and_made_up_values(case):
 
 def test_made_up_values_stay_conservative():
     """Numbers are compared by value, words whole and without case; short or plain values are never judged."""
-    from critic.conversation import _made_up_kind
+    from opsd_critic.conversation import _made_up_kind
 
     assert _made_up_kind("order_id", "ORD-1042") == "id" and _made_up_kind("orderId", 12345) == "id"
     assert _made_up_kind("refund_amount", 5) == "amount" and _made_up_kind("to", "a@b.co") == "email"

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critic.validate import (
+from opsd_critic.validate import (
     approx_tokens,
     check_critique,
     hint_repeats_quote,

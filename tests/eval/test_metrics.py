@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from critic import make_critic
+from opsd_critic import make_critic
 from opsd.critique.outcomes import reply_outcomes
 from opsd.eval import metrics, targets
 from opsd.eval.metrics import first_name, name_row

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from critic import make_critic
+from opsd_critic import make_critic
 from opsd.hint.config import HintConfig
 from opsd.hint.run import main as hint_main
 from opsd.types import Trajectory

@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from critic import make_critic
-from critic.validate import check_critique
+from opsd_critic import make_critic
+from opsd_critic.validate import check_critique
 from opsd.io.tasks import load_tasks
 from opsd.render import message_text
 from opsd.types import Trajectory

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from critic import make_critic
+from opsd_critic import make_critic
 from opsd.hint.build import build_example, hint_message_text
 from opsd.render import render
 from opsd.rollout.multi_turn import EpisodeLimits, Reply, play

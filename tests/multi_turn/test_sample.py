@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from critic import make_critic
+from opsd_critic import make_critic
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.trajectories import load_trajectories
 from opsd.render import message_text, render

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from critic import make_critic
-from critic.base import combine_errors
-from critic.validate import problem
+from opsd_critic import make_critic
+from opsd_critic.base import combine_errors
+from opsd_critic.validate import problem
 from opsd.hint.build import build_example
 from opsd.io.models import load
 from opsd.render import message_text, prefill_length, render

@@ -194,7 +194,7 @@ def test_gkd_config_checks():
 
 def test_critic_reward_for_the_cli(trajectories):
     """`opsd train --rl-alpha` reward (built in opsd.critique.run): 1 for a valid call, 0 for an error or no call."""
-    from critic import make_critic
+    from opsd_critic import make_critic
     from opsd.critique.run import critic_reward
     from opsd.types import Trajectory
 
