@@ -12,6 +12,9 @@ from opsd.io.trajectories import load_trajectories
 from opsd.types import Critique
 
 ROOT = Path(__file__).resolve().parents[1]
+# folder of the repository -> the name it installs and imports as (pyproject `package-dir`; the wheel test checks
+# that the wheel agrees)
+INSTALLED_AS = {"opsd": "opsd", "critic": "opsd_critic", "prompts": "opsd_prompts"}
 DATA = ROOT / "data"
 SAMPLE_LOGS = ("sample_openai.jsonl", "sample_messages.jsonl", "sample_sharegpt.jsonl")
 TRAJECTORIES = DATA / "sample_openai.jsonl"

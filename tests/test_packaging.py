@@ -9,9 +9,8 @@ import zipfile
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import INSTALLED_AS, ROOT
 
-INSTALLED_AS = {"opsd": "opsd", "critic": "opsd_critic", "prompts": "opsd_prompts"}  # folder -> import name
 SHIPPED = (".py", ".j2", ".json", ".md")  # code and package data
 
 

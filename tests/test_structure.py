@@ -5,9 +5,8 @@ import ast
 import fnmatch
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import INSTALLED_AS, ROOT
 
-PACKAGES = {"opsd": "opsd", "opsd_critic": "critic", "opsd_prompts": "prompts"}  # import name -> folder (pyproject)
 # the composition layer: the only opsd modules allowed to import the critic package
 COMPOSERS = ("opsd.cli", "opsd.critique", "opsd.pipelines")
 MAX_LINES = 420  # "about 400"
@@ -44,14 +43,14 @@ LAZY_IMPORTS = {
 
 
 def module_name(path: Path) -> str:
-    """The import name of a file: critic/llm.py -> opsd_critic.llm (the folders install under PACKAGES' names)."""
+    """The import name of a file: critic/llm.py -> opsd_critic.llm (the folders install under INSTALLED_AS' names)."""
     folder, *parts = path.relative_to(ROOT).with_suffix("").parts
-    parts = [{f: name for name, f in PACKAGES.items()}[folder], *parts]
+    parts = [INSTALLED_AS[folder], *parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for folder in PACKAGES.values() for p in (ROOT / folder).rglob("*.py")}
+    return {module_name(p): p for folder in INSTALLED_AS for p in (ROOT / folder).rglob("*.py")}
 
 
 def _statements(tree: ast.Module, *, module_level: bool):
