@@ -32,7 +32,9 @@ class EvalConfig:
     limit: int | None = field(default=128, metadata={"help": "N tasks: a stratified sample per category on a BFCL spec, "
                                                               "the first N of a task file; None = all"})
     max_new_tokens: int = field(default=128, metadata={"help": "rollout budget per reply"})
-    batch_size: int = field(default=16, metadata={"help": "rollout batch"})
+    batch_size: int = field(default=0, metadata={
+        "help": "rollout batch; 0 = from free memory (CPU: at most 64; 128 held-out replies took 113-116 s at 32-64 "
+                "rows vs 135 s at 16, BENCHMARKS.md)"})
     score_batch_size: int = field(default=8, metadata={"help": "teacher-forced scoring batch"})
     prefill: str | None = field(default=None, metadata={"escapes": True, "help": "reply prefill (None: decided from --before, used for both models)"})
     placement: str = field(default="user", metadata={"help": "hint placement for the hinted-teacher reference"})
@@ -52,8 +54,8 @@ class EvalConfig:
             raise ValueError("critiques, rejects: only used with --logs (critiqued logs instead of --tasks)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 (or None for every task), got {self.limit}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.score_batch_size < 1:
-            raise ValueError("max_new_tokens, batch_size, score_batch_size: each must be >= 1")
+        if self.max_new_tokens < 1 or self.batch_size < 0 or self.score_batch_size < 1:
+            raise ValueError("max_new_tokens, score_batch_size: each must be >= 1; batch_size >= 0 (0 = from free memory)")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement: must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.span not in SPANS:

@@ -26,12 +26,16 @@ This module never imports `opsd_critic`: the caller passes `critique_fn` (and `o
 """
 from __future__ import annotations
 
+import itertools
 import json
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from opsd.eval import metrics, stats
 from opsd.eval.config import EvalConfig
@@ -99,7 +103,8 @@ def _kl_per_token(rows: list[tuple[float, int]], cfg: EvalConfig) -> dict:
 
 def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques: list[Critique], cfg: EvalConfig,
                        prefill_ids: list[int] | tuple = (), *, gt_calls: bool = True, all_turns: bool = False,
-                       group_of: Callable[[Trajectory], str] | None = None) -> tuple[dict, dict, dict]:
+                       group_of: Callable[[Trajectory], str] | None = None,
+                       progress: bool = True) -> tuple[dict, dict, dict]:
     """Error-span metrics, KL(A||B) drift and the ground-truth-call collateral, from ONE grouped pass per model.
 
     Per task, every sequence that reads its prompt is scored in one group (`opsd.train.shared_prefix`:
@@ -108,6 +113,7 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
     log-probs); under B, the same sequences. From them: the error tokens' log-probs
     under A, B and hinted A, the argmax at the first error token, the per-token KL(A||B) outside error
     spans and on clean replies, and per task the KL and log-probs on the ground-truth call.
+    A progress bar counts the groups (tasks) on stderr unless `progress` is off.
     `all_turns` scores every assistant message for the drift (logs: `opsd.eval.logs`), not only the last
     reply's generated tokens; `group_of` says which trajectories share a prompt (default: meta.task_id).
     Drift is per token over the trajectories (`stats.ratio_of_sums`, CI over trajectories).
@@ -120,20 +126,26 @@ def teacher_forced_all(model_a, model_b, tok, trajs: list[Trajectory], critiques
         groups.setdefault(it["task"], {"items": [], "gt": None})["items"].append(it)
     for tid, ids, span in _gt_items(trajs, tok, prefill_ids) if gt_calls else []:
         groups.setdefault(tid, {"items": [], "gt": None})["gt"] = (ids, span)
-    # B scores the hinted replies too (unused): with the same batches, a model compared with itself gives
-    # bit-identical numbers (a different batch shape can round differently)
-    scored = []
+    # A scores the reply, the ground-truth call and the hinted reply (the OPSD teacher); B the first two only
+    # (about a fifth fewer tokens). The same model object on both sides is scored once: identical numbers.
+    scored_b, scored = [], []
     for g in groups.values():
         own = [Member(it["ids"], it["span"], rows=True) for it in g["items"]]
         own += [Member(*g["gt"], rows=True)] if g["gt"] else []
+        scored_b.append(own)
         scored.append(own + [Member(it["example"].teacher_ids, tuple(it["example"].teacher_span))
                              for it in g["items"] if it["example"] is not None])
     pad = tok.pad_token_id or 0
     kl: dict[str, list[tuple[float, int]]] = {"err": [], "clean": []}  # per trajectory: (KL sum, tokens)
     per, gt_per = [], {}
-    scores = zip(grouped_span_scores(model_a, scored, batch_size=cfg.score_batch_size, pad_id=pad),
-                 grouped_span_scores(model_b, scored, batch_size=cfg.score_batch_size, pad_id=pad))
-    for (tid, g), (sa, sb) in zip(groups.items(), scores):
+    scores_a = grouped_span_scores(model_a, scored, batch_size=cfg.score_batch_size, pad_id=pad)
+    if model_b is model_a:
+        scores_a, scores_b = itertools.tee(scores_a)  # consumed in lockstep: one group buffered
+    else:
+        scores_b = grouped_span_scores(model_b, scored_b, batch_size=cfg.score_batch_size, pad_id=pad)
+    bar = tqdm(zip(groups.items(), zip(scores_a, scores_b)), total=len(groups), desc="teacher-forced",
+               unit="task", disable=not progress, file=sys.stderr)
+    for (tid, g), (sa, sb) in bar:
         n = len(g["items"])
         hinted = iter(sa[n + (g["gt"] is not None):])
         for it, la, lb in zip(g["items"], sa, sb):
@@ -295,12 +307,23 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     out.mkdir(parents=True, exist_ok=True)
     prefill = cfg.prefill if cfg.prefill is not None else RolloutConfig(model=cfg.before).resolved_prefill()
     tasks = load_tasks(cfg.tasks, limit=cfg.limit)
+    wall: dict[str, float] = {}  # seconds per stage of this call (a resumed stage counts what it redid)
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        wall[name] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+
     log(f"[eval 1/5] rollouts of before={cfg.before} and after={cfg.after} on {cfg.tasks} ({len(tasks)} tasks)")
     trajs_a = _rollouts(cfg.before, "before", cfg, prefill)
+    lap("rollouts_before")
     trajs_b = _rollouts(cfg.after, "after", cfg, prefill)
+    lap("rollouts_after")
     log("[eval 2/5] critiques")
     crit_a = critique_fn(trajs_a, out / "critiques_before.jsonl")
     crit_b = critique_fn(trajs_b, out / "critiques_after.jsonl")
+    lap("critiques")
     log("[eval 3/5] per-reply outcomes (names, official checker, every error) and paired comparisons")
     per_task, comparison = behaviour(cfg, tasks, trajs_a, trajs_b, crit_a, crit_b, outcome_fn)
     report: dict = {"version": REPORT_VERSION, "config": redacted(asdict(cfg) | {"prefill": prefill}),
@@ -312,6 +335,7 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
     with torch.no_grad():
         report["teacher_forced"], drift, gt_per = teacher_forced_all(model_a, model_b, tok, trajs_a, crit_a, cfg,
                                                                      prefill_ids)
+    lap("teacher_forced")
     gt_per = {t["task_id"]: gt_per[t["task_id"]] for t in per_task if t["task_id"] in gt_per}  # task order
     gt_summary = summarise_gt_call(gt_per, cfg.bootstrap, cfg.seed)  # what scripts/recompute_report.py redoes
     before_ok = [t["before"] for t in per_task]
@@ -326,6 +350,7 @@ def main(cfg: EvalConfig, critique_fn: CritiqueFn, *, outcome_fn: metrics.Outcom
         report["training_metrics"] = str(Path(cfg.train_run) / "metrics.jsonl")
         report["training_diagnostics"] = summarise(Path(cfg.train_run) / "metrics.jsonl")
     report["verdicts"] = verdicts(report)
+    report["wall_s"] = wall
     log("[eval 5/5] writing report")
     write_report(report, out)
     return report

@@ -96,7 +96,7 @@ class CompareConfig:
     heldout_tasks: str = field(default=HELDOUT_SPEC, metadata={"help": "scored once per method at the end"})
     heldout_limit: int = field(default=128, metadata={"help": "held-out tasks"})
     max_new_tokens: int = field(default=96, metadata={"help": "rollout budget per reply (training, validation, held-out)"})
-    rollout_batch_size: int = field(default=16, metadata={"help": "rollout batch"})
+    rollout_batch_size: int = field(default=0, metadata={"help": "rollout batch (0 = from free memory)"})
     prefill: str | None = field(default=None, metadata={"escapes": True, "help": "reply prefill; None = the student's own"})
     seed: int = field(default=0, metadata={"help": "sampling seed of the training rollouts"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for every paired 95% CI"})

@@ -59,7 +59,7 @@ DEMO_MAX_NEW_TOKENS = 128
 
 
 def _demo_eval() -> EvalConfig:
-    return EvalConfig(tasks=HELDOUT_SPEC, limit=128, max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=16)
+    return EvalConfig(tasks=HELDOUT_SPEC, limit=128, max_new_tokens=DEMO_MAX_NEW_TOKENS)
 
 
 def _demo_rollout() -> RolloutConfig:
@@ -232,6 +232,7 @@ def main(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict:
         rows = round_rows(ecfg, history, critique, prefill, every_round=cfg.every_round)
         table = summary_table(report)
     wall = {**{f"loop_{k}": v for k, v in history.get("wall_s", {}).items()}, "heldout_eval": round(t_rows - t_eval, 1),
+            **{f"heldout_{k}": v for k, v in report.get("wall_s", {}).items()},
             "heldout_rounds": round(time.time() - t_rows, 1), "total": round(time.time() - t0, 1)}
     (out / "wall.json").write_text(json.dumps(wall, indent=2))  # wall seconds per stage of this run
     (out / "report" / "rounds.json").write_text(json.dumps(rows, indent=2))

@@ -77,7 +77,7 @@ def multi_turn_split(spec: str, split: str) -> str | None:
 
 
 def _loop_rollout() -> RolloutConfig:
-    return RolloutConfig(tasks=TRAIN_SPEC, out="", limit=96, max_new_tokens=96, batch_size=16)
+    return RolloutConfig(tasks=TRAIN_SPEC, out="", limit=96, max_new_tokens=96)  # batch: from free memory
 
 
 def _loop_train() -> TrainConfig:

@@ -1,5 +1,6 @@
 """Evaluation end to end: teacher-forced metrics, collateral on ground-truth calls, `opsd eval` and the demo/loop
 commands (tiny random models for plumbing, the embedded model for behaviour)."""
+import copy
 import json
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def test_same_model_before_and_after_gives_zero_change(smol_model):
     assert col["kl_outside_error_spans"]["mean"] == pytest.approx(0, abs=1e-6)
     assert col["kl_critic_ok_replies"]["mean"] == pytest.approx(0, abs=1e-6)
     assert tf["error_span_paired"]["diff"] == pytest.approx(0, abs=1e-5) and tf["lowered"]["count"] == 0
+
+    # B is scored without the hinted replies (only A's are used): with the same weights in another object (other
+    # batch shapes), its numbers still line up with A's, reply by reply (to rounding; the same object: exactly)
+    copy_tf, copy_col, _ = teacher_forced_all(model, copy.deepcopy(model), tok, trajs, crits, cfg, gt_calls=False)
+    assert len(copy_tf["per_example"]) == len(tf["per_example"])
+    for p, q in zip(copy_tf["per_example"], tf["per_example"]):
+        assert p["trajectory_id"] == q["trajectory_id"]
+        assert p["before"] == q["before"] and p["hinted"] == q["hinted"]  # A's pass is the same either way
+        assert p["after"] == pytest.approx(p["before"], abs=1e-4)
+        assert p["first_after"] == pytest.approx(p["first_before"], abs=1e-4)
+    for key in ("kl_outside_error_spans", "kl_critic_ok_replies"):
+        assert copy_col[key]["n_tokens"] == col[key]["n_tokens"] and copy_col[key]["mean"] == pytest.approx(0, abs=1e-5)
+
+
+def test_eval_rollout_batch_is_from_free_memory_by_default():
+    assert EvalConfig().batch_size == 0
+    EvalConfig(batch_size=16)
+    with pytest.raises(ValueError, match="batch_size >= 0"):
+        EvalConfig(batch_size=-1)
 
 
 def _bfcl_trajs(n=6):

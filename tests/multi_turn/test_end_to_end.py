@@ -12,7 +12,7 @@ import pytest
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks import load_tasks
 
-N_TRAIN, N_EVAL, MAX_NEW, STEPS = 2, 2, 40, 2
+N_TRAIN, N_EVAL, MAX_NEW, STEPS = 1, 1, 40, 2  # one episode each: 158 s with two (make test budget)
 
 
 def _smallest(split: str, n: int, tok, path) -> str:

@@ -89,3 +89,7 @@ def test_demo_with_cold_start_pairs_each_round_with_the_cold_start(tiny_model_di
     assert "against the cold-started model" in (out / "report" / "rounds.md").read_text()
     wall = json.loads((out / "wall.json").read_text())
     assert {"loop_cold_start", "loop_train", "heldout_eval", "total"} <= set(wall)
+    stages = ("rollouts_before", "rollouts_after", "critiques", "teacher_forced")  # the held-out eval, per stage
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert list(rep["wall_s"]) == list(stages) and all(wall[f"heldout_{k}"] == rep["wall_s"][k] >= 0 for k in stages)
+    assert sum(rep["wall_s"].values()) <= wall["heldout_eval"]
