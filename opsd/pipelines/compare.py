@@ -219,6 +219,8 @@ def rollouts(cfg: CompareConfig, model: str, out: Path, **kw) -> list[Trajectory
 
 def train_config(cfg: CompareConfig, data: dict, lr: float, out: Path) -> TrainConfig:
     kw = {k: v for k, v in data.items() if k in ("mode", "span", "trajectories", "critiques")}
+    if kw.get("span", "quote") != "quote":  # --train.anchor weighs the reply around the error span: opsd's alone
+        kw["anchor"] = 0.0
     return dataclasses.replace(cfg.train, **kw, lr=lr, max_steps=cfg.steps, out=str(out / "train"), resume=True)
 
 

@@ -43,6 +43,10 @@ class TrainConfig:
     # hinted examples
     placement: str = field(default="user", metadata={"help": "where the hint goes: user | system | inline"})
     span: str = field(default="quote", metadata={"help": "target tokens: quote | step_from_error | step"})
+    anchor: float = field(default=0.0, metadata={
+        "help": "OPSD, span=quote: also train the rest of the erroneous reply toward the same hinted teacher, each of its "
+                "tokens weighing this much against 1 for an error token (0 = the error tokens only; 1 = span=step). "
+                "Span-only training of sampled replies broke the calls' structure (RESULTS.md §0c)"})
     inline_open: str = field(default="<hint>", metadata={"help": "opening tag for placement=inline"})
     inline_close: str = field(default="</hint>", metadata={"help": "closing tag for placement=inline"})
     min_hint_effect: float = field(default=0.0, metadata={"help": "keep examples whose hint lowers the error tokens by more than this (nats); =-inf keeps all"})
@@ -112,6 +116,10 @@ class TrainConfig:
         need(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         need(self.span in SPANS, f"span must be one of {SPANS}, got {self.span!r}")
         need(not (self.placement == "inline" and self.span == "step"), "placement=inline cannot use span=step")
+        need(0.0 <= self.anchor <= 1.0, f"anchor must be in [0, 1], got {self.anchor}")
+        need(self.anchor == 0 or (self.span == "quote" and self.placement != "inline"),
+             f"anchor > 0 trains the whole erroneous reply around the error tokens: it needs span=quote and a hint "
+             f"outside the reply (placement user or system), got span={self.span!r}, placement={self.placement!r}")
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(not (self.mode == "opsd" and not self.critiques and self.trajectories), "mode=opsd needs --critiques")
         need(0.0 <= self.lmbda <= 1.0, f"lmbda must be in [0, 1], got {self.lmbda}")

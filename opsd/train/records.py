@@ -64,19 +64,24 @@ class TrainRecord:
             raise ValueError(f"record {self.id!r}: {len(self.teacher_topk.ids)} top-k rows for {s1 - s0} target tokens")
 
     @property
-    def target_mask(self) -> list[bool] | None:
-        """Which span tokens are trained, when not all: an OPSD example of several errors (meta `quote_spans`,
-        span kind `quote`) spans from the first error to the last, and only the error tokens carry loss."""
+    def target_mask(self) -> list[float] | None:
+        """The weight of each span token, when not all 1: an OPSD example of several errors (meta `quote_spans`,
+        span kind `quote`) spans from the first error to the last, and only the error tokens carry loss (1, else 0);
+        with meta `anchor` (`--anchor`, span kind `step`) the error tokens weigh 1 and the rest of the reply `anchor`."""
         spans = self.meta.get("quote_spans")
+        anchor = self.meta.get("anchor")
+        s0, s1 = self.student_span
+        if anchor:
+            hit = {p for q0, q1 in (spans or [self.meta["quote_span"]]) for p in range(q0, q1)}
+            return [1.0 if p in hit else float(anchor) for p in range(s0, s1)]
         if not spans or self.meta.get("span", "quote") != "quote":
             return None
-        s0, s1 = self.student_span
         hit = {p for q0, q1 in spans for p in range(q0, q1)}
-        return [p in hit for p in range(s0, s1)]
+        return [float(p in hit) for p in range(s0, s1)]
 
     @property
-    def n_targets(self) -> int:
-        """Tokens that carry loss (the whole span unless `target_mask` says otherwise)."""
+    def n_targets(self) -> float:
+        """Tokens that carry loss, weighted (the whole span unless `target_mask` says otherwise)."""
         mask = self.target_mask
         return self.student_span[1] - self.student_span[0] if mask is None else sum(mask)
 
@@ -92,7 +97,7 @@ class TrainRecord:
         s, t = (p + list(prefill) for p in self.prefixes())
         return replace(self, student_ids=s + list(reply), student_span=(len(s), len(s) + len(reply)),
                        teacher_ids=t + list(reply), teacher_span=(len(t), len(t) + len(reply)), scores={},
-                       teacher_topk=None, advantage=None, meta={k: v for k, v in self.meta.items() if k != "quote_spans"})
+                       teacher_topk=None, advantage=None, meta={k: v for k, v in self.meta.items() if k not in ("quote_spans", "anchor")})
 
     @classmethod
     def from_example(cls, ex: HintedExample, *, scores: dict | None = None,

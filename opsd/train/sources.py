@@ -103,8 +103,11 @@ def build_opsd(cfg, tok, student_lm, teacher, *, rank: int = 0, world: int = 1, 
     """
     trajs = load_inputs(cfg, rank)
     critiques = read_critiques(cfg.critiques)  # the newest record per trajectory: a retried failure supersedes it
-    examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement, span=cfg.span,
+    examples, counts = build_examples(trajs, critiques, tok, placement=cfg.placement,
+                                      span="step" if cfg.anchor else cfg.span,
                                       inline_tags=(cfg.inline_open, cfg.inline_close))
+    for e in examples if cfg.anchor else []:  # the whole reply is the target; the error tokens weigh 1, the rest anchor
+        e.meta["anchor"] = cfg.anchor
     limit = context_limit(cfg.model, tok)
     fits = [e for e in examples if limit is None or max(len(e.student_ids), len(e.teacher_ids)) <= limit]
     if len(fits) < len(examples):

@@ -43,11 +43,11 @@ class MicroBatch:
     topk: TopK | None = None  # targets precomputed before training, when the records carry them
     advantage_N: torch.Tensor | None = None  # (N,) GKD+RL: the sequence's advantage at each of its tokens
     sft: bool = False  # supervised step (cold start): the objective is the NLL of the targets
-    weight_N: torch.Tensor | None = None  # (N,) 1 on the tokens that carry loss, 0 between the errors of a record
+    weight_N: torch.Tensor | None = None  # (N,) per-token weight: 0 between the errors of a record, --anchor off them
 
     @property
-    def span_tokens(self) -> int:
-        return len(self.student.targets) if self.weight_N is None else int(self.weight_N.sum())
+    def span_tokens(self) -> float:
+        return len(self.student.targets) if self.weight_N is None else float(self.weight_N.sum())
 
     def weighted(self, x_N: torch.Tensor) -> torch.Tensor:
         """x at the tokens that carry loss (every target token unless some record masks tokens between errors)."""
@@ -105,7 +105,7 @@ class StepData:
     source: str
     micro: list[list[TrainRecord]]  # this process's micro-batches
     stats: Counter  # sampling stats (sampled replies, rewards)
-    n_tokens: int  # target tokens of the global batch
+    n_tokens: float  # target tokens of the global batch (weighted: --anchor)
     n_examples: int  # examples of the global batch (before sampling)
     times: dict = field(default_factory=dict)  # seconds per phase
 
@@ -142,7 +142,8 @@ def draw(state: TrainState, step: int) -> StepData:
                                   teacher=state.teacher, tok=state.tok, cfg=cfg, reward_fn=state.reward_fn,
                                   seed=cfg.seed + 1_000_003 * (step + 1) + 7_919 * acc.process_index)
     local = sum(r.n_targets for recs in micro for r in recs)
-    n_tokens = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum"))
+    n_tokens = acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum").item()  # weighted (--anchor)
+    n_tokens = int(n_tokens) if float(n_tokens).is_integer() else n_tokens
     return StepData(step, source, micro, stats, n_tokens, len(window), {"draw_s": time.perf_counter() - t0})
 
 

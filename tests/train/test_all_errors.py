@@ -115,6 +115,45 @@ def test_masked_loss_equals_the_sum_of_one_error_records(pairs, smol_tok, tiny_d
     assert rec.with_reply([5, 6, 7]).target_mask is None  # a new reply: every token is a target again
 
 
+@pytest.mark.parametrize("errors", [1, 2])
+def test_anchor_weighs_the_error_tokens_1_and_the_rest_of_the_reply_the_anchor(pairs, smol_tok, tiny_dir, errors):
+    """--anchor: the whole reply is the target (span=step); its loss is the error tokens' (what span=quote trains)
+    plus `anchor` times the other tokens' (what span=step adds), and anchor 1 is span=step itself."""
+    t, c1, c = next(p for p in pairs if p[2].errors and len(p[2].errors) == 2)
+    crit = c if errors == 2 else c1
+    quote = TrainRecord.from_example(build_example(t, crit, smol_tok))  # the error tokens only
+    step_ex = build_example(t, crit, smol_tok, span="step")
+    dense = TrainRecord.from_example(step_ex)
+    assert dense.target_mask is None and dense.student_span[0] < quote.student_span[0]
+
+    def anchored(a: float) -> TrainRecord:
+        return TrainRecord.from_example(dataclasses.replace(step_ex, meta=step_ex.meta | {"anchor": a}))
+
+    rec = anchored(0.25)
+    w = rec.target_mask
+    n_err = quote.n_targets
+    s0, s1 = rec.student_span
+    assert len(w) == s1 - s0 and w.count(1.0) == n_err and w.count(0.25) == s1 - s0 - n_err
+    assert rec.n_targets == pytest.approx(n_err + 0.25 * (s1 - s0 - n_err))
+    lm, _ = load(str(tiny_dir), precision="fp32")
+    o25, o50, o100 = (_objective(lm, [anchored(a)]) for a in (0.25, 0.5, 1.0))
+    assert o100 == pytest.approx(_objective(lm, [dense]), rel=1e-5)  # anchor 1 = span=step
+    rest = (o100 - o50) / 0.5
+    assert o50 - o25 == pytest.approx(0.25 * rest, rel=1e-4)  # linear in the anchor
+    assert o50 - 0.5 * rest == pytest.approx(_objective(lm, [quote]), rel=1e-4)  # the error tokens weigh 1
+    assert rec.with_reply([5, 6, 7]).target_mask is None  # a new reply: every token is a target again
+
+
+def test_anchor_needs_the_error_span_and_a_hint_outside_the_reply():
+    from opsd.train.config import TrainConfig
+
+    TrainConfig(anchor=0.1)
+    for bad in ({"anchor": 1.5}, {"anchor": -0.1}, {"anchor": 0.1, "span": "step"},
+                {"anchor": 0.1, "placement": "inline"}):
+        with pytest.raises(ValueError, match="anchor"):
+            TrainConfig(**bad)
+
+
 def test_random_span_matches_the_error_count_among_generated_tokens(pairs, smol_tok):
     moved = 0
     for t, c, _ in pairs[:60]:
