@@ -81,3 +81,17 @@ def test_compare_rerun_with_more_samples_neither_reuses_nor_mixes(tiny_model_dir
         assert sorted(crit_ids) == sorted(ids)
     assert len({r["data"]["trajectories"] for r in seen}) == len({r["data"]["critiques"] for r in seen}) == 3
     assert len({r["key"] for r in seen}) == 3  # no training of one run is reused by another
+
+
+def test_a_training_option_added_later_keeps_the_keys_of_runs_without_it(tmp_path):
+    """`--anchor` came after runs were cached: off (0), the key is what it was before the field existed, so those
+    runs are reused; on, it is another run."""
+    tcfg = TrainConfig(mode="opsd", trajectories=str(tmp_path / "t.jsonl"), critiques=str(tmp_path / "c.jsonl"))
+    assert "anchor" in dataclasses.asdict(tcfg)
+    old = dict(dataclasses.asdict(tcfg))
+    del old["anchor"]
+    before = loop.content_hash({"config": old, "inputs": {str(tmp_path / "t.jsonl"): "missing",
+                                                          str(tmp_path / "c.jsonl"): "missing"}, "models": {
+        "smollm2-135m-instruct": loop.fingerprint("smollm2-135m-instruct")}})
+    assert loop.training_key(tcfg) == before
+    assert loop.training_key(dataclasses.replace(tcfg, anchor=0.1)) != before
