@@ -63,6 +63,7 @@ from opsd.types import content_hash
 
 TRAIN_SPEC = "bfcl:multiple,parallel_multiple:train"  # several tools per task: a real choice of function
 VALIDATION_SPEC = "bfcl:multiple,parallel_multiple:validation"
+ADDED_OFF = {"anchor": 0.0}  # TrainConfig fields added after runs were cached, with the value that changes nothing
 PIPELINE_FIELDS = {"rollout": ("out", "model"), "train": ("model", "trajectories", "critiques", "out"),
                    "server": ("model", "log")}
 
@@ -194,18 +195,13 @@ def validate(model: str, cfg: LoopConfig, out: Path, critique: Callable, prefill
     return summarise_validation(trajs, crits)
 
 
-ADDED_OFF = {"anchor": 0.0}  # TrainConfig fields added after runs were cached, with the value that changes nothing
-
-
 def training_key(tcfg: TrainConfig) -> str:
     """What a training run's result depends on: its settings, the CONTENT of its input files (trajectories,
     critiques: a path rewritten with other data is another run) and the starting weights (a local dir's files)."""
     inputs = {p: file_digest(p) for p in as_paths(tcfg.trajectories) + as_paths(tcfg.critiques)}
     models = {m: fingerprint(m) for m in (tcfg.model, tcfg.teacher_model) if m}
-    config = dataclasses.asdict(tcfg)
-    for name in ADDED_OFF:  # options added later, off: the key runs trained before them had (they are reused)
-        if config.get(name) == ADDED_OFF[name]:
-            del config[name]
+    # options added later, off: the key that runs trained before them had (they are reused)
+    config = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ADDED_OFF or ADDED_OFF[k] != v}
     return content_hash({"config": config, "inputs": inputs, "models": models})
 
 
