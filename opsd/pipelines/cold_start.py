@@ -42,11 +42,22 @@ def gt_trajectories(tasks: list[Task]) -> list[Trajectory]:
     return out
 
 
+# options of the rounds' distillation that SFT never reads: the cold start takes them at the loop's defaults, so that
+# changing them (--train.anchor, --train.loss, ...) keeps the cold start's training key and reuses it, not retrains it
+SFT_UNREAD = ("placement", "span", "anchor", "inline_open", "inline_close", "min_hint_effect", "teacher", "teacher_model",
+              "ema_decay", "precompute_targets", "top_k", "loss", "beta", "seq_kd", "teacher_system", "gen_temperature",
+              "gen_prefill", "reward", "samples_per_prompt", "select_overlap", "select_mix", "diag_top_k",
+              "teacher_reuses_prefix")
+_UNREAD_AT = TrainConfig(mode="opsd", teacher="initial", precompute_targets=True)  # the loop's own train defaults
+
+
 def cold_start_config(train: TrainConfig, *, model: str, data: str, out: Path, steps: int, lr: float) -> TrainConfig:
-    """The SFT run of the cold start: the loop's train settings (batch, precision, LoRA, seed), mode sft."""
+    """The SFT run of the cold start: the loop's train settings (batch, precision, LoRA, seed), mode sft; the
+    distillation-only options (`SFT_UNREAD`) at the loop's defaults."""
     return dataclasses.replace(train, model=model, mode="sft", trajectories=data, critiques="", out=str(out),
                                lr=lr, max_steps=steps, warmup_steps=min(train.warmup_steps, steps), resume=True,
-                               cold_start_sft=0, select_prompts=False, lmbda=0.0, rl_alpha=1.0)
+                               cold_start_sft=0, select_prompts=False, lmbda=0.0, rl_alpha=1.0,
+                               **{k: getattr(_UNREAD_AT, k) for k in SFT_UNREAD})
 
 
 def cold_start(spec: str, train: TrainConfig, *, model: str, out: Path, steps: int, lr: float,

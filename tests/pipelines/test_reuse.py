@@ -95,3 +95,18 @@ def test_a_training_option_added_later_keeps_the_keys_of_runs_without_it(tmp_pat
         "smollm2-135m-instruct": loop.fingerprint("smollm2-135m-instruct")}})
     assert loop.training_key(tcfg) == before
     assert loop.training_key(dataclasses.replace(tcfg, anchor=0.1)) != before
+
+
+def test_the_cold_start_key_ignores_options_only_the_rounds_read(tmp_path):
+    """The cold start is SFT: a round option (--train.anchor, --train.loss, ...) must keep its training key, so a
+    sweep over round options reuses it instead of retraining it; what SFT reads (batch, seed, LoRA) changes it."""
+    from opsd.pipelines.cold_start import cold_start_config
+    from opsd.pipelines.loop import _loop_train
+
+    def key(**changes):
+        train = dataclasses.replace(_loop_train(), **changes)
+        return loop.training_key(cold_start_config(train, model="smollm2-135m-instruct", data=str(tmp_path / "gt.jsonl"),
+                                                   out=tmp_path / "train", steps=8, lr=3e-5))
+    base = key()
+    assert key(anchor=0.1) == key(loss="forward_kl") == key(span="step", min_hint_effect=1.0) == base
+    assert key(batch_size=4) != base and key(seed=1) != base and key(lora_r=8) != base
