@@ -97,7 +97,8 @@ def measure_ceiling(trajs: list[Trajectory], crits: list[Critique], hinted: list
             continue
         ht, hc = teacher.get(tid, (None, None))
         t_out = no_reply_outcome(f"{tid}#hinted") if ht is None else reply_outcome(ht, hc, reply_outcomes)
-        rows.append({"task_id": tid, "hinted": True, "category": c.category, "student": s_out, "teacher": t_out})
+        rows.append({"task_id": tid, "trajectory_id": t.id, "hinted": True, "category": c.category,
+                     "student": s_out, "teacher": t_out})
     kw = {"n_boot": n_boot, "seed": seed}
     hinted_rows = [r for r in rows if r["hinted"]]
     fixed = [_fixed(r["teacher"], r["category"]) for r in hinted_rows]
@@ -120,7 +121,29 @@ def measure_ceiling(trajs: list[Trajectory], crits: list[Critique], hinted: list
                               "critic_ok": stats.rate(sum(f["critic_ok"] for f in fs), len(fs)),
                               "category_gone": stats.rate(sum(f["category_gone"] for f in fs), len(fs))}
                         for cat, fs in sorted(by_cat.items(), key=lambda kv: -len(kv[1]))},
+        # per erroneous reply: what its hinted decode achieved (`teacher_verified` reads it)
+        "per_reply": [{"trajectory_id": r["trajectory_id"], "task_id": r["task_id"], "category": r["category"], **f,
+                       "fixes": f["category_gone"] and not HEADLINE["no_parseable_call"][1](r["teacher"])}
+                      for r, f in zip(hinted_rows, fixed)],
     }
+
+
+TEACHER_CHECKS = {"fixes": "fixes", "correct": "accurate"}  # --train-on value -> per_reply key
+
+
+def teacher_verified(report: dict, crits: list[Critique], how: str, path: Path) -> tuple[list[Critique], Path]:
+    """The critiques to train on when only replies whose hinted teacher acted on the hint count (`--train-on`),
+    written beside `path` as PATH-HOW.jsonl (a file of their own: the training key reads its content); returns
+    them and that file. `fixes` keeps an error critique when the greedy hinted decode (`report["per_reply"]`) no
+    longer makes the hinted error and still holds a parseable call, `correct` when it is officially correct. A reply without a hinted decode
+    (another sample of the same task) is dropped: nothing says its teacher knows the fix. Other verdicts stay."""
+    if how not in TEACHER_CHECKS:
+        raise ValueError(f"train_on must be all, {' or '.join(TEACHER_CHECKS)}; got {how!r}")
+    ok = {r["trajectory_id"] for r in report.get("per_reply", []) if r[TEACHER_CHECKS[how]]}
+    kept = [c for c in crits if c.verdict != "error" or c.trajectory_id in ok]
+    out = path.with_name(f"{path.stem}-{how}.jsonl")
+    write_records(out, (c.to_dict() for c in kept))
+    return kept, out
 
 
 def run_ceiling(trajs: list[Trajectory], crits: list[Critique], *, rollout: RolloutConfig,

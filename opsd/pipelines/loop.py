@@ -35,6 +35,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,10 @@ from typing import Callable
 
 from opsd.critique.config import CriticConfig
 from opsd.critique.run import critique_fn
-from opsd.hint.ceiling import format_ceiling, run_ceiling
+from opsd.hint.ceiling import TEACHER_CHECKS, format_ceiling, run_ceiling, teacher_verified
 from opsd.hint.run import category_effects
 from opsd.io.models import fingerprint
-from opsd.io.records import read_jsonl
+from opsd.io.records import read_jsonl, write_records
 from opsd.io.tasks import Task, load_tasks
 from opsd.io.tasks import bfcl_multi_turn as mt
 from opsd.io.tasks.overlap import check_off_heldout
@@ -112,6 +113,9 @@ class LoopConfig:
     ceiling: bool = field(default=True, metadata={
         "help": "every round: decode greedily with each critique's hint in view and score it (the hinted teacher's "
                 "ceiling, OUT/round_K/ceiling/; single-turn tasks)"})
+    train_on: str = field(default="all", metadata={
+        "help": "the critiqued replies a round trains on: all | fixes (its hinted teacher's greedy decode no longer "
+                "makes the hinted error, and parses) | correct (that decode is officially correct); the last two read the ceiling"})
     rollout: RolloutConfig = field(default_factory=_loop_rollout, metadata={
         "help": "training rollouts: tasks is the spec rounds draw from, limit the tasks per round; out and model "
                 "are set by the loop"})
@@ -132,6 +136,8 @@ class LoopConfig:
             raise ValueError(f"validation_limit: must be >= 1, got {self.validation_limit}")
         if self.rollout.limit is None or self.rollout.limit < 1:
             raise ValueError("rollout.limit: the tasks per round, must be >= 1")
+        if self.train_on != "all" and (self.train_on not in TEACHER_CHECKS or not self.ceiling):
+            raise ValueError(f"train_on: all, or {' / '.join(TEACHER_CHECKS)} with ceiling on; got {self.train_on!r}")
         if self.cold_start_steps < 0 or not self.cold_start_lr > 0:
             raise ValueError(f"cold_start_steps >= 0 and cold_start_lr > 0, got {self.cold_start_steps} and "
                              f"{self.cold_start_lr}")
@@ -167,13 +173,6 @@ def round_tasks(spec: str, k: int, per_round: int, *, seed: int, fresh: bool) ->
     start = (k * per_round if fresh else 0) % max(1, len(tasks))
     picked = [order[(start + i) % len(order)] for i in range(min(per_round, len(order)))]
     return [tasks[i] for i in picked]
-
-
-def write_tasks(tasks: list[Task], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for t in tasks:
-            f.write(json.dumps(dataclasses.asdict(t), ensure_ascii=False) + "\n")
 
 
 def rollout_config(cfg: LoopConfig, model: str, served: str | None, server, **kw) -> RolloutConfig:
@@ -318,7 +317,7 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
     for k in range(1, cfg.rounds + 1):
         rd = out / f"round_{k}"
         tasks = round_tasks(cfg.rollout.tasks, k - 1, cfg.rollout.limit, seed=cfg.rollout.seed, fresh=cfg.fresh_tasks)
-        write_tasks(tasks, rd / "tasks.jsonl")
+        write_records(rd / "tasks.jsonl", (dataclasses.asdict(t) for t in tasks))
         echo(f"[loop round {k}] rollouts of {student} on {len(tasks)} tasks")
         rcfg = rollout_config(cfg, student, served, server, tasks=str(rd / "tasks.jsonl"), limit=None, out="",
                               seed=cfg.rollout.seed + k - 1, prefill=prefill)
@@ -330,22 +329,22 @@ def rounds(cfg: LoopConfig, *, echo: Callable[[str], None] = print, server=None)
         trajs = load_rollouts(rcfg)
         with stages("critique"):
             crits = critique(trajs, crit_path)
-        mix: dict[str, int] = {}
-        for c in crits:
-            if c.verdict == "error":
-                mix[c.category or "unknown"] = mix.get(c.category or "unknown", 0) + 1
+        mix = Counter(c.category or "unknown" for c in crits if c.verdict == "error")
         rec = {"round": k, "student": student, "tasks": len(tasks), "errors": sum(mix.values()),
-               "error_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+               "error_mix": dict(mix.most_common()),
                "critique_failed": sum(c.verdict == "failed" for c in crits)}
         if cfg.ceiling and not any(mt.is_multi_turn(t.meta) for t in trajs):
             with stages("ceiling"):
                 rec["ceiling"] = run_ceiling(trajs, crits, rollout=rcfg, critique=critique, out=rd / "ceiling")
             echo(f"[loop round {k}] {format_ceiling(rec['ceiling'])}")
+        if cfg.train_on != "all":  # the replies whose hinted teacher acted on the hint, in a file of their own
+            crits, crit_path = teacher_verified(rec.get("ceiling", {}), crits, cfg.train_on, crit_path)
+            mix = Counter(c.category for c in crits if c.verdict == "error")
         if not mix:
             echo(f"[loop round {k}] no errors left to learn from; stopping")
             history["rounds"].append(rec)
             break
-        echo(f"[loop round {k}] training on {rec['errors']} critiqued errors")
+        echo(f"[loop round {k}] training on {sum(mix.values())} of {rec['errors']} critiqued errors (train_on={cfg.train_on})")
         tcfg = dataclasses.replace(cfg.train, model=student, trajectories=rcfg.out, critiques=str(crit_path),
                                    out=str(rd / "train"), resume=True)
         with stages("train"):

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from opsd.eval.run import gt_call
-from opsd.hint.ceiling import hinted_tasks, measure_ceiling
+from opsd.hint.ceiling import hinted_tasks, measure_ceiling, teacher_verified
 from opsd.io.tasks import load_tasks
 from opsd.pipelines.cold_start import gt_trajectories
+from opsd.pipelines.loop import LoopConfig
 from opsd.rollout.run import parse_calls
 from opsd.types import Critique, Trajectory
 from tests.conftest import ROOT
@@ -49,9 +50,28 @@ def test_ceiling_pairs_the_hinted_teacher_with_the_student_and_counts_every_repl
     assert rep["accuracy_hinted"]["after"]["count"] == 1 and rep["accuracy_hinted"]["before"]["count"] == 0
     assert rep["critic_ok_hinted"]["count"] == 1  # prose and the missing reply count against the teacher
     assert rep["by_category"]["unknown_tool"]["n"] == 2 and rep["by_category"]["wrong_value"]["accurate"]["count"] == 0
+    assert [(r["trajectory_id"], r["accurate"], r["fixes"]) for r in rep["per_reply"]] == [
+        (trajs[0].id, True, True), (trajs[1].id, False, False), (trajs[2].id, False, False)]  # prose does not fix
     ok_crits = [Critique(t.id, "ok") for t in trajs]  # no error: the teacher is the student, nothing decoded
     rep = measure_ceiling(trajs, ok_crits, [], [], n_boot=200)
     assert rep["n_hinted"] == 0 and rep["accuracy_all"]["after"] == rep["accuracy_all"]["before"]
+
+
+def test_train_on_keeps_the_replies_whose_hinted_teacher_acted_on_the_hint(tmp_path):
+    rows = [{"trajectory_id": "a", "accurate": True, "fixes": True}, {"trajectory_id": "b", "accurate": False,
+            "fixes": True}, {"trajectory_id": "c", "accurate": False, "fixes": False}]
+    crits = [Critique(x, "error", step=1, quote="q", hint="h", category="wrong_value") for x in "abcd"]
+    crits.append(Critique("e", "ok"))
+    path = tmp_path / "critiques-x.jsonl"
+    kept, out = teacher_verified({"per_reply": rows}, crits, "fixes", path)
+    assert [c.trajectory_id for c in kept] == ["a", "b", "e"] and out == tmp_path / "critiques-x-fixes.jsonl"
+    assert [json.loads(x)["trajectory_id"] for x in out.read_text().splitlines()] == ["a", "b", "e"]
+    kept, out = teacher_verified({"per_reply": rows}, crits, "correct", path)
+    assert [c.trajectory_id for c in kept] == ["a", "e"] and out.name == "critiques-x-correct.jsonl"
+    with pytest.raises(ValueError, match="train_on"):
+        teacher_verified({"per_reply": rows}, crits, "best", path)
+    with pytest.raises(ValueError, match="train_on"):
+        LoopConfig(train_on="fixes", ceiling=False)
 
 
 @pytest.mark.slow
@@ -72,6 +92,12 @@ def test_loop_with_cold_start_and_ceiling_on_a_tiny_model(tiny_model_dir, tmp_pa
     assert ceiling["n_tasks"] == 3 and ceiling["n_hinted"] == errors
     assert len((out / "round_1" / "ceiling" / "rollouts.jsonl").read_text().splitlines()) == errors
     assert "| cold start |" in (out / "loop.md").read_text()
+    # the same loop training only on replies its hinted teacher got right: a random model gets none, so no round trains
+    r = opsd(*args, "--train-on", "correct")
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = (out / "round_1").glob("critiques-*-correct.jsonl")
+    assert [json.loads(x)["verdict"] for f in kept for x in f.read_text().splitlines()].count("error") == 0
+    assert "no errors left to learn from" in r.stdout and "trained_model" not in json.loads((out / "loop.json").read_text())["rounds"][0]
 
 
 @pytest.mark.slow
