@@ -180,6 +180,7 @@ def check(critic, traj: Trajectory) -> Critique:
         spans = turn_spans(traj, len(ep.item["question"]))
     except (ValueError, KeyError) as e:
         return critic.failed(traj, f"multi-turn reference: {e}")
+    finish = traj.meta.get("finish_reason") or "done"  # read before the turns: an episode may have played none
     for k, (a, b) in enumerate(spans):
         if str(k) in ep.added:
             ep.env.allow(f["name"] for f in ep.added[str(k)])
@@ -190,7 +191,6 @@ def check(critic, traj: Trajectory) -> Critique:
         res, left = _check_turn(critic, ep, traj, k, a, b, gt_calls)
         if res is not None:
             return res
-        finish = traj.meta.get("finish_reason") or "done"
         if left and k == len(spans) - 1 and finish != "done":
             return critic.failed(traj, f"the episode ended ({finish}) in turn {k} with {left} ground-truth call(s) "
                                        f"still to make and no wrong step before")

@@ -52,7 +52,7 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int 
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                       tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
 

@@ -199,3 +199,13 @@ def test_a_log_with_several_steps_is_checked_step_by_step_against_flat_ground_tr
     assert (c.step, c.category) == (6, "extra_call")
     c = critique(_log([("get_weather", {"city": "Paris"}), ("get_forecast", {"town": "Lyon"})]), "schema+reference")
     assert c.step == 4 and c.category in ("unknown_parameter", "missing_required")
+
+
+def test_an_episode_that_played_no_turn_is_a_failed_critique_with_its_reason():
+    """A rollout that ended before the first user turn (the tiny model's demo found one): a record, not a crash."""
+    t = task("multi_turn_base_0")
+    traj = play_script(t, script(gt_script(t)))
+    first_user = next(i for i, m in enumerate(traj.messages) if m["role"] == "user")
+    meta = {**traj.meta, "finish_reason": "error", "multi_turn": {**traj.meta["multi_turn"], "turn_starts": []}}
+    c = critique(Trajectory(traj.id, traj.messages[:first_user], traj.tools, meta))
+    assert c.verdict == "failed" and "the episode ended (error) after 0 of" in c.error

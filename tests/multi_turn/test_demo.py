@@ -76,12 +76,15 @@ def test_multi_turn_validation_reads_episodes_with_the_official_checker():
 
 
 @pytest.mark.slow
-def test_demo_on_multi_turn_tasks_evaluates_held_out_episodes_with_the_official_checker(tmp_path, capsys):
-    """The real embedded model, one task per split, a few tokens per reply, one reply per user turn."""
+def test_demo_on_multi_turn_tasks_evaluates_held_out_episodes_with_the_official_checker(tmp_path, capsys,
+                                                                                        tiny_model_dir):
+    """Plumbing, so the tiny random model (the embedded one took 112 s here): one task per split, a few tokens per
+    reply, one reply per user turn."""
     from opsd.cli import main
 
     out = tmp_path / "demo"
     rc = main(["demo", "--rounds", "1", "--tasks", "bfcl:multi_turn_base", "--rollout.limit", "1",
+               "--train.model", str(tiny_model_dir), "--rollout.prefill", "<tool_call>\\n",
                "--rollout.max-new-tokens", "12", "--rollout.max-steps-per-turn", "1", "--validation-limit", "1",
                "--train.batch-size", "1", "--train.max-steps", "1", "--train.gradient-checkpointing",
                "--train.min-hint-effect=-inf", "--train.no-progress", "--eval.limit", "1", "--eval.max-new-tokens", "12",
