@@ -37,9 +37,10 @@ from opsd.eval.run import main as eval_main
 from opsd.eval.targets import fmt_p
 from opsd.io.tasks import load_tasks
 from opsd.io.tasks.overlap import check_off_heldout
-from opsd.pipelines.loop import TRAIN_SPEC, LoopConfig, _loop_rollout, format_rounds, multi_turn_split
+from opsd.pipelines.loop import TRAIN_SPEC, LoopConfig, _loop_rollout, _loop_train, format_rounds, multi_turn_split
 from opsd.pipelines.loop import main as loop_main
 from opsd.rollout.config import RolloutConfig
+from opsd.train.config import TrainConfig
 
 HELDOUT_SPEC = "bfcl:multiple,parallel_multiple:heldout"  # the held-out split of the loop's default categories
 # single-call categories (one function; several declared in `multiple`): every reply stops at its </tool_call>, so
@@ -66,6 +67,12 @@ def _demo_rollout() -> RolloutConfig:
     return dataclasses.replace(_loop_rollout(), max_new_tokens=DEMO_MAX_NEW_TOKENS)
 
 
+def _demo_train() -> TrainConfig:
+    # the rest of each erroneous reply trained toward the same hinted teacher at weight 0.3: without it the round broke
+    # the calls' JSON (validation 19 -> 12 and 18 -> 7 of 64 in two demo runs); with it 19 -> 18 and 18 -> 24 (§0d)
+    return dataclasses.replace(_loop_train(), anchor=0.3)
+
+
 def _demo_critic() -> CriticConfig:
     return CriticConfig(all_errors=True)  # first-error-only rounds traded one error for another (RESULTS.md §0)
 
@@ -89,6 +96,9 @@ class DemoConfig(LoopConfig):
     rollout: RolloutConfig = field(default_factory=_demo_rollout, metadata={
         "help": "training rollouts: tasks is the spec rounds draw from, limit the tasks per round; out and model "
                 "are set by the loop"})
+    train: TrainConfig = field(default_factory=_demo_train, metadata={
+        "help": "training of every round (the loop's, with anchor 0.3: RESULTS.md §0d); train.model is the initial "
+                "student; trajectories, critiques and out are set by the loop"})
     critic: CriticConfig = field(default_factory=_demo_critic, metadata={
         "help": "the critic of every round and of the evaluation (rule critics report every error of the step)"})
     eval: EvalConfig = field(default_factory=_demo_eval, metadata={

@@ -32,6 +32,7 @@ def test_multi_turn_rounds_validate_and_evaluate_on_the_multi_turn_splits():
     assert (single.rollout.tasks, single.validation_tasks, single.eval.tasks) == (
         f"{DEMO_TASKS}:train", f"{DEMO_TASKS}:validation", f"{DEMO_TASKS}:heldout")
     assert single.rollout.max_new_tokens == single.eval.max_new_tokens == 128
+    assert single.train.anchor == 0.3 and LoopConfig().train.anchor == 0  # the demo anchors its rounds (RESULTS §0d)
     loop_mix = DemoConfig(tasks="")  # --tasks '': the loop's default categories and splits
     assert (loop_mix.validation_tasks, loop_mix.eval.tasks) == (VALIDATION_SPEC, HELDOUT_SPEC)
     own = DemoConfig(rollout=_rollout("bfcl:parallel:train"))  # the user's own rollout.tasks replaces the default mix
