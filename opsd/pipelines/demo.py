@@ -69,7 +69,8 @@ def _demo_rollout() -> RolloutConfig:
 
 def _demo_train() -> TrainConfig:
     # the rest of each erroneous reply trained toward the same hinted teacher at weight 0.3: without it the round broke
-    # the calls' JSON (validation 19 -> 12 and 18 -> 7 of 64 in two demo runs); with it 19 -> 18 and 18 -> 24 (§0d)
+    # the calls' JSON (validation 19 -> 12 and 18 -> 7 of 64 in two bf16 demo runs); with it 19 -> 18 and 18 -> 24; in
+    # fp32 the anchored round fell (19 -> 14) where the plain one rose (23): mixed, 2 of 3 (RESULTS.md §0d)
     return dataclasses.replace(_loop_train(), anchor=0.3)
 
 
