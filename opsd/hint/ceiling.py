@@ -135,8 +135,9 @@ def teacher_verified(report: dict, crits: list[Critique], how: str, path: Path) 
     """The critiques to train on when only replies whose hinted teacher acted on the hint count (`--train-on`),
     written beside `path` as PATH-HOW.jsonl (a file of their own: the training key reads its content); returns
     them and that file. `fixes` keeps an error critique when the greedy hinted decode (`report["per_reply"]`) no
-    longer makes the hinted error and still holds a parseable call, `correct` when it is officially correct. A reply without a hinted decode
-    (another sample of the same task) is dropped: nothing says its teacher knows the fix. Other verdicts stay."""
+    longer makes the hinted error and still holds a parseable call, `correct` when it is officially correct. A reply
+    without a hinted decode (another sample of the same task) is dropped: nothing says its teacher knows the fix.
+    Other verdicts stay."""
     if how not in TEACHER_CHECKS:
         raise ValueError(f"train_on must be all, {' or '.join(TEACHER_CHECKS)}; got {how!r}")
     ok = {r["trajectory_id"] for r in report.get("per_reply", []) if r[TEACHER_CHECKS[how]]}

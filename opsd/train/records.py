@@ -68,16 +68,14 @@ class TrainRecord:
         """The weight of each span token, when not all 1: an OPSD example of several errors (meta `quote_spans`,
         span kind `quote`) spans from the first error to the last, and only the error tokens carry loss (1, else 0);
         with meta `anchor` (`--anchor`, span kind `step`) the error tokens weigh 1 and the rest of the reply `anchor`."""
-        spans = self.meta.get("quote_spans")
-        anchor = self.meta.get("anchor")
-        s0, s1 = self.student_span
+        spans, anchor = self.meta.get("quote_spans"), self.meta.get("anchor")
         if anchor:
-            hit = {p for q0, q1 in (spans or [self.meta["quote_span"]]) for p in range(q0, q1)}
-            return [1.0 if p in hit else float(anchor) for p in range(s0, s1)]
-        if not spans or self.meta.get("span", "quote") != "quote":
+            spans = spans or [self.meta["quote_span"]]
+        elif not spans or self.meta.get("span", "quote") != "quote":
             return None
         hit = {p for q0, q1 in spans for p in range(q0, q1)}
-        return [float(p in hit) for p in range(s0, s1)]
+        rest = float(anchor or 0.0)
+        return [1.0 if p in hit else rest for p in range(self.student_span[0], self.student_span[1])]
 
     @property
     def n_targets(self) -> float:
